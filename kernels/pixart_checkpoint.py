@@ -1,0 +1,156 @@
+"""PixArt-α checkpoints: layout detection, diffusers -> original renaming, config inference, strict load.
+
+Layouts (../shared/specs/pixart.md, manifests/pixart/):
+- original `.pth`: `ckpt["state_dict"]`, names as kernels/pixart.py, plus the stale `pos_embed` table and
+  (1024-MS / 512 / 256) the learned null caption `y_embedder.y_embedding`;
+- diffusers `PixArtTransformer2DModel`: renamed, q/k/v and k/v split; no `pos_embed`, no null caption.
+Everything is turned into the original names; the model computes the positional table itself.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint_io import CheckpointError, check_strict, describe_foreign
+from .pixart import PixArt, PixArtConfig
+
+# The only keys a strict load may ignore: the stale positional table (recomputed per size).
+TOLERATED_KEYS = ("pos_embed",)
+
+# original name -> diffusers name(s); several names are concatenated along dim 0, in order.
+_TOP_LEVEL = {
+    "x_embedder.proj": "pos_embed.proj",
+    "y_embedder.y_proj.fc1": "caption_projection.linear_1",
+    "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+    "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
+    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
+    "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
+    "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
+    "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
+    "t_block.1": "adaln_single.linear",
+    "final_layer.linear": "proj_out",
+}
+BLOCK_PARTS = {
+    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "attn.proj": ("attn1.to_out.0",),
+    "cross_attn.q_linear": ("attn2.to_q",),
+    "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
+    "cross_attn.proj": ("attn2.to_out.0",),
+    "mlp.fc1": ("ff.net.0.proj",),
+    "mlp.fc2": ("ff.net.2",),
+}
+
+
+def block_to_original(sd: dict, src_prefix: str, dst_prefix: str, out: dict) -> None:
+    """Move one diffusers transformer block (`src_prefix`) into original names (`dst_prefix`)."""
+    for orig, parts in BLOCK_PARTS.items():
+        for suffix in ("weight", "bias"):
+            names = [f"{src_prefix}{p}.{suffix}" for p in parts]
+            if all(n in sd for n in names):
+                tensors = [sd.pop(n) for n in names]
+                out[f"{dst_prefix}{orig}.{suffix}"] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+    if f"{src_prefix}scale_shift_table" in sd:
+        out[f"{dst_prefix}scale_shift_table"] = sd.pop(f"{src_prefix}scale_shift_table")
+
+
+def diffusers_to_original(sd: dict) -> dict:
+    """Rename a diffusers PixArtTransformer2DModel state dict; unknown keys are kept as they are
+    so that the strict check names them."""
+    sd = dict(sd)
+    out = {}
+    for orig, diff in _TOP_LEVEL.items():
+        for suffix in ("weight", "bias"):
+            if f"{diff}.{suffix}" in sd:
+                out[f"{orig}.{suffix}"] = sd.pop(f"{diff}.{suffix}")
+    if "scale_shift_table" in sd:
+        out["final_layer.scale_shift_table"] = sd.pop("scale_shift_table")
+    indices = sorted({int(m.group(1)) for k in sd for m in [re.match(r"transformer_blocks\.(\d+)\.", k)] if m})
+    for i in indices:
+        block_to_original(sd, f"transformer_blocks.{i}.", f"blocks.{i}.", out)
+    out.update(sd)  # leftovers: unexpected keys
+    return out
+
+
+def detect_layout(sd: dict) -> str:
+    """'original' or 'diffusers'; anything else is a clear 'wrong file' error."""
+    if "t_block.1.weight" in sd and "x_embedder.proj.weight" in sd:
+        return "original"
+    if "adaln_single.linear.weight" in sd and "pos_embed.proj.weight" in sd:
+        return "diffusers"
+    raise CheckpointError("expected a PixArt-α transformer (original .pth keys like t_block.1.weight, "
+                          "x_embedder.proj.weight, or diffusers keys like adaln_single.linear.weight); "
+                          f"found {describe_foreign(sd)}")
+
+
+def infer_config(sd: dict, num_heads: Optional[int] = None, sample_size: Optional[int] = None,
+                 pe_interpolation: Optional[float] = None) -> PixArtConfig:
+    """PixArtConfig from an original-layout state dict's shapes.
+
+    Head count is not visible in the weights: PixArt uses 72-wide heads, so 1152 -> 16 unless told.
+    The trained size comes from the stale `pos_embed` table when present; otherwise from the
+    micro-conditions (only the 1024-MS family has them) or the caller (diffusers config.json)."""
+    w = sd["x_embedder.proj.weight"]                       # [D, C, p, p]
+    hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
+    depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    micro = "csize_embedder.mlp.0.weight" in sd
+    if sample_size is None:
+        if "pos_embed" in sd:
+            sample_size = int(round(sd["pos_embed"].shape[-2] ** 0.5)) * patch
+        else:
+            sample_size = 128 if micro else 64
+    if pe_interpolation is None:
+        pe_interpolation = sample_size / 64                # 128 -> 2, 64 -> 1, 32 -> 0.5
+    if num_heads is None:
+        num_heads = hidden // 72 if hidden % 72 == 0 else max(1, hidden // 64)
+    null = "y_embedder.y_embedding" in sd
+    caption_ch = sd["y_embedder.y_proj.fc1.weight"].shape[1]
+    max_len = sd["y_embedder.y_embedding"].shape[0] if null else 120
+    return PixArtConfig(hidden_size=hidden, depth=depth, num_heads=num_heads, patch_size=patch,
+                        in_channels=in_ch, out_channels=out_ch, caption_channels=caption_ch,
+                        model_max_length=max_len, mlp_ratio=mlp_hidden / hidden, sample_size=sample_size,
+                        pe_interpolation=pe_interpolation, micro_condition=micro, null_caption=null)
+
+
+def variant_name(cfg: PixArtConfig) -> str:
+    """Human-readable name of what the weights are, for node outputs and logs."""
+    size = "XL/2" if (cfg.hidden_size, cfg.depth) == (1152, 28) else f"D{cfg.hidden_size}x{cfg.depth}"
+    kind = "MS (micro-conditions)" if cfg.micro_condition else "non-MS"
+    return f"PixArt-α {size} {cfg.sample_size * 8}px {kind}"
+
+
+def expected_shapes(cfg: PixArtConfig) -> dict:
+    """{name: shape} of the model for `cfg`, built on the meta device (costs no memory)."""
+    with torch.device("meta"):
+        model = PixArt(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def to_original_layout(sd: dict) -> tuple:
+    """(state dict in original names, layout name)."""
+    layout = detect_layout(sd)
+    return (diffusers_to_original(sd) if layout == "diffusers" else dict(sd)), layout
+
+
+def load_pixart(sd: dict, operations=nn, dtype=None, device=None, num_heads=None, sample_size=None,
+                pe_interpolation=None, what: str = "PixArt-α transformer") -> PixArt:
+    """Strictly load any supported PixArt-α state dict into a fresh model; returns the model."""
+    sd, layout = to_original_layout(sd)
+    cfg = infer_config(sd, num_heads=num_heads, sample_size=sample_size, pe_interpolation=pe_interpolation)
+    check_strict(expected_shapes(cfg), sd, f"{what} ({layout} layout, {variant_name(cfg)})",
+                 tolerated=TOLERATED_KEYS)
+    sd.pop("pos_embed", None)
+    with torch.device("meta"):
+        model = PixArt(cfg, operations=operations, dtype=dtype)
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.pixart_layout = layout
+    if device is not None:
+        model.to(device)
+    return model
