@@ -1,0 +1,5 @@
+"""Thin ComfyUI nodes, one module per capability, wrapping kernels/."""
+from .dit_loader import NODES as _DIT_LOADER
+from .text_encoder import NODES as _TEXT_ENCODER
+
+ALL_NODES = [*_DIT_LOADER, *_TEXT_ENCODER]

@@ -1,0 +1,81 @@
+"""DiT loader node: a PixArt-α checkpoint from ComfyUI's model folders -> MODEL for core samplers."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..kernels.checkpoint_io import read_json_beside, read_state_dict
+from ..kernels.pixart_checkpoint import prepare_pixart, variant_name
+from .pixart_model import build_model_patcher
+
+CATEGORY = "DiT Control/PixArt"
+
+WEIGHT_DTYPES = {
+    "default": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+RESOLUTIONS = {"auto": None, "1024 (MS)": 128, "512": 64, "256": 32}
+
+
+def pixart_state_dict(path: str, resolution: str = "auto"):
+    """Read, detect and strictly check a PixArt file: (original-layout state dict, config, layout)."""
+    sd = read_state_dict(path)
+    overrides = {"sample_size": RESOLUTIONS[resolution]}
+    diffusers_config = read_json_beside(path)
+    if diffusers_config and "num_attention_heads" in diffusers_config:
+        # a diffusers transformer folder: heads and trained size are only written in config.json
+        overrides["num_heads"] = diffusers_config["num_attention_heads"]
+        overrides["sample_size"] = overrides["sample_size"] or diffusers_config.get("sample_size")
+    return prepare_pixart(sd, **overrides)
+
+
+class PixArtDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_PixArtDiTLoader",
+            display_name="PixArt-α DiT Loader",
+            category=CATEGORY,
+            description="Loads a PixArt-α / PixArt-δ (LCM) transformer with dit-control's own DiT kernel: "
+                        "the original .pth, safetensors, or a diffusers transformer file; 1024-MS, 512, 256 "
+                        "and LCM weights. The variant is read from the weights. The MODEL works with core "
+                        "KSampler and SamplerCustomAdvanced.",
+            inputs=[
+                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="Transformer weights from models/diffusion_models: PixArt-XL-2-*.pth, "
+                                       "or a diffusers transformer/diffusion_pytorch_model.safetensors "
+                                       "(its config.json is read from the same folder)."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the weights. 'default' lets ComfyUI pick for your "
+                                       "device; fp8 halves memory again and computes in a wider dtype."),
+                io.Combo.Input("resolution", options=list(RESOLUTIONS), default="auto",
+                               tooltip="Trained resolution. 'auto' reads it from the weights (pos_embed of "
+                                       ".pth files, config.json of diffusers files, micro-conditions); set "
+                                       "it only for a bare diffusers 256 file without its config.json."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="PixArt-α MODEL: ε-prediction with PixArt's noise schedule and "
+                                        "the SD1.5 latent format."),
+                io.String.Output("variant", tooltip="What the weights were detected as."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, dit_name, weight_dtype="default", resolution="auto") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
+        sd, cfg, layout = pixart_state_dict(path, resolution)
+        variant = f"{variant_name(cfg)} ({layout} layout)"
+        logging.info("dit-control: loading %s as %s", dit_name, variant)
+        patcher = build_model_patcher(cfg, sd, weight_dtype=WEIGHT_DTYPES[weight_dtype])
+        return io.NodeOutput(patcher, variant)
+
+
+NODES = [PixArtDiTLoader]

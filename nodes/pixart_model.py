@@ -1,0 +1,101 @@
+"""Our PixArt kernel as a ComfyUI MODEL: config class, BaseModel subclass and the diffusion-model adapter.
+
+ComfyUI's own split: the math lives in kernels/pixart.py; this module only says how ComfyUI's
+samplers call it (noise schedule, latent format, conditioning plumbing), the way
+comfy/supported_models.py + comfy/model_base.py do for core models. Core KSampler,
+SamplerCustomAdvanced, LoRA-free patches, fp8 storage and low-VRAM offload then work unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+import comfy.supported_models_base
+
+from ..kernels.pixart import PixArt, PixArtConfig
+
+# cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
+CAPTION_MASK_KEY = "pixart_caption_mask"
+
+
+class ComfyPixArt(PixArt):
+    """The kernel with the call signature ComfyUI's BaseModel uses for `diffusion_model`."""
+
+    def __init__(self, pixart_config: PixArtConfig, dtype=None, device=None, operations=None, **_unused):
+        super().__init__(pixart_config, operations=operations or torch.nn, dtype=dtype, device=device)
+        self.dtype = dtype  # BaseModel.get_dtype reads it
+
+    def forward(self, x, timesteps, context, c_size=None, c_ar=None, caption_mask=None, control=None,
+                transformer_options={}, **kwargs):
+        control_fn = control_branch_from(control, transformer_options)
+        out = super().forward(x, timesteps, context, caption_mask, img_hw=c_size, aspect_ratio=c_ar,
+                              control=control_fn)
+        return out[:, :self.config.in_channels]  # ε; the learned-variance half is unused by samplers
+
+
+def control_branch_from(control, transformer_options):
+    """The ControlNet-Transformer hook: a control dict from core Apply ControlNet carries our branch."""
+    if isinstance(control, dict) and "pixart_control" in control:
+        return control["pixart_control"]
+    return None
+
+
+class PixArtDiTModel(comfy.model_base.BaseModel):
+    """BaseModel with PixArt's conditioning: caption (+ mask) and the 1024-MS micro-conditions."""
+
+    def __init__(self, model_config, model_type=comfy.model_base.ModelType.EPS, device=None):
+        super().__init__(model_config, model_type, device=device, unet_model=ComfyPixArt)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        mask = kwargs.get(CAPTION_MASK_KEY, None)
+        if mask is not None:
+            out["caption_mask"] = comfy.conds.CONDRegular(mask)
+        width, height = kwargs.get("width", None), kwargs.get("height", None)
+        if width is not None and height is not None:
+            # the same conditioning keys core's CLIPTextEncodePixArtAlpha sets
+            out["c_size"] = comfy.conds.CONDRegular(torch.FloatTensor([[height, width]]))
+            out["c_ar"] = comfy.conds.CONDRegular(torch.FloatTensor([[kwargs.get("aspect_ratio", height / width)]]))
+        return out
+
+
+class PixArtDiTConfig(comfy.supported_models.PixArtAlpha):
+    """PixArt-α's noise schedule (betas linear 1e-4..0.02, ComfyUI's 'sqrt_linear') and SD1.5 latents.
+
+    Unlike core's PixArtAlpha, the non-MS 512/256 models keep these settings too (core detects them
+    as Sigma and picks the SDXL latent format)."""
+    unet_config = {"image_model": "dit_control_pixart"}
+    unet_extra_config = {}
+    latent_format = comfy.latent_formats.SD15
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return PixArtDiTModel(self, device=device).eval()
+
+
+def build_model_patcher(kernel_config: PixArtConfig, state_dict: dict, weight_dtype=None,
+                        custom_operations=None) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed)."""
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    config = PixArtDiTConfig({"pixart_config": kernel_config})
+    params = sum(v.numel() for v in state_dict.values())
+    stored_dtype = next(iter(state_dict.values())).dtype
+    unet_dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=config.supported_inference_dtypes,
+                                               weight_dtype=stored_dtype)
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(unet_dtype, manual_cast)
+    config.custom_operations = custom_operations
+    model = config.get_model(device=offload_device)
+    diffusion = model.diffusion_model
+    cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    state_dict.clear()  # the cast copies are all that is kept: one copy of the weights in memory
+    missing, unexpected = diffusion.load_state_dict(cast, strict=False, assign=False)
+    # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
+    assert not missing and not unexpected, (missing, unexpected)
+    del cast
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -1,0 +1,179 @@
+"""PixArt text conditioning: T5-v1.1 loader, T5 encode (120 tokens + padding mask), learned null caption."""
+from __future__ import annotations
+
+import html
+import os
+import re
+import urllib.parse as ul
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd1_clip
+import folder_paths
+
+from ..kernels.checkpoint_io import CheckpointError
+from ..kernels.t5 import load_t5_encoder, read_t5_state_dict
+from .dit_loader import WEIGHT_DTYPES
+from .pixart_model import CAPTION_MASK_KEY, PixArtDiTModel
+
+CATEGORY = "DiT Control/PixArt"
+PixArtT5Type = io.Custom("PIXART_T5")
+
+# ComfyUI ships the T5-v1.1 sentencepiece vocabulary (the same 32100-token vocabulary PixArt uses)
+T5_TOKENIZER_DIR = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "text_encoders", "t5_tokenizer")
+
+
+@dataclass
+class PixArtT5:
+    """What flows on a PIXART_T5 wire: the encoder (under ComfyUI's memory management) and tokenizer."""
+    patcher: comfy.model_patcher.ModelPatcher
+    tokenizer: object
+    compute_dtype: torch.dtype
+    description: str
+
+
+def clean_caption(text: str) -> str:
+    """The core of PixArt's caption cleaning: URL-unquote, unescape HTML, drop URLs, lower-case,
+    collapse white space. (The original also runs ftfy and BeautifulSoup; not reproduced.)"""
+    for _ in range(2):  # the original applies its cleaner twice
+        text = ul.unquote_plus(str(text))
+        text = html.unescape(html.unescape(text)).strip().lower()
+        text = re.sub(r"\b((?:https?:|www\.)\S+)", "", text)
+        text = re.sub(r"\s+", " ", text).strip()
+    return text
+
+
+def _tokenizer():
+    from transformers import T5TokenizerFast  # a ComfyUI dependency, loaded only when encoding
+    return T5TokenizerFast.from_pretrained(T5_TOKENIZER_DIR)
+
+
+def _compute_dtype(device, storage_dtype):
+    if device.type == "cpu":
+        return torch.float32  # fp16 math on the CPU is slow and overflows in T5-v1.1
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+
+class PixArtT5Loader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_PixArtT5Loader",
+            display_name="PixArt T5 Loader",
+            category=CATEGORY,
+            description="Loads a T5-v1.1 encoder (PixArt uses T5-v1.1-XXL) with dit-control's own T5 "
+                        "kernel: a single ComfyUI-style file (t5xxl_fp16.safetensors) or HF shards "
+                        "(pick any shard; the index json next to it lists the rest). The size is read "
+                        "from the weights.",
+            inputs=[
+                io.Combo.Input("t5_name", options=folder_paths.get_filename_list("text_encoders"),
+                               tooltip="T5 weights from models/text_encoders."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype. 'default' keeps the file's dtype; the math runs "
+                                       "in fp32 on the CPU and bf16 on capable GPUs."),
+            ],
+            outputs=[PixArtT5Type.Output("t5", tooltip="T5 encoder for PixArt T5 Text Encode.")],
+        )
+
+    @classmethod
+    def execute(cls, t5_name, weight_dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
+        sd = read_t5_state_dict(path)
+        storage = WEIGHT_DTYPES[weight_dtype] or next(iter(sd.values())).dtype
+        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        compute = _compute_dtype(load_device, storage)
+        ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+        encoder, config = load_t5_encoder(sd, operations=ops, dtype=storage, device=offload_device)
+        encoder.eval()
+        patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+        description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage {storage}, "
+                       f"compute {compute}")
+        return io.NodeOutput(PixArtT5(patcher, _tokenizer(), compute, description))
+
+
+class PixArtT5TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_PixArtT5TextEncode",
+            display_name="PixArt T5 Text Encode",
+            category=CATEGORY,
+            description="Encodes a prompt as PixArt-α was trained: T5 tokens padded to 120 with EOS, "
+                        "last hidden state, and a padding mask so the DiT attends only to real tokens.",
+            inputs=[
+                PixArtT5Type.Input("t5", tooltip="From PixArt T5 Loader."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt."),
+                io.Int.Input("max_length", default=120, min=1, max=512,
+                             tooltip="Caption tokens (PixArt-α: 120). Longer prompts are truncated."),
+                io.Boolean.Input("clean_caption", default=True,
+                                 tooltip="Lower-case and strip URLs/HTML as PixArt's caption cleaner does."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="PixArt conditioning: [1, 120, 4096] + padding mask.")],
+        )
+
+    @classmethod
+    def execute(cls, t5, text, max_length=120, clean_caption=True) -> io.NodeOutput:
+        prompt = clean_caption_fn(text) if clean_caption else text
+        tokens = t5.tokenizer(prompt, max_length=max_length, padding="max_length", truncation=True,
+                              add_special_tokens=True, return_tensors="pt")
+        mm.load_models_gpu([t5.patcher])
+        device = t5.patcher.load_device
+        with torch.no_grad():
+            hidden = t5.patcher.model(tokens.input_ids.to(device), tokens.attention_mask.to(device),
+                                      dtype=t5.compute_dtype)
+        out_device = mm.intermediate_device()
+        cond = hidden.float().to(out_device)
+        mask = tokens.attention_mask.to(out_device)
+        return io.NodeOutput([[cond, {CAPTION_MASK_KEY: mask}]])
+
+
+clean_caption_fn = clean_caption
+
+
+class PixArtNullCaption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_PixArtNullCaption",
+            display_name="PixArt Null Caption (negative)",
+            category=CATEGORY,
+            description="The checkpoint's learned null caption (y_embedding), the negative the original "
+                        "PixArt-α code uses for classifier-free guidance. As in the original, it is masked "
+                        "with the positive prompt's mask. Only original .pth files carry it.",
+            inputs=[
+                io.Model.Input("model", tooltip="A PixArt MODEL from PixArt-α DiT Loader (.pth file)."),
+                io.Conditioning.Input("positive", tooltip="The positive prompt; its padding mask is reused."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Negative conditioning for KSampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive) -> io.NodeOutput:
+        base = model.model
+        if not isinstance(base, PixArtDiTModel):
+            raise ValueError(f"PixArt Null Caption needs a MODEL from 'PixArt-α DiT Loader'; got "
+                             f"{type(base).__name__}")
+        embedder = base.diffusion_model.y_embedder
+        if not hasattr(embedder, "y_embedding"):
+            raise CheckpointError("this checkpoint has no learned null caption (y_embedder.y_embedding): "
+                                  "diffusers-layout files drop it. Encode an empty prompt as the negative.")
+        null = embedder.y_embedding.detach().float().to(mm.intermediate_device())[None]  # [1, L, C]
+        out = []
+        for cond, extras in positive:
+            mask = extras.get(CAPTION_MASK_KEY)
+            if mask is None:
+                raise ValueError("PixArt Null Caption needs the positive from 'PixArt T5 Text Encode' "
+                                 "(it reuses that prompt's padding mask, as the original does)")
+            if null.shape[1] != mask.shape[-1]:
+                raise ValueError(f"null caption has {null.shape[1]} tokens but the prompt was encoded to "
+                                 f"{mask.shape[-1]}: set max_length to {null.shape[1]}")
+            out.append([null.clone(), {k: v for k, v in extras.items() if k in (CAPTION_MASK_KEY, "width", "height")}])
+        return io.NodeOutput(out)
+
+
+NODES = [PixArtT5Loader, PixArtT5TextEncode, PixArtNullCaption]

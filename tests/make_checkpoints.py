@@ -1,0 +1,208 @@
+"""Make the tiny/random checkpoints the tests and the demo run on, in the real released layouts and
+under the real file names, so that the shipped workflow JSON runs unchanged.
+
+No weights can be downloaded here: every file is made by our own code from fixed seeds.
+- diffusion_models/PixArt-XL-2-512x512.pth, PixArt-XL-2-1024-MS.pth: tiny PixArt-α, original .pth layout
+  (`state_dict` wrapper, stale `pos_embed`, learned null caption `y_embedder.y_embedding`);
+- diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/: tiny PixArt in the diffusers layout + config.json;
+- text_encoders/t5xxl_fp16.safetensors: a tiny T5-v1.1 encoder in HF/ComfyUI key names (fp16);
+- vae/sd-vae-ft-ema.safetensors: a FULL-SIZE SD VAE (kl-f8) with random weights, in the layout core VAELoader reads.
+
+Usage: python -m tests.make_checkpoints [models_dir]   (default .comfy_host/models; cached by a stamp)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from kernels.pixart import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
+
+STAMP_VERSION = "3"
+TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
+# 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
+# size embedders; caption width = the tiny T5's d_model
+TINY_PIXART = dict(hidden_size=144, depth=2, num_heads=2, caption_channels=TINY_T5["d_model"])
+
+
+def random_pixart_state_dict(cfg: PixArtConfig, seed: int) -> dict:
+    """Seeded random weights with every tensor non-zero (zero-init projections would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = PixArt(cfg)
+    sd = {}
+    for name, t in model.state_dict().items():
+        fan_in = t.shape[1] * (t[0, 0].numel() if t.ndim > 2 else 1) if t.ndim >= 2 else t.shape[-1]
+        std = 0.02 if name.endswith("bias") else 1.0 / fan_in ** 0.5
+        sd[name] = torch.randn(t.shape, generator=gen) * std
+    return sd
+
+
+def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
+    sd = random_pixart_state_dict(cfg, seed)
+    grid = cfg.sample_size // cfg.patch_size
+    # the stale table the released .pth files carry (the loader recomputes it per size)
+    sd["pos_embed"] = pos_embed_2d(cfg.hidden_size, grid, grid, cfg.base_size, cfg.pe_interpolation)[None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": sd}, path)
+
+
+def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
+    """The diffusers transformer layout: renamed keys, split q/k/v, no pos_embed / null caption."""
+    from kernels.pixart_checkpoint import BLOCK_PARTS, _TOP_LEVEL
+    import safetensors.torch
+    sd = random_pixart_state_dict(cfg, seed)
+    sd.pop("y_embedder.y_embedding", None)
+    out = {}
+    for orig, diff in _TOP_LEVEL.items():
+        for suffix in ("weight", "bias"):
+            if f"{orig}.{suffix}" in sd:
+                out[f"{diff}.{suffix}"] = sd.pop(f"{orig}.{suffix}")
+    out["scale_shift_table"] = sd.pop("final_layer.scale_shift_table")
+    for i in range(cfg.depth):
+        for orig, parts in BLOCK_PARTS.items():
+            for suffix in ("weight", "bias"):
+                for part, chunk in zip(parts, sd.pop(f"blocks.{i}.{orig}.{suffix}").chunk(len(parts), 0)):
+                    out[f"transformer_blocks.{i}.{part}.{suffix}"] = chunk.contiguous()
+        out[f"transformer_blocks.{i}.scale_shift_table"] = sd.pop(f"blocks.{i}.scale_shift_table")
+    assert not sd, sorted(sd)
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(out, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "PixArtTransformer2DModel", "sample_size": cfg.sample_size,
+        "num_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels, "patch_size": cfg.patch_size,
+        "caption_channels": cfg.caption_channels, "norm_type": "ada_norm_single",
+        "cross_attention_dim": cfg.hidden_size, "activation_fn": "gelu-approximate",
+        "attention_bias": True, "num_embeds_ada_norm": 1000, "norm_elementwise_affine": False,
+        "norm_eps": 1e-6}, indent=1))
+
+
+def save_tiny_t5(path: Path, seed: int):
+    """HF T5EncoderModel key names, fp16 like ComfyUI's t5xxl_fp16.safetensors."""
+    from kernels.t5 import T5Config, T5Encoder
+    import safetensors.torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = T5Encoder(T5Config(**TINY_T5))
+    sd = {}
+    for name, t in model.state_dict().items():
+        if "layer_norm" in name:
+            sd[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
+        elif "shared" in name or "embed_tokens" in name:
+            sd[name] = torch.randn(t.shape, generator=gen)
+        else:
+            sd[name] = torch.randn(t.shape, generator=gen) / t.shape[-1] ** 0.5
+    if "encoder.embed_tokens.weight" in sd and "shared.weight" in sd:
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage: store the tied embedding once, as ComfyUI's files do
+    sd.pop("encoder.embed_tokens.weight", None)
+    safetensors.torch.save_file(sd, str(path))
+
+
+def save_random_sd_vae(path: Path, seed: int):
+    """Full-size SD kl-f8 VAE (sd-vae-ft-ema architecture), random weights, ldm key layout, fp16."""
+    import safetensors.torch
+    shapes = sd_vae_shapes()
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1 and "norm" in name and name.endswith("weight"):
+            sd[name] = torch.ones(shape)
+        elif len(shape) == 1:
+            sd[name] = torch.zeros(shape)
+        else:
+            fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+            sd[name] = torch.randn(shape, generator=gen) * (1.0 / fan_in) ** 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.to(torch.float16) for k, v in sd.items()}, str(path))
+
+
+def sd_vae_shapes() -> dict:
+    """Tensor names and shapes of the SD kl-f8 VAE in the original (ldm) layout."""
+    shapes = {}
+    ch, mult, res = 128, (1, 2, 4, 4), 2
+
+    def resnet(prefix, cin, cout):
+        shapes.update({f"{prefix}.norm1.weight": (cin,), f"{prefix}.norm1.bias": (cin,),
+                       f"{prefix}.conv1.weight": (cout, cin, 3, 3), f"{prefix}.conv1.bias": (cout,),
+                       f"{prefix}.norm2.weight": (cout,), f"{prefix}.norm2.bias": (cout,),
+                       f"{prefix}.conv2.weight": (cout, cout, 3, 3), f"{prefix}.conv2.bias": (cout,)})
+        if cin != cout:
+            shapes.update({f"{prefix}.nin_shortcut.weight": (cout, cin, 1, 1), f"{prefix}.nin_shortcut.bias": (cout,)})
+
+    def attn(prefix, c):
+        shapes.update({f"{prefix}.norm.weight": (c,), f"{prefix}.norm.bias": (c,)})
+        for n in ("q", "k", "v", "proj_out"):
+            shapes.update({f"{prefix}.{n}.weight": (c, c, 1, 1), f"{prefix}.{n}.bias": (c,)})
+
+    def mid(prefix, c):
+        resnet(f"{prefix}.mid.block_1", c, c)
+        attn(f"{prefix}.mid.attn_1", c)
+        resnet(f"{prefix}.mid.block_2", c, c)
+
+    # encoder
+    shapes.update({"encoder.conv_in.weight": (ch, 3, 3, 3), "encoder.conv_in.bias": (ch,)})
+    cin = ch
+    for i, m in enumerate(mult):
+        cout = ch * m
+        for j in range(res):
+            resnet(f"encoder.down.{i}.block.{j}", cin, cout)
+            cin = cout
+        if i != len(mult) - 1:
+            shapes.update({f"encoder.down.{i}.downsample.conv.weight": (cout, cout, 3, 3),
+                           f"encoder.down.{i}.downsample.conv.bias": (cout,)})
+    mid("encoder", cin)
+    shapes.update({"encoder.norm_out.weight": (cin,), "encoder.norm_out.bias": (cin,),
+                   "encoder.conv_out.weight": (8, cin, 3, 3), "encoder.conv_out.bias": (8,),
+                   "quant_conv.weight": (8, 8, 1, 1), "quant_conv.bias": (8,),
+                   "post_quant_conv.weight": (4, 4, 1, 1), "post_quant_conv.bias": (4,)})
+    # decoder
+    top = ch * mult[-1]
+    shapes.update({"decoder.conv_in.weight": (top, 4, 3, 3), "decoder.conv_in.bias": (top,)})
+    mid("decoder", top)
+    cin = top
+    for i in reversed(range(len(mult))):
+        cout = ch * mult[i]
+        for j in range(res + 1):
+            resnet(f"decoder.up.{i}.block.{j}", cin, cout)
+            cin = cout
+        if i != 0:
+            shapes.update({f"decoder.up.{i}.upsample.conv.weight": (cout, cout, 3, 3),
+                           f"decoder.up.{i}.upsample.conv.bias": (cout,)})
+    shapes.update({"decoder.norm_out.weight": (ch,), "decoder.norm_out.bias": (ch,),
+                   "decoder.conv_out.weight": (3, ch, 3, 3), "decoder.conv_out.bias": (3,)})
+    return shapes
+
+
+def make_all(models_dir: Path) -> Path:
+    models_dir = Path(models_dir)
+    stamp = models_dir / ".stamp"
+    if stamp.exists() and stamp.read_text() == STAMP_VERSION:
+        return models_dir
+    dm = models_dir / "diffusion_models"
+    save_pixart_pth(dm / "PixArt-XL-2-512x512.pth",
+                    PixArtConfig(sample_size=64, pe_interpolation=1.0, micro_condition=False, **TINY_PIXART), seed=1)
+    save_pixart_pth(dm / "PixArt-XL-2-1024-MS.pth",
+                    PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True, **TINY_PIXART), seed=2)
+    save_pixart_diffusers(dm / "PixArt-LCM-XL-2-1024-MS" / "transformer",
+                          PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
+                                       null_caption=False, **TINY_PIXART), seed=3)
+    save_tiny_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", seed=4)
+    save_random_sd_vae(models_dir / "vae" / "sd-vae-ft-ema.safetensors", seed=5)
+    stamp.write_text(STAMP_VERSION)
+    return models_dir
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / ".comfy_host" / "models"
+    print(make_all(target))
