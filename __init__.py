@@ -3,15 +3,19 @@
 ComfyUI imports this package; it registers the nodes through the V3 entry point.
 kernels/ holds the model math and imports nothing from ComfyUI.
 """
-from comfy_api.latest import ComfyExtension, io
+try:
+    from comfy_api.latest import ComfyExtension
+except ImportError:
+    # Imported outside a ComfyUI process (pytest collects this folder as a package): no nodes to
+    # register. Inside ComfyUI comfy_api always exists, so a real import error cannot hide here.
+    ComfyExtension = None
 
-from .nodes import ALL_NODES
+if ComfyExtension is not None:
+    from .nodes import ALL_NODES
 
+    class DiTControlExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(ALL_NODES)
 
-class DiTControlExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(ALL_NODES)
-
-
-async def comfy_entrypoint() -> DiTControlExtension:
-    return DiTControlExtension()
+    async def comfy_entrypoint() -> DiTControlExtension:
+        return DiTControlExtension()

@@ -75,6 +75,31 @@ def diffusers_to_original(sd: dict) -> dict:
     return out
 
 
+def original_to_diffusers(sd: dict) -> dict:
+    """The inverse renaming (for writing diffusers-layout files); drops pos_embed and the null caption,
+    exactly as diffusers' conversion script does."""
+    sd = {k: v for k, v in sd.items() if k not in ("pos_embed", "y_embedder.y_embedding")}
+    out = {}
+    for orig, diff in _TOP_LEVEL.items():
+        for suffix in ("weight", "bias"):
+            if f"{orig}.{suffix}" in sd:
+                out[f"{diff}.{suffix}"] = sd.pop(f"{orig}.{suffix}")
+    if "final_layer.scale_shift_table" in sd:
+        out["scale_shift_table"] = sd.pop("final_layer.scale_shift_table")
+    indices = sorted({int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
+    for i in indices:
+        for orig, parts in BLOCK_PARTS.items():
+            for suffix in ("weight", "bias"):
+                name = f"blocks.{i}.{orig}.{suffix}"
+                if name in sd:
+                    for part, chunk in zip(parts, sd.pop(name).chunk(len(parts), 0)):
+                        out[f"transformer_blocks.{i}.{part}.{suffix}"] = chunk.contiguous()
+        if f"blocks.{i}.scale_shift_table" in sd:
+            out[f"transformer_blocks.{i}.scale_shift_table"] = sd.pop(f"blocks.{i}.scale_shift_table")
+    out.update(sd)
+    return out
+
+
 def detect_layout(sd: dict) -> str:
     """'original' or 'diffusers'; anything else is a clear 'wrong file' error."""
     if "t_block.1.weight" in sd and "x_embedder.proj.weight" in sd:
@@ -137,14 +162,20 @@ def to_original_layout(sd: dict) -> tuple:
     return (diffusers_to_original(sd) if layout == "diffusers" else dict(sd)), layout
 
 
-def load_pixart(sd: dict, operations=nn, dtype=None, device=None, num_heads=None, sample_size=None,
-                pe_interpolation=None, what: str = "PixArt-α transformer") -> PixArt:
-    """Strictly load any supported PixArt-α state dict into a fresh model; returns the model."""
+def prepare_pixart(sd: dict, num_heads=None, sample_size=None, pe_interpolation=None,
+                   what: str = "PixArt-α transformer") -> tuple:
+    """Checked original-layout state dict (stale `pos_embed` dropped), its config and source layout."""
     sd, layout = to_original_layout(sd)
     cfg = infer_config(sd, num_heads=num_heads, sample_size=sample_size, pe_interpolation=pe_interpolation)
     check_strict(expected_shapes(cfg), sd, f"{what} ({layout} layout, {variant_name(cfg)})",
                  tolerated=TOLERATED_KEYS)
     sd.pop("pos_embed", None)
+    return sd, cfg, layout
+
+
+def load_pixart(sd: dict, operations=nn, dtype=None, device=None, **config_overrides) -> PixArt:
+    """Strictly load any supported PixArt-α state dict into a fresh model."""
+    sd, cfg, layout = prepare_pixart(sd, **config_overrides)
     with torch.device("meta"):
         model = PixArt(cfg, operations=operations, dtype=dtype)
     if dtype is not None:

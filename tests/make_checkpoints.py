@@ -55,23 +55,9 @@ def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
 
 def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
     """The diffusers transformer layout: renamed keys, split q/k/v, no pos_embed / null caption."""
-    from kernels.pixart_checkpoint import BLOCK_PARTS, _TOP_LEVEL
+    from kernels.pixart_checkpoint import original_to_diffusers
     import safetensors.torch
-    sd = random_pixart_state_dict(cfg, seed)
-    sd.pop("y_embedder.y_embedding", None)
-    out = {}
-    for orig, diff in _TOP_LEVEL.items():
-        for suffix in ("weight", "bias"):
-            if f"{orig}.{suffix}" in sd:
-                out[f"{diff}.{suffix}"] = sd.pop(f"{orig}.{suffix}")
-    out["scale_shift_table"] = sd.pop("final_layer.scale_shift_table")
-    for i in range(cfg.depth):
-        for orig, parts in BLOCK_PARTS.items():
-            for suffix in ("weight", "bias"):
-                for part, chunk in zip(parts, sd.pop(f"blocks.{i}.{orig}.{suffix}").chunk(len(parts), 0)):
-                    out[f"transformer_blocks.{i}.{part}.{suffix}"] = chunk.contiguous()
-        out[f"transformer_blocks.{i}.scale_shift_table"] = sd.pop(f"blocks.{i}.scale_shift_table")
-    assert not sd, sorted(sd)
+    out = original_to_diffusers(random_pixart_state_dict(cfg, seed))
     folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(out, str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "config.json").write_text(json.dumps({
