@@ -64,7 +64,7 @@ class PixArtDiTLoader(io.ComfyNode):
             outputs=[
                 io.Model.Output(tooltip="PixArt-α MODEL: ε-prediction with PixArt's noise schedule and "
                                         "the SD1.5 latent format."),
-                io.String.Output("variant", tooltip="What the weights were detected as."),
+                io.String.Output("variant", display_name="variant", tooltip="What the weights were detected as."),
             ],
         )
 

@@ -192,3 +192,21 @@ def make_all(models_dir: Path) -> Path:
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / ".comfy_host" / "models"
     print(make_all(target))
+
+
+def write_bad_checkpoints(folder: Path, made: Path):
+    """Files a user might pick by mistake: other model families, a truncated and an empty file."""
+    import safetensors.torch
+    folder.mkdir(parents=True, exist_ok=True)
+    def z():
+        return torch.zeros(4, 4)
+    safetensors.torch.save_file({"double_blocks.0.img_attn.qkv.weight": z(), "single_blocks.0.linear1.weight": z(),
+                                 "img_in.weight": z()}, str(folder / "flux1-dev-like.safetensors"))
+    safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": z(),
+                                 "first_stage_model.decoder.conv_in.weight": z()}, str(folder / "sd15-like.safetensors"))
+    good = (made / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer" /
+            "diffusion_pytorch_model.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    pth = (made / "diffusion_models" / "PixArt-XL-2-512x512.pth").read_bytes()
+    (folder / "truncated.pth").write_bytes(pth[: len(pth) // 3])
+    (folder / "empty.pth").write_bytes(b"")

@@ -1,6 +1,6 @@
 """Micro-benchmark of kernels/int8.py against float F.linear on the PixArt-XL linear shapes (a script).
 
-    .venv/bin/python tests/benchmarks/bench_int8_linear.py [--m 1024 2048] [--max-repeats 5]
+    .venv/bin/python tests/benchmarks/bench_int8_linear.py [--m 1024 2048] [--max-repeats 5] [--only dequant]
 
 Times fp32 and bf16 F.linear, every int8 route with fp32 and bf16 activations, and bitsandbytes'
 own Linear8bitLt in eval() when it imports. Each time is the median of back-to-back calls after one
@@ -78,6 +78,8 @@ def main():
     p.add_argument("--max-repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=4.0, help="seconds per method before stopping at 3 repeats")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="time only methods whose name contains one of these (the two F.linear rows always run)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -102,6 +104,8 @@ def main():
                 ops = 2 * m * k * n
                 rows = []
                 for name, (fn, dt) in methods(linear).items():
+                    if args.only and "F.linear" not in name and not any(o in name for o in args.only):
+                        continue
                     xd = x.to(dt)
                     err = ((fn(xd).float() - ref).norm() / ref.norm()).item()
                     t = bench(lambda: fn(xd), args.max_repeats, args.budget)
