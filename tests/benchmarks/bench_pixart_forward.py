@@ -1,0 +1,157 @@
+"""Benchmark: one PixArt-α XL/2 forward, our kernel vs diffusers' PixArtTransformer2DModel vs ComfyUI's
+native PixArtMS, same full-size random weights, 512 px (64x64 latent, 1024 tokens), batch 2, fp32 and
+bf16, all in one run. A script, not a test:
+
+    .venv/bin/python -m tests.benchmarks.bench_pixart_forward [--repeats 3] [--dtypes fp32,bf16]
+
+Prints a table and writes bench_results/pixart_forward.json. Captions are 120 valid tokens (ComfyUI's
+native model takes no mask); ours is also timed with a padded caption mask.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+COMFY = REPO / ".comfy_host" / "comfyui"
+
+from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart_checkpoint import load_pixart, original_to_diffusers  # noqa: E402
+from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(fn, repeats):
+    with torch.no_grad():
+        fn()  # warm-up (allocator, oneDNN primitive caches)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def build_ours(sd, dtype):
+    return load_pixart(dict(sd), dtype=dtype).eval()
+
+
+def build_diffusers(sd, dtype, cfg):
+    from diffusers import PixArtTransformer2DModel
+    with torch.device("meta"):
+        model = PixArtTransformer2DModel(
+            num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+            norm_type="ada_norm_single", cross_attention_dim=1152, caption_channels=4096, sample_size=128,
+            patch_size=2, use_additional_conditions=True, interpolation_scale=2, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
+            norm_eps=1e-6)
+    dsd = {k: v.to(dtype) for k, v in original_to_diffusers(dict(sd)).items()}
+    model.load_state_dict(dsd, strict=True, assign=True)
+    # the non-persistent positional buffer is not in the state dict: rebuild it off the meta device
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    pe = model.pos_embed
+    table = get_2d_sincos_pos_embed(1152, 64, base_size=pe.base_size, interpolation_scale=pe.interpolation_scale,
+                                    output_type="pt")
+    pe.pos_embed = table.float().unsqueeze(0)
+    return model.eval()
+
+
+def build_comfy(sd, dtype):
+    sys.path.insert(0, str(COMFY))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.ops
+    from comfy.ldm.pixart.pixartms import PixArtMS
+    model = PixArtMS(input_size=128, pe_interpolation=2, micro_condition=True, dtype=dtype, device="cpu",
+                     operations=comfy.ops.disable_weight_init)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items() if k != "pos_embed"},
+                                                strict=False)
+    assert not missing, missing
+    return model.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--only", default="ours,diffusers,comfy")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+
+    cfg = pixart_xl2_1024_ms()
+    print("making full-size random XL/2 weights ...", flush=True)
+    sd = random_pixart_state_dict(cfg, seed=0)
+    sd["y_embedder.y_embedding"] = torch.randn(120, 4096) / 64
+
+    b, lat = args.batch, args.size // 8
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 4, lat, lat, generator=gen)
+    t = torch.tensor([999.0, 499.0][:b] + [259.0] * max(0, b - 2))
+    y = torch.randn(b, 120, 4096, generator=gen)
+    hw = torch.tensor([[args.size * 1.0, args.size * 1.0]]).repeat(b, 1)
+    ar = torch.ones(b, 1)
+    padded = torch.zeros(b, 120, dtype=torch.long)
+    padded[:, :24] = 1
+
+    results = {"size": args.size, "batch": b, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "rows": []}
+    only = args.only.split(",")
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        xs, ys = x.to(dtype), y.to(dtype)
+        candidates = []
+        if "ours" in only:
+            candidates += [("ours", lambda: build_ours(sd, dtype), lambda m: m(xs, t, ys, None, img_hw=hw, aspect_ratio=ar)),
+                           ("ours (padded caption mask)", None, lambda m: m(xs, t, ys, padded, img_hw=hw, aspect_ratio=ar))]
+        if "diffusers" in only:
+            candidates.append(("diffusers PixArtTransformer2DModel", lambda: build_diffusers(sd, dtype, cfg),
+                               lambda m: m(xs, encoder_hidden_states=ys, timestep=t,
+                                           added_cond_kwargs={"resolution": hw, "aspect_ratio": ar},
+                                           return_dict=False)[0]))
+        if "comfy" in only:
+            candidates.append(("ComfyUI PixArtMS", lambda: build_comfy(sd, dtype),
+                               lambda m: m(xs, t, ys, c_size=hw.to(dtype), c_ar=ar.to(dtype))))
+        model = None
+        outputs = {}
+        for name, build, run in candidates:
+            if build is not None:
+                model = None
+                gc.collect()
+                model = build()
+            median, times = timed(lambda: outputs.__setitem__(name, run(model).float()), args.repeats)
+            row = {"dtype": dname, "impl": name, "median_s": round(median, 3), "times": [round(v, 3) for v in times]}
+            results["rows"].append(row)
+            print(f"{dname:5s} {name:40s} {median:8.3f} s   {[round(v, 2) for v in times]}", flush=True)
+        model = None
+        gc.collect()
+        # all implementations compute the same function (ε and variance channels)
+        ref = outputs.get("diffusers PixArtTransformer2DModel")
+        for name, out in outputs.items():
+            if ref is not None and "padded" not in name:
+                rel = ((out[:, :8] - ref[:, :8]).norm() / ref.norm()).item()
+                print(f"      rel. L2 vs diffusers: {name}: {rel:.2e}")
+        by = {r["impl"]: r["median_s"] for r in results["rows"] if r["dtype"] == dname}
+        peers = [by[k] for k in ("diffusers PixArtTransformer2DModel", "ComfyUI PixArtMS") if k in by]
+        if "ours" in by and peers:
+            ratio = by["ours"] / min(peers)
+            results[f"ratio_{dname}"] = round(ratio, 3)
+            print(f"{dname}: ours / faster peer = {ratio:.3f}")
+    out_dir = REPO / "bench_results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "pixart_forward.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
