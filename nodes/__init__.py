@@ -1,6 +1,8 @@
 """Thin ComfyUI nodes, one module per capability, wrapping kernels/."""
+from .control_preprocess import NODES as _CONTROL_PREPROCESS
+from .controlnet import NODES as _CONTROLNET
 from .dit_loader import NODES as _DIT_LOADER
 from .lcm_sampler import NODES as _LCM_SAMPLER
 from .text_encoder import NODES as _TEXT_ENCODER
 
-ALL_NODES = [*_DIT_LOADER, *_TEXT_ENCODER, *_LCM_SAMPLER]
+ALL_NODES = [*_DIT_LOADER, *_TEXT_ENCODER, *_LCM_SAMPLER, *_CONTROLNET, *_CONTROL_PREPROCESS]

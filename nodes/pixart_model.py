@@ -21,6 +21,8 @@ from ..kernels.pixart import PixArt, PixArtConfig
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
 CAPTION_MASK_KEY = "pixart_caption_mask"
+# key of the control dict our CONTROL_NET returns per step (core UNet ControlNets use input/output lists)
+PIXART_CONTROL_KEY = "pixart_control"
 
 
 class ComfyPixArt(PixArt):
@@ -40,9 +42,12 @@ class ComfyPixArt(PixArt):
 
 def control_branch_from(control, transformer_options):
     """The ControlNet-Transformer hook: a control dict from core Apply ControlNet carries our branch."""
-    if isinstance(control, dict) and "pixart_control" in control:
-        return control["pixart_control"]
-    return None
+    if not control:
+        return None
+    if PIXART_CONTROL_KEY not in control:
+        raise ValueError("this ControlNet is not a PixArt ControlNet-Transformer (it returned UNet residuals "
+                         f"{sorted(control)}): load PixArt ControlNets with 'PixArt ControlNet-Transformer Loader'")
+    return control[PIXART_CONTROL_KEY]
 
 
 class PixArtDiTModel(comfy.model_base.BaseModel):

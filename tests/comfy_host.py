@@ -64,6 +64,7 @@ class ComfyServer:
                        "    text_encoders: text_encoders\n"
                        "    vae: vae\n"
                        "    controlnet: controlnet\n"
+                       "    annotators: annotators\n"
                        "    checkpoints: checkpoints\n")
         cmd = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir),

@@ -19,7 +19,7 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The tiny checkpoints (made once, cached in .comfy_host/models) plus deliberately broken files."""
-    from tests.make_checkpoints import make_all, write_bad_checkpoints
+    from tests.make_checkpoints import make_all, write_bad_checkpoints, write_bad_controlnets
     made = make_all(REPO / ".comfy_host" / "models")
     root = tmp_path_factory.mktemp("models")
     for folder in made.iterdir():
@@ -28,6 +28,7 @@ def models_dir(tmp_path_factory) -> Path:
             for entry in folder.iterdir():
                 (root / folder.name / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     write_bad_checkpoints(root / "diffusion_models" / "broken", made)
+    write_bad_controlnets(root / "controlnet" / "broken")
     return root
 
 

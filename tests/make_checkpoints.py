@@ -6,7 +6,8 @@ No weights can be downloaded here: every file is made by our own code from fixed
   (`state_dict` wrapper, stale `pos_embed`, learned null caption `y_embedder.y_embedding`);
 - diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/: tiny PixArt in the diffusers layout + config.json;
 - text_encoders/t5xxl_fp16.safetensors: a tiny T5-v1.1 encoder in HF/ComfyUI key names (fp16);
-- vae/sd-vae-ft-ema.safetensors: a FULL-SIZE SD VAE (kl-f8) with random weights, in the layout core VAELoader reads.
+- vae/sd-vae-ft-ema.safetensors: a FULL-SIZE SD VAE (kl-f8) with random weights, in the layout core VAELoader reads;
+- annotators/ControlNetHED.pth: the FULL-SIZE HED annotator (ControlNetHED_Apache2) with random weights, fp16.
 
 Usage: python -m tests.make_checkpoints [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
@@ -24,7 +25,7 @@ if str(REPO) not in sys.path:
 
 from kernels.pixart import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 
-STAMP_VERSION = "3"
+STAMP_VERSION = "5"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -71,13 +72,13 @@ def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
         "norm_eps": 1e-6}, indent=1))
 
 
-def save_tiny_t5(path: Path, seed: int):
-    """HF T5EncoderModel key names, fp16 like ComfyUI's t5xxl_fp16.safetensors."""
+def save_tiny_t5(path: Path, seed: int, **config):
+    """HF T5EncoderModel key names, fp16 like ComfyUI's t5xxl_fp16.safetensors; `config` overrides TINY_T5."""
     from kernels.t5 import T5Config, T5Encoder
     import safetensors.torch
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        model = T5Encoder(T5Config(**TINY_T5))
+        model = T5Encoder(T5Config(**{**TINY_T5, **config}))
     sd = {}
     for name, t in model.state_dict().items():
         if "layer_norm" in name:
@@ -170,6 +171,29 @@ def sd_vae_shapes() -> dict:
     return shapes
 
 
+def save_random_hed(path: Path, seed: int):
+    """ControlNetHED.pth as released (lllyasviel/Annotators): a plain fp16 state dict, 37 tensors.
+
+    He-initialised 3×3 convs keep the VGG activations at the input's scale (image·255 − norm); the 1×1
+    side projections are scaled down so the averaged logits stay O(1): edges land in roughly 0.25..0.98
+    and an outline gives higher values than flat areas, so the maps are neither saturated nor constant.
+    """
+    from kernels.hed import hed_expected_shapes
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in hed_expected_shapes().items():
+        if name == "norm":
+            sd[name] = torch.tensor([123.675, 116.28, 103.53]).view(shape)  # ImageNet RGB mean ×255
+        elif name.endswith("bias"):
+            sd[name] = torch.randn(shape, generator=gen) * 0.05
+        else:
+            fan_in = shape[1] * shape[2] * shape[3]
+            gain = 2.0 if ".convs." in name else 1e-3
+            sd[name] = torch.randn(shape, generator=gen) * (gain / fan_in) ** 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.to(torch.float16) for k, v in sd.items()}, path)
+
+
 def make_all(models_dir: Path) -> Path:
     models_dir = Path(models_dir)
     stamp = models_dir / ".stamp"
@@ -185,13 +209,14 @@ def make_all(models_dir: Path) -> Path:
                                        null_caption=False, **TINY_PIXART), seed=3)
     save_tiny_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", seed=4)
     save_random_sd_vae(models_dir / "vae" / "sd-vae-ft-ema.safetensors", seed=5)
+    save_random_hed(models_dir / "annotators" / "ControlNetHED.pth", seed=6)
+    save_pixart_controlnet_pth(models_dir / "controlnet" / "PixArt-XL-2-1024-ControlNet.pth",
+                               PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
+                                            **{**TINY_PIXART, "depth": 4}), num_blocks=2, seed=7)
+    save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     stamp.write_text(STAMP_VERSION)
     return models_dir
 
-
-if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / ".comfy_host" / "models"
-    print(make_all(target))
 
 
 def write_bad_checkpoints(folder: Path, made: Path):
@@ -210,3 +235,62 @@ def write_bad_checkpoints(folder: Path, made: Path):
     pth = (made / "diffusion_models" / "PixArt-XL-2-512x512.pth").read_bytes()
     (folder / "truncated.pth").write_bytes(pth[: len(pth) // 3])
     (folder / "empty.pth").write_bytes(b"")
+
+
+def save_pixart_controlnet_pth(path: Path, base_cfg: PixArtConfig, num_blocks: int, seed: int):
+    """The released full ControlNet layout: `base_model.*` (a PixArt .pth) + `controlnet.*`, under state_dict."""
+    from kernels.pixart_controlnet import PixArtControlNet, block_config
+    base = random_pixart_state_dict(base_cfg, seed)
+    grid = base_cfg.sample_size // base_cfg.patch_size
+    base["pos_embed"] = pos_embed_2d(base_cfg.hidden_size, grid, grid, base_cfg.base_size, base_cfg.pe_interpolation)[None]
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.device("meta"):
+        net = PixArtControlNet(num_blocks, block_config(base_cfg.hidden_size, base_cfg.num_heads, base_cfg.mlp_ratio))
+    control = {}
+    for name, t in net.state_dict().items():
+        fan_in = t.shape[1] if t.ndim >= 2 else t.shape[-1]
+        # before/after projections are zero at initialisation upstream; non-zero here so control shows
+        std = 0.02 if name.endswith("bias") else (0.3 if "_proj" in name else 1.0) / fan_in ** 0.5
+        control[name] = torch.randn(t.shape, generator=gen) * std
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {**{f"base_model.{k}": v for k, v in base.items()}, **control}}, path)
+
+
+def save_comfy_native_pixart(path: Path, seed: int):
+    """A model ComfyUI itself detects as PixArt-α (hidden 1152, 16 heads, depth 1): a non-pack MODEL for tests."""
+    import safetensors.torch
+    cfg = PixArtConfig(depth=1, null_caption=False)
+    sd = {k: v.to(torch.float16) for k, v in random_pixart_state_dict(cfg, seed).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(path))
+
+
+def write_bad_controlnets(folder: Path):
+    """A file of another family and an empty file, for the ControlNet loaders' error tests."""
+    import safetensors.torch
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)},
+                                str(folder / "not-a-controlnet.safetensors"))
+    (folder / "empty.pth").write_bytes(b"")
+
+
+def write_example_inputs(input_dir: Path):
+    """Control images for the ControlNet workflow, drawn here (no image is downloaded or committed)."""
+    from PIL import Image, ImageDraw
+    input_dir = Path(input_dir)
+    input_dir.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (1024, 768), (120, 160, 200))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 520, 1024, 768], fill=(70, 110, 60))                 # ground
+    draw.polygon([(300, 520), (300, 330), (520, 200), (740, 330), (740, 520)], fill=(190, 170, 150))
+    draw.rectangle([480, 400, 560, 520], fill=(90, 60, 40))                 # door
+    draw.ellipse([820, 60, 940, 180], fill=(250, 220, 120))                 # sun
+    img.save(input_dir / "pixart_delta_controlnet_input.png")
+    portrait = Image.new("RGB", (200, 300), (20, 20, 20))
+    ImageDraw.Draw(portrait).ellipse([40, 60, 160, 240], fill=(230, 230, 230))
+    portrait.save(input_dir / "portrait_control.png")
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / ".comfy_host" / "models"
+    print(make_all(target))

@@ -109,3 +109,33 @@ def test_wrong_or_broken_file_gives_clear_error_and_server_keeps_serving(comfy, 
     assert BAD_FILES[name] in err["exception_message"], err["exception_message"]
     ok = comfy.run(graph({("6", "steps"): 2, ("5", "width"): 256, ("5", "height"): 256}))
     assert ok["status"]["status_str"] == "success", execution_error(ok)
+
+
+def _latent_graph(prompt_tokens: int, negative_tokens: int, steps: int = 3):
+    """The shipped graph ending in SaveLatent, prompts padded to the given token counts."""
+    g = graph({("6", "steps"): steps, ("5", "width"): 256, ("5", "height"): 256})
+    g["3"]["inputs"].update(text="a watercolor fox", max_length=prompt_tokens)
+    g["4"] = {"class_type": "DiTControl_PixArtT5TextEncode",
+              "inputs": {"t5": ["2", 0], "text": "", "max_length": negative_tokens, "clean_caption": True}}
+    for k in ("7", "8", "9"):
+        del g[k]
+    g["30"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"mask/{prompt_tokens}"}}
+    return g
+
+
+def test_padded_masked_caption_equals_unpadded_caption(comfy):
+    """120 tokens with a padding mask must equal the bare tokens without a mask — the variable-length,
+    unpadded conditioning core's CLIPTextEncode produces for PixArt. Proves the mask is exact."""
+    from safetensors.torch import load_file
+
+    def latent(prompt_tokens, negative_tokens):
+        h = comfy.run(_latent_graph(prompt_tokens, negative_tokens))
+        assert h["status"]["status_str"] == "success", execution_error(h)
+        entry = h["outputs"]["30"]["latents"][0]
+        return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+
+    padded = latent(120, 120)
+    bare = latent(6, 1)      # "a watercolor fox" = 5 tokens + EOS; "" = EOS only
+    assert ((padded - bare).abs().max() / bare.abs().max()).item() < 1e-5
+    truncated = latent(4, 1)  # a shorter caption: the test can fail
+    assert ((truncated - bare).abs().max() / bare.abs().max()).item() > 1e-3

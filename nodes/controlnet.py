@@ -1,0 +1,172 @@
+"""PixArt-δ ControlNet-Transformer in ComfyUI's own ControlNet flow.
+
+The loader gives a CONTROL_NET that core "Apply ControlNet" (with its VAE input) attaches to PixArt
+conditioning; ComfyUI's sampler then asks it for control per step (`get_control`), honouring
+strength and start/end percent, and our PixArt MODEL runs the copied blocks (kernels/pixart_controlnet.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.controlnet
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import folder_paths
+
+from ..kernels.checkpoint_io import read_state_dict
+from ..kernels.pixart import PixArtConfig
+from ..kernels.pixart_controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
+                                         prepare_pixart_controlnet)
+from .dit_loader import WEIGHT_DTYPES
+from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher
+
+CATEGORY = "DiT Control/PixArt"
+
+
+class PixArtControlNet(comfy.controlnet.ControlBase):
+    """A CONTROL_NET for PixArt: the control image becomes a latent through the VAE (as PixArt-δ did),
+    and each sampling step hands our MODEL a control branch instead of UNet residual lists."""
+
+    def __init__(self, net, patcher, info):
+        super().__init__()
+        self.net, self.patcher, self.info = net, patcher, info
+        self.latent_format = comfy.latent_formats.SD15()   # the control latent is scaled like the image latent
+        self.upscale_algorithm = "bilinear"                # control image is resized + centre-cropped to the latent
+        self.model_sampling_current = None
+
+    def pre_run(self, model, percent_to_timestep_function):
+        if not isinstance(model, PixArtDiTModel):
+            raise ValueError(f"PixArt ControlNet-Transformer applied to a {type(model).__name__} model: it "
+                             "works only with a MODEL from 'PixArt-α DiT Loader' (or the ControlNet "
+                             "checkpoint loader)")
+        check_base_compatible(self.info, model.diffusion_model.config)
+        super().pre_run(model, percent_to_timestep_function)
+        self.model_sampling_current = model.model_sampling
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        previous = None
+        if self.previous_controlnet is not None:
+            prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+            if prev is not None and PIXART_CONTROL_KEY not in prev:
+                raise ValueError("a PixArt ControlNet cannot be chained with a UNet ControlNet "
+                                 f"({type(self.previous_controlnet).__name__})")
+            previous = prev[PIXART_CONTROL_KEY] if prev else None
+        if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
+            return {PIXART_CONTROL_KEY: previous} if previous is not None else None
+        if self.vae is None:
+            raise ValueError("PixArt ControlNet needs the VAE input of 'Apply ControlNet': the control image "
+                             "is encoded to a latent, as PixArt-δ does")
+        target_hw = (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8)
+        if self.cond_hint is None or tuple(self.cond_hint.shape[-2:]) != tuple(x_noisy.shape[-2:]):
+            # documented resize: fit the control image to the latent's size (scale + centre crop)
+            image = comfy.utils.common_upscale(self.cond_hint_original, target_hw[1], target_hw[0],
+                                               self.upscale_algorithm, "center")
+            loaded = mm.loaded_models(only_currently_used=True)
+            latent = self.vae.encode(image.movedim(1, -1)[..., :3])
+            mm.load_models_gpu(loaded)
+            self.cond_hint = self.latent_format.process_in(latent).to(x_noisy.device)
+        hint = self.cond_hint
+        if hint.shape[0] != x_noisy.shape[0]:
+            hint = comfy.controlnet.broadcast_image_to(hint, x_noisy.shape[0], batched_number)
+        branch = self.net.branch(hint, strength=self.strength)
+        return {PIXART_CONTROL_KEY: combine_controls(previous, branch)}
+
+    def copy(self):
+        c = PixArtControlNet(self.net, self.patcher, self.info)
+        self.copy_to(c)
+        c.latent_format = self.latent_format
+        c.upscale_algorithm = self.upscale_algorithm
+        return c
+
+    def get_models(self):
+        return super().get_models() + [self.patcher]
+
+    def cleanup(self):
+        self.model_sampling_current = None
+        super().cleanup()
+
+
+def load_controlnet(path: str, weight_dtype=None):
+    """(CONTROL_NET, bundled base state dict or None, its config, info) from a ControlNet file."""
+    sd = read_state_dict(path)
+    control_sd, base_sd, info = prepare_pixart_controlnet(sd)
+    base_cfg = info.base_config or PixArtConfig(hidden_size=info.hidden_size, mlp_ratio=info.mlp_ratio,
+                                                num_heads=max(1, info.hidden_size // 72))
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    params = sum(v.numel() for v in control_sd.values())
+    stored = next(iter(control_sd.values())).dtype
+    dtype = weight_dtype or mm.unet_dtype(model_params=params, weight_dtype=stored)
+    cast = mm.unet_manual_cast(dtype, load_device)
+    ops = comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init
+    net = load_pixart_controlnet(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
+    patcher = comfy.model_patcher.ModelPatcher(net, load_device=load_device, offload_device=offload_device)
+    logging.info("dit-control: %s", info.describe())
+    return PixArtControlNet(net, patcher, info), base_sd, info
+
+
+class PixArtControlNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_PixArtControlNetLoader",
+            display_name="PixArt ControlNet-Transformer Loader",
+            category=CATEGORY,
+            description="Loads a PixArt-δ ControlNet-Transformer (13 copied DiT blocks) for core 'Apply "
+                        "ControlNet' — connect its VAE input: the control image is encoded to a latent. "
+                        "Accepts the released full PixArt-XL-2-1024-ControlNet.pth (only the control "
+                        "blocks are kept), a controlnet-only file, or the diffusers adapter.",
+            inputs=[
+                io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
+                               tooltip="ControlNet weights from models/controlnet."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the control blocks."),
+            ],
+            outputs=[io.ControlNet.Output(tooltip="For core Apply ControlNet with a PixArt MODEL.")],
+        )
+
+    @classmethod
+    def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
+        control, base_sd, _ = load_controlnet(path, WEIGHT_DTYPES[weight_dtype])
+        del base_sd  # a bundled base is not kept: load it with the checkpoint loader if wanted
+        return io.NodeOutput(control)
+
+
+class PixArtControlNetCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_PixArtControlNetCheckpointLoader",
+            display_name="PixArt ControlNet Checkpoint Loader (base + control)",
+            category=CATEGORY,
+            description="Loads a full PixArt-δ ControlNet file (base_model.* + controlnet.*, as "
+                        "PixArt-XL-2-1024-ControlNet.pth is released) once, and gives both its base "
+                        "PixArt MODEL and its CONTROL_NET — one copy of each weight in memory.",
+            inputs=[
+                io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
+                               tooltip="A full ControlNet file from models/controlnet."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of base and control weights."),
+            ],
+            outputs=[io.Model.Output(tooltip="The bundled PixArt base MODEL."),
+                     io.ControlNet.Output(tooltip="For core Apply ControlNet with that MODEL.")],
+        )
+
+    @classmethod
+    def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
+        control, base_sd, info = load_controlnet(path, WEIGHT_DTYPES[weight_dtype])
+        if base_sd is None:
+            raise ValueError(f"{controlnet_name} carries no base model ({info.layout} layout): use "
+                             "'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
+        model = build_model_patcher(info.base_config, base_sd, weight_dtype=WEIGHT_DTYPES[weight_dtype])
+        return io.NodeOutput(model, control)
+
+
+NODES = [PixArtControlNetLoader, PixArtControlNetCheckpointLoader]
