@@ -22,6 +22,13 @@ def read_state_dict(path: str) -> dict:
     """A state dict from .safetensors, .pth/.pt/.bin/.ckpt, or a diffusers / HF folder."""
     if os.path.isdir(path):
         return _read_folder(path)
+    if _shard_index(path) is not None:
+        # one shard picked from a dropdown: the index json beside it lists the whole checkpoint
+        return _read_folder(os.path.dirname(path))
+    return _read_file(path)
+
+
+def _read_file(path: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     size = os.path.getsize(path)
@@ -58,17 +65,35 @@ def unwrap_state_dict(obj, name: str = "checkpoint") -> dict:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+               "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin.index.json")
+
+
+def _shard_index(path: str) -> Optional[str]:
+    """The index json that lists `path` as one of its shards, if there is one."""
+    folder, name = os.path.split(path)
+    for index_name in INDEX_NAMES:
+        index = os.path.join(folder, index_name)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    if name in set(json.load(f).get("weight_map", {}).values()):
+                        return index
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def _read_folder(path: str) -> dict:
     """diffusers / HF folder: weight shards listed by an index json, or the single weights file."""
-    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
-                       "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin.index.json"):
+    for index_name in INDEX_NAMES:
         index = os.path.join(path, index_name)
         if os.path.exists(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             sd = {}
             for shard in shards:
-                sd.update(read_state_dict(os.path.join(path, shard)))
+                sd.update(_read_file(os.path.join(path, shard)))
             return sd
     for single in ("diffusion_pytorch_model.safetensors", "model.safetensors",
                    "diffusion_pytorch_model.bin", "pytorch_model.bin"):

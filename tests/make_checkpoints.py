@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 from kernels.pixart import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 
-STAMP_VERSION = "5"
+STAMP_VERSION = "6"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -208,6 +208,7 @@ def make_all(models_dir: Path) -> Path:
                           PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
                                        null_caption=False, **TINY_PIXART), seed=3)
     save_tiny_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", seed=4)
+    shard_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", models_dir / "text_encoders" / "t5-v1_1-xxl")
     save_random_sd_vae(models_dir / "vae" / "sd-vae-ft-ema.safetensors", seed=5)
     save_random_hed(models_dir / "annotators" / "ControlNetHED.pth", seed=6)
     save_pixart_controlnet_pth(models_dir / "controlnet" / "PixArt-XL-2-1024-ControlNet.pth",
@@ -289,6 +290,20 @@ def write_example_inputs(input_dir: Path):
     portrait = Image.new("RGB", (200, 300), (20, 20, 20))
     ImageDraw.Draw(portrait).ellipse([40, 60, 160, 240], fill=(230, 230, 230))
     portrait.save(input_dir / "portrait_control.png")
+
+
+def shard_t5(single: Path, folder: Path):
+    """The same T5 weights as Hugging Face shards: two files + model.safetensors.index.json."""
+    import safetensors.torch
+    sd = safetensors.torch.load_file(str(single))
+    names = sorted(sd)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        safetensors.torch.save_file({k: sd[k] for k in part}, str(folder / shard))
+        weight_map.update({k: shard for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,23 @@ def test_shipped_lcm_workflow_makes_a_1024_image(comfy):
     assert Image.open(io.BytesIO(png)).size == (1024, 1024)
     progress = [m for m in h["status"]["messages"] if m[0] == "execution_success"]
     assert progress
+
+
+def test_long_sampling_honours_interrupt(comfy):
+    """POST /interrupt stops our LCM sampler between steps; the server then runs the next prompt."""
+    import time
+    g = latent_graph(50, "diffusers")
+    g["5"]["inputs"].update(width=2048, height=2048)   # 50 slow steps: far longer than the wait below
+    prompt_id = comfy.submit(g)
+    deadline = time.time() + 60
+    while not comfy.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0)
+    start = time.time()
+    comfy.post("/interrupt", {})
+    h = comfy.wait(prompt_id, timeout=120)
+    kinds = [m[0] for m in h["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert time.time() - start < 30
+    ok = comfy.run(latent_graph(1, "diffusers"))
+    assert ok["status"]["status_str"] == "success"

@@ -139,3 +139,24 @@ def test_padded_masked_caption_equals_unpadded_caption(comfy):
     assert ((padded - bare).abs().max() / bare.abs().max()).item() < 1e-5
     truncated = latent(4, 1)  # a shorter caption: the test can fail
     assert ((truncated - bare).abs().max() / bare.abs().max()).item() > 1e-3
+
+
+def test_t5_from_hf_shards_equals_single_file(comfy):
+    """Picking one shard of a sharded T5 loads the whole checkpoint (the index json lists the rest)."""
+    from safetensors.torch import load_file
+
+    def latent(t5_name):
+        g = _latent_graph(120, 120, steps=2)
+        g["2"]["inputs"]["t5_name"] = t5_name
+        g["30"]["inputs"]["filename_prefix"] = "shards/" + t5_name.replace("/", "_")
+        h = comfy.run(g)
+        assert h["status"]["status_str"] == "success", execution_error(h)
+        entry = h["outputs"]["30"]["latents"][0]
+        return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+
+    assert torch_equal(latent("t5-v1_1-xxl/model-00002-of-00002.safetensors"), latent("t5xxl_fp16.safetensors"))
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a, b)
