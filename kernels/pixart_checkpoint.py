@@ -57,19 +57,26 @@ def block_to_original(sd: dict, src_prefix: str, dst_prefix: str, out: dict) -> 
         out[f"{dst_prefix}scale_shift_table"] = sd.pop(f"{src_prefix}scale_shift_table")
 
 
+def _block_indices(sd: dict, prefix: str) -> list:
+    return sorted({int(m.group(1)) for k in sd for m in [re.match(rf"{prefix}\.(\d+)\.", k)] if m})
+
+
+def _rename_top_level(sd: dict, out: dict, to_original: bool) -> None:
+    """Move the non-block tensors between the two namings (pairs in _TOP_LEVEL, plus the final table)."""
+    pairs = [(f"{d}.{x}", f"{o}.{x}") for o, d in _TOP_LEVEL.items() for x in ("weight", "bias")]
+    pairs.append(("scale_shift_table", "final_layer.scale_shift_table"))
+    for diff, orig in pairs:
+        src, dst = (diff, orig) if to_original else (orig, diff)
+        if src in sd:
+            out[dst] = sd.pop(src)
+
+
 def diffusers_to_original(sd: dict) -> dict:
     """Rename a diffusers PixArtTransformer2DModel state dict; unknown keys are kept as they are
     so that the strict check names them."""
-    sd = dict(sd)
-    out = {}
-    for orig, diff in _TOP_LEVEL.items():
-        for suffix in ("weight", "bias"):
-            if f"{diff}.{suffix}" in sd:
-                out[f"{orig}.{suffix}"] = sd.pop(f"{diff}.{suffix}")
-    if "scale_shift_table" in sd:
-        out["final_layer.scale_shift_table"] = sd.pop("scale_shift_table")
-    indices = sorted({int(m.group(1)) for k in sd for m in [re.match(r"transformer_blocks\.(\d+)\.", k)] if m})
-    for i in indices:
+    sd, out = dict(sd), {}
+    _rename_top_level(sd, out, to_original=True)
+    for i in _block_indices(sd, "transformer_blocks"):
         block_to_original(sd, f"transformer_blocks.{i}.", f"blocks.{i}.", out)
     out.update(sd)  # leftovers: unexpected keys
     return out
@@ -80,14 +87,8 @@ def original_to_diffusers(sd: dict) -> dict:
     exactly as diffusers' conversion script does."""
     sd = {k: v for k, v in sd.items() if k not in ("pos_embed", "y_embedder.y_embedding")}
     out = {}
-    for orig, diff in _TOP_LEVEL.items():
-        for suffix in ("weight", "bias"):
-            if f"{orig}.{suffix}" in sd:
-                out[f"{diff}.{suffix}"] = sd.pop(f"{orig}.{suffix}")
-    if "final_layer.scale_shift_table" in sd:
-        out["scale_shift_table"] = sd.pop("final_layer.scale_shift_table")
-    indices = sorted({int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
-    for i in indices:
+    _rename_top_level(sd, out, to_original=False)
+    for i in _block_indices(sd, "blocks"):
         for orig, parts in BLOCK_PARTS.items():
             for suffix in ("weight", "bias"):
                 name = f"blocks.{i}.{orig}.{suffix}"
@@ -120,7 +121,7 @@ def infer_config(sd: dict, num_heads: Optional[int] = None, sample_size: Optiona
     micro-conditions (only the 1024-MS family has them) or the caller (diffusers config.json)."""
     w = sd["x_embedder.proj.weight"]                       # [D, C, p, p]
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
-    depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+    depth = 1 + max(_block_indices(sd, "blocks"))
     out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
     micro = "csize_embedder.mlp.0.weight" in sd

@@ -34,13 +34,13 @@ class ComfyPixArt(PixArt):
 
     def forward(self, x, timesteps, context, c_size=None, c_ar=None, caption_mask=None, control=None,
                 transformer_options={}, **kwargs):
-        control_fn = control_branch_from(control, transformer_options)
+        control_fn = control_branch_from(control)
         out = super().forward(x, timesteps, context, caption_mask, img_hw=c_size, aspect_ratio=c_ar,
                               control=control_fn)
         return out[:, :self.config.in_channels]  # ε; the learned-variance half is unused by samplers
 
 
-def control_branch_from(control, transformer_options):
+def control_branch_from(control):
     """The ControlNet-Transformer hook: a control dict from core Apply ControlNet carries our branch."""
     if not control:
         return None

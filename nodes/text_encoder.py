@@ -37,7 +37,7 @@ class PixArtT5:
     description: str
 
 
-def clean_caption(text: str) -> str:
+def clean_caption_text(text: str) -> str:
     """The core of PixArt's caption cleaning: URL-unquote, unescape HTML, drop URLs, lower-case,
     collapse white space. (The original also runs ftfy and BeautifulSoup; not reproduced.)"""
     for _ in range(2):  # the original applies its cleaner twice
@@ -53,7 +53,7 @@ def _tokenizer():
     return T5TokenizerFast.from_pretrained(T5_TOKENIZER_DIR)
 
 
-def _compute_dtype(device, storage_dtype):
+def _compute_dtype(device):
     if device.type == "cpu":
         return torch.float32  # fp16 math on the CPU is slow and overflows in T5-v1.1
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
@@ -86,7 +86,7 @@ class PixArtT5Loader(io.ComfyNode):
         sd = read_t5_state_dict(path)
         storage = WEIGHT_DTYPES[weight_dtype] or next(iter(sd.values())).dtype
         load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        compute = _compute_dtype(load_device, storage)
+        compute = _compute_dtype(load_device)
         ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
         encoder, config = load_t5_encoder(sd, operations=ops, dtype=storage, device=offload_device)
         encoder.eval()
@@ -118,7 +118,7 @@ class PixArtT5TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5, text, max_length=120, clean_caption=True) -> io.NodeOutput:
-        prompt = clean_caption_fn(text) if clean_caption else text
+        prompt = clean_caption_text(text) if clean_caption else text
         tokens = t5.tokenizer(prompt, max_length=max_length, padding="max_length", truncation=True,
                               add_special_tokens=True, return_tensors="pt")
         mm.load_models_gpu([t5.patcher])
@@ -131,8 +131,6 @@ class PixArtT5TextEncode(io.ComfyNode):
         mask = tokens.attention_mask.to(out_device)
         return io.NodeOutput([[cond, {CAPTION_MASK_KEY: mask}]])
 
-
-clean_caption_fn = clean_caption
 
 
 class PixArtNullCaption(io.ComfyNode):

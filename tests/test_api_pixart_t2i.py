@@ -154,9 +154,5 @@ def test_t5_from_hf_shards_equals_single_file(comfy):
         entry = h["outputs"]["30"]["latents"][0]
         return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
 
-    assert torch_equal(latent("t5-v1_1-xxl/model-00002-of-00002.safetensors"), latent("t5xxl_fp16.safetensors"))
-
-
-def torch_equal(a, b):
     import torch
-    return torch.equal(a, b)
+    assert torch.equal(latent("t5-v1_1-xxl/model-00002-of-00002.safetensors"), latent("t5xxl_fp16.safetensors"))
