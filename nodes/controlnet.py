@@ -23,8 +23,8 @@ from ..kernels.checkpoint_io import read_state_dict
 from ..kernels.pixart import PixArtConfig
 from ..kernels.pixart_controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
                                          prepare_pixart_controlnet)
-from .dit_loader import WEIGHT_DTYPES
 from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher
+from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
 CATEGORY = "DiT Control/PixArt"
 
@@ -92,7 +92,7 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
         super().cleanup()
 
 
-def load_controlnet(path: str, weight_dtype=None):
+def load_controlnet(path: str, weight_choice: str = "default"):
     """(CONTROL_NET, bundled base state dict or None, its config, info) from a ControlNet file."""
     sd = read_state_dict(path)
     control_sd, base_sd, info = prepare_pixart_controlnet(sd)
@@ -101,9 +101,10 @@ def load_controlnet(path: str, weight_dtype=None):
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     params = sum(v.numel() for v in control_sd.values())
     stored = next(iter(control_sd.values())).dtype
-    dtype = weight_dtype or mm.unet_dtype(model_params=params, weight_dtype=stored)
+    chosen, int8_ops, _ = storage_choice(weight_choice)
+    dtype = chosen or mm.unet_dtype(model_params=params, weight_dtype=stored)
     cast = mm.unet_manual_cast(dtype, load_device)
-    ops = comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init
+    ops = int8_ops or (comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init)
     net = load_pixart_controlnet(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
     patcher = comfy.model_patcher.ModelPatcher(net, load_device=load_device, offload_device=offload_device)
     logging.info("dit-control: %s", info.describe())
@@ -125,7 +126,7 @@ class PixArtControlNetLoader(io.ComfyNode):
                 io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
                                tooltip="ControlNet weights from models/controlnet."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the control blocks."),
+                               tooltip=WEIGHT_DTYPE_TOOLTIP),
             ],
             outputs=[io.ControlNet.Output(tooltip="For core Apply ControlNet with a PixArt MODEL.")],
         )
@@ -133,7 +134,7 @@ class PixArtControlNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
-        control, base_sd, _ = load_controlnet(path, WEIGHT_DTYPES[weight_dtype])
+        control, base_sd, _ = load_controlnet(path, weight_dtype)
         del base_sd  # a bundled base is not kept: load it with the checkpoint loader if wanted
         return io.NodeOutput(control)
 
@@ -152,7 +153,7 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
                 io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
                                tooltip="A full ControlNet file from models/controlnet."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of base and control weights."),
+                               tooltip=WEIGHT_DTYPE_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The bundled PixArt base MODEL."),
                      io.ControlNet.Output(tooltip="For core Apply ControlNet with that MODEL.")],
@@ -161,11 +162,12 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
     @classmethod
     def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
-        control, base_sd, info = load_controlnet(path, WEIGHT_DTYPES[weight_dtype])
+        control, base_sd, info = load_controlnet(path, weight_dtype)
         if base_sd is None:
             raise ValueError(f"{controlnet_name} carries no base model ({info.layout} layout): use "
                              "'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
-        model = build_model_patcher(info.base_config, base_sd, weight_dtype=WEIGHT_DTYPES[weight_dtype])
+        dtype, operations, _ = storage_choice(weight_dtype)
+        model = build_model_patcher(info.base_config, base_sd, weight_dtype=dtype, custom_operations=operations)
         return io.NodeOutput(model, control)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from comfy_api.latest import io
 
 import folder_paths
@@ -11,17 +10,10 @@ import folder_paths
 from ..kernels.checkpoint_io import read_json_beside, read_state_dict
 from ..kernels.pixart_checkpoint import prepare_pixart, variant_name
 from .pixart_model import build_model_patcher
+from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
 CATEGORY = "DiT Control/PixArt"
 
-WEIGHT_DTYPES = {
-    "default": None,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
 RESOLUTIONS = {"auto": None, "1024 (MS)": 128, "512": 64, "256": 32}
 
 
@@ -54,8 +46,7 @@ class PixArtDiTLoader(io.ComfyNode):
                                        "or a diffusers transformer/diffusion_pytorch_model.safetensors "
                                        "(its config.json is read from the same folder)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the weights. 'default' lets ComfyUI pick for your "
-                                       "device; fp8 halves memory again and computes in a wider dtype."),
+                               tooltip=WEIGHT_DTYPE_TOOLTIP),
                 io.Combo.Input("resolution", options=list(RESOLUTIONS), default="auto",
                                tooltip="Trained resolution. 'auto' reads it from the weights (pos_embed of "
                                        ".pth files, config.json of diffusers files, micro-conditions); set "
@@ -72,9 +63,10 @@ class PixArtDiTLoader(io.ComfyNode):
     def execute(cls, dit_name, weight_dtype="default", resolution="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
         sd, cfg, layout = pixart_state_dict(path, resolution)
-        variant = f"{variant_name(cfg)} ({layout} layout)"
+        dtype, operations, note = storage_choice(weight_dtype)
+        variant = f"{variant_name(cfg)} ({layout} layout)" + (f"; {note}" if note else "")
         logging.info("dit-control: loading %s as %s", dit_name, variant)
-        patcher = build_model_patcher(cfg, sd, weight_dtype=WEIGHT_DTYPES[weight_dtype])
+        patcher = build_model_patcher(cfg, sd, weight_dtype=dtype, custom_operations=operations)
         return io.NodeOutput(patcher, variant)
 
 

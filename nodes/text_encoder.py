@@ -18,7 +18,7 @@ import folder_paths
 
 from ..kernels.checkpoint_io import CheckpointError
 from ..kernels.t5 import load_t5_encoder, read_t5_state_dict
-from .dit_loader import WEIGHT_DTYPES
+from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 from .pixart_model import CAPTION_MASK_KEY, PixArtDiTModel
 
 CATEGORY = "DiT Control/PixArt"
@@ -74,8 +74,8 @@ class PixArtT5Loader(io.ComfyNode):
                 io.Combo.Input("t5_name", options=folder_paths.get_filename_list("text_encoders"),
                                tooltip="T5 weights from models/text_encoders."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype. 'default' keeps the file's dtype; the math runs "
-                                       "in fp32 on the CPU and bf16 on capable GPUs."),
+                               tooltip=WEIGHT_DTYPE_TOOLTIP + " 'default' keeps the file's dtype; the math "
+                                       "runs in fp32 on the CPU and bf16 on capable GPUs."),
             ],
             outputs=[PixArtT5Type.Output("t5", tooltip="T5 encoder for PixArt T5 Text Encode.")],
         )
@@ -84,15 +84,19 @@ class PixArtT5Loader(io.ComfyNode):
     def execute(cls, t5_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
         sd = read_t5_state_dict(path)
-        storage = WEIGHT_DTYPES[weight_dtype] or next(iter(sd.values())).dtype
         load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
         compute = _compute_dtype(load_device)
-        ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+        dtype, int8_ops, note = storage_choice(weight_dtype)
+        if int8_ops is not None:
+            storage, ops = compute, int8_ops      # linear layers int8, embeddings and norms in the compute dtype
+        else:
+            storage = dtype or next(iter(sd.values())).dtype
+            ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
         encoder, config = load_t5_encoder(sd, operations=ops, dtype=storage, device=offload_device)
         encoder.eval()
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
-        description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage {storage}, "
-                       f"compute {compute}")
+        description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage "
+                       f"{note or storage}, compute {compute}")
         return io.NodeOutput(PixArtT5(patcher, _tokenizer(), compute, description))
 
 

@@ -184,3 +184,10 @@ def test_controlnet_only_loader_with_separate_base(comfy):
     g["10"]["inputs"]["control_net"] = ["40", 0]
     data = png(comfy, comfy.run(g))
     assert data == png(comfy, comfy.run(small_graph()))   # same weights, same image
+
+
+def test_controlnet_with_int8_base_through_apply_controlnet(comfy):
+    g = small_graph(steps=2)
+    g["1"]["inputs"]["weight_dtype"] = "int8"
+    data = png(comfy, comfy.run(g))
+    assert Image.open(io.BytesIO(data)).size == (WIDTH, HEIGHT)

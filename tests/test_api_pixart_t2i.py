@@ -156,3 +156,22 @@ def test_t5_from_hf_shards_equals_single_file(comfy):
 
     import torch
     assert torch.equal(latent("t5-v1_1-xxl/model-00002-of-00002.safetensors"), latent("t5xxl_fp16.safetensors"))
+
+
+def test_int8_weights_run_and_stay_close_to_full_precision(comfy):
+    """weight_dtype int8 on the DiT and T5 loaders: the graph runs, the result stays near fp32."""
+    from safetensors.torch import load_file
+
+    def latent(choice):
+        g = _latent_graph(120, 120, steps=2)
+        g["1"]["inputs"]["weight_dtype"] = choice
+        g["2"]["inputs"]["weight_dtype"] = choice
+        g["30"]["inputs"]["filename_prefix"] = f"int8/{choice}"
+        h = comfy.run(g)
+        assert h["status"]["status_str"] == "success", execution_error(h)
+        entry = h["outputs"]["30"]["latents"][0]
+        return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+
+    full, int8 = latent("fp32"), latent("int8")
+    rel = ((int8 - full).norm() / full.norm()).item()
+    assert 0 < rel < 0.05, rel
