@@ -113,6 +113,26 @@ def read_json_beside(path: str, name: str = "config.json") -> Optional[dict]:
     return None
 
 
+def meta_shapes(build) -> dict:
+    """{name: shape} of the module `build()` makes, built on the meta device (costs no memory)."""
+    with torch.device("meta"):
+        module = build()
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def assign_load(build, state_dict: dict, dtype=None, device=None):
+    """`build()` on the meta device, then take the (checked) tensors as its parameters: no random
+    init and no second copy; floats cast to `dtype` when given."""
+    with torch.device("meta"):
+        module = build()
+    if dtype is not None:
+        state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    if device is not None:
+        module.to(device)
+    return module
+
+
 def _summarise(keys: list, limit: int = 400) -> str:
     keys = sorted(keys)
     text = ", ".join(keys[:limit])

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import CheckpointError, check_strict, read_state_dict
+from .checkpoint_io import CheckpointError, check_strict, meta_shapes, read_state_dict
 
 HED_FILE_HINT = "expected ControlNetHED.pth (lllyasviel/Annotators)"
 
@@ -91,9 +91,7 @@ def hed_edges(net: HEDNetwork, image01: torch.Tensor) -> torch.Tensor:
 
 def hed_expected_shapes() -> dict[str, tuple[int, ...]]:
     """Every parameter name of ControlNetHED.pth with its shape, read off a meta-device HEDNetwork."""
-    with torch.device("meta"):
-        net = HEDNetwork()
-    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    return meta_shapes(HEDNetwork)
 
 
 def load_hed(state_dict: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> HEDNetwork:

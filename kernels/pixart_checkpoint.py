@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import CheckpointError, check_strict, describe_foreign
+from .checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .pixart import PixArt, PixArtConfig
 
 # The only keys a strict load may ignore: the stale positional table (recomputed per size).
@@ -151,10 +151,8 @@ def variant_name(cfg: PixArtConfig) -> str:
 
 
 def expected_shapes(cfg: PixArtConfig) -> dict:
-    """{name: shape} of the model for `cfg`, built on the meta device (costs no memory)."""
-    with torch.device("meta"):
-        model = PixArt(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """{name: shape} of the model for `cfg` (meta device: costs no memory)."""
+    return meta_shapes(lambda: PixArt(cfg))
 
 
 def to_original_layout(sd: dict) -> tuple:
@@ -177,12 +175,6 @@ def prepare_pixart(sd: dict, num_heads=None, sample_size=None, pe_interpolation=
 def load_pixart(sd: dict, operations=nn, dtype=None, device=None, **config_overrides) -> PixArt:
     """Strictly load any supported PixArt-α state dict into a fresh model."""
     sd, cfg, layout = prepare_pixart(sd, **config_overrides)
-    with torch.device("meta"):
-        model = PixArt(cfg, operations=operations, dtype=dtype)
-    if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    model = assign_load(lambda: PixArt(cfg, operations=operations, dtype=dtype), sd, dtype, device)
     model.pixart_layout = layout
-    if device is not None:
-        model.to(device)
     return model

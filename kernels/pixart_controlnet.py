@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import CheckpointError, check_strict, describe_foreign
+from .checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .pixart import BlockContext, ControlFn, PixArt, PixArtBlock, PixArtConfig
 from .pixart_checkpoint import block_to_original, detect_layout, load_pixart, prepare_pixart, variant_name
 
@@ -240,10 +240,8 @@ def infer_controlnet_dims(sd: dict) -> tuple:
 
 
 def controlnet_expected_shapes(num_blocks: int, cfg: PixArtConfig) -> dict:
-    """{name: shape} of the control branch, built on the meta device (costs no memory)."""
-    with torch.device("meta"):
-        model = PixArtControlNet(num_blocks, cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """{name: shape} of the control branch (meta device: costs no memory)."""
+    return meta_shapes(lambda: PixArtControlNet(num_blocks, cfg))
 
 
 def _split_full(sd: dict) -> tuple:
@@ -376,14 +374,9 @@ def load_pixart_controlnet(controlnet_sd: dict, base_config, operations=nn, dtyp
     cfg = block_config(base_cfg.hidden_size, base_cfg.num_heads, base_cfg.mlp_ratio)
     check_strict(controlnet_expected_shapes(num_blocks, cfg), controlnet_sd,
                  f"PixArt-δ ControlNet-Transformer ({num_blocks} blocks, width {hidden})")
-    with torch.device("meta"):
-        model = PixArtControlNet(num_blocks, cfg, operations=operations, dtype=dtype)
-    if dtype is not None:
-        controlnet_sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in controlnet_sd.items()}
-    model.load_state_dict(controlnet_sd, strict=True, assign=True)
+    model = assign_load(lambda: PixArtControlNet(num_blocks, cfg, operations=operations, dtype=dtype),
+                        controlnet_sd, dtype, device)
     model.released_base = info.base_config if info else None
-    if device is not None:
-        model.to(device)
     return model
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import CheckpointError, check_strict, describe_foreign, read_state_dict
+from .checkpoint_io import CheckpointError, check_strict, describe_foreign, meta_shapes, read_state_dict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,9 +281,7 @@ def infer_t5_config(state_dict: Mapping[str, torch.Tensor]) -> T5Config:
 
 def t5_expected_shapes(config: T5Config) -> dict:
     """{name: shape} of T5Encoder(config), built on the meta device (costs no memory)."""
-    with torch.device("meta"):
-        model = T5Encoder(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return meta_shapes(lambda: T5Encoder(config))
 
 
 def _hints(sd: Mapping) -> list:

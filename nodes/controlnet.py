@@ -23,7 +23,7 @@ from ..kernels.checkpoint_io import read_state_dict
 from ..kernels.pixart import PixArtConfig
 from ..kernels.pixart_controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
                                          prepare_pixart_controlnet)
-from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher
+from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
 CATEGORY = "DiT Control/PixArt"
@@ -93,17 +93,14 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
 
 
 def load_controlnet(path: str, weight_choice: str = "default"):
-    """(CONTROL_NET, bundled base state dict or None, its config, info) from a ControlNet file."""
+    """(CONTROL_NET, bundled base state dict or None, info) from a ControlNet file."""
     sd = read_state_dict(path)
     control_sd, base_sd, info = prepare_pixart_controlnet(sd)
     base_cfg = info.base_config or PixArtConfig(hidden_size=info.hidden_size, mlp_ratio=info.mlp_ratio,
                                                 num_heads=max(1, info.hidden_size // 72))
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    params = sum(v.numel() for v in control_sd.values())
-    stored = next(iter(control_sd.values())).dtype
     chosen, int8_ops, _ = storage_choice(weight_choice)
-    dtype = chosen or mm.unet_dtype(model_params=params, weight_dtype=stored)
-    cast = mm.unet_manual_cast(dtype, load_device)
+    dtype, cast = storage_dtypes(control_sd, chosen)
     ops = int8_ops or (comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init)
     net = load_pixart_controlnet(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
     patcher = comfy.model_patcher.ModelPatcher(net, load_device=load_device, offload_device=offload_device)

@@ -82,23 +82,29 @@ class PixArtDiTConfig(comfy.supported_models.PixArtAlpha):
         return PixArtDiTModel(self, device=device).eval()
 
 
+def storage_dtypes(state_dict: dict, weight_dtype=None):
+    """(storage dtype, manual-cast compute dtype or None) for these weights on this device, as
+    ComfyUI's own diffusion-model loader picks them; shared by the DiT and ControlNet loaders."""
+    supported = PixArtDiTConfig.supported_inference_dtypes
+    params = sum(v.numel() for v in state_dict.values())
+    stored = next(iter(state_dict.values())).dtype
+    dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported, weight_dtype=stored)
+    return dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), supported)
+
+
 def build_model_patcher(kernel_config: PixArtConfig, state_dict: dict, weight_dtype=None,
                         custom_operations=None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed)."""
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     config = PixArtDiTConfig({"pixart_config": kernel_config})
-    params = sum(v.numel() for v in state_dict.values())
-    stored_dtype = next(iter(state_dict.values())).dtype
-    unet_dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=config.supported_inference_dtypes,
-                                               weight_dtype=stored_dtype)
-    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
+    unet_dtype, manual_cast = storage_dtypes(state_dict, weight_dtype)
     config.set_inference_dtype(unet_dtype, manual_cast)
     config.custom_operations = custom_operations
     model = config.get_model(device=offload_device)
     diffusion = model.diffusion_model
     cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    state_dict.clear()  # the cast copies are all that is kept: one copy of the weights in memory
+    state_dict.clear()  # the caller's tensors go now; after loading only the model holds the weights
     missing, unexpected = diffusion.load_state_dict(cast, strict=False, assign=False)
     # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
     assert not missing and not unexpected, (missing, unexpected)

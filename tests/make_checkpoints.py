@@ -45,11 +45,17 @@ def random_pixart_state_dict(cfg: PixArtConfig, seed: int) -> dict:
     return sd
 
 
-def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
+def random_pixart_pth_state_dict(cfg: PixArtConfig, seed: int) -> dict:
+    """Random weights plus the stale square `pos_embed` table the released .pth files carry
+    (the loader recomputes it per size)."""
     sd = random_pixart_state_dict(cfg, seed)
     grid = cfg.sample_size // cfg.patch_size
-    # the stale table the released .pth files carry (the loader recomputes it per size)
     sd["pos_embed"] = pos_embed_2d(cfg.hidden_size, grid, grid, cfg.base_size, cfg.pe_interpolation)[None]
+    return sd
+
+
+def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
+    sd = random_pixart_pth_state_dict(cfg, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": sd}, path)
 
@@ -241,9 +247,7 @@ def write_bad_checkpoints(folder: Path, made: Path):
 def save_pixart_controlnet_pth(path: Path, base_cfg: PixArtConfig, num_blocks: int, seed: int):
     """The released full ControlNet layout: `base_model.*` (a PixArt .pth) + `controlnet.*`, under state_dict."""
     from kernels.pixart_controlnet import PixArtControlNet, block_config
-    base = random_pixart_state_dict(base_cfg, seed)
-    grid = base_cfg.sample_size // base_cfg.patch_size
-    base["pos_embed"] = pos_embed_2d(base_cfg.hidden_size, grid, grid, base_cfg.base_size, base_cfg.pe_interpolation)[None]
+    base = random_pixart_pth_state_dict(base_cfg, seed)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.device("meta"):
         net = PixArtControlNet(num_blocks, block_config(base_cfg.hidden_size, base_cfg.num_heads, base_cfg.mlp_ratio))
