@@ -4,6 +4,8 @@ Errors here say what was expected and what was found, so that a node can show th
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 from typing import Iterable, Mapping, Optional
@@ -181,3 +183,163 @@ def describe_foreign(sd: Mapping[str, torch.Tensor]) -> str:
         family = "an unrecognised model"
     sample = ", ".join(sorted(keys)[:5])
     return f"{family} ({len(keys)} tensors, e.g. {sample})"
+
+
+# -- streaming: tensors read one at a time with plain file reads -------------------------------------
+#
+# safetensors' own loader maps the file: every page it touches counts in the process's resident memory
+# until the mapping goes, so a 10 GB T5 would be resident twice over while it is converted. Reading
+# each tensor into its own buffer with readinto keeps only the converted weights resident (the OS page
+# cache is not ours).
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsStream:
+    """The tensors of one .safetensors file or a set of shards, read on demand.
+
+    `meta_state_dict()` gives every tensor as a meta tensor (names, shapes, dtypes: enough for strict
+    checks and config inference at no memory cost); `read(name)` reads one tensor from disk.
+    """
+
+    def __init__(self, paths: Iterable[str]):
+        self.entries = {}   # name -> (path, dtype, shape, absolute byte offset, nbytes)
+        for path in paths:
+            self._read_header(path)
+
+    def _read_header(self, path: str):
+        name = os.path.basename(path)
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint not found: {path}")
+        size = os.path.getsize(path)
+        if size < 8:
+            raise CheckpointError(f"{name} is {size} bytes: too short for a safetensors header; "
+                                  f"the download or copy did not finish")
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{name} is not a safetensors file (header length {n}, file {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(f"{name} has an unreadable safetensors header: {e}") from None
+        base = 8 + n
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{name}: tensor {key} has dtype {info.get('dtype')!r}, which is not supported")
+            begin, end = info["data_offsets"]
+            if base + end > size:
+                raise CheckpointError(f"{name} ({size} bytes) is truncated: tensor {key} ends at byte "
+                                      f"{base + end}; the download or copy did not finish")
+            self.entries[key] = (path, dtype, tuple(info["shape"]), base + begin, end - begin)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def meta_state_dict(self) -> dict:
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (_, dtype, shape, _, _) in self.entries.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        path, dtype, shape, offset, nbytes = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        view = out.reshape(-1).view(torch.uint8).numpy() if nbytes else None
+        if nbytes:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(memoryview(view))
+            if got != nbytes:
+                raise CheckpointError(f"{os.path.basename(path)}: short read of {name} ({got} of {nbytes} bytes)")
+        return out
+
+
+def safetensors_paths(path: str) -> Optional[list]:
+    """The .safetensors file(s) that make up the checkpoint at `path` (a file, one shard of an indexed
+    set, or a folder), or None when it is not safetensors (then read_state_dict is the way)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    index = None
+    if os.path.isdir(path):
+        index = next((os.path.join(path, n) for n in INDEX_NAMES if n.endswith(".safetensors.index.json")
+                      and os.path.exists(os.path.join(path, n))), None)
+        if index is None:
+            single = next((os.path.join(path, n) for n in ("diffusion_pytorch_model.safetensors", "model.safetensors")
+                           if os.path.exists(os.path.join(path, n))), None)
+            return [single] if single else None
+    elif path.endswith(".safetensors"):
+        index = _shard_index(path)
+        if index is None:
+            return [path]
+    if index is None or not index.endswith(".safetensors.index.json"):
+        return None
+    with open(index) as f:
+        return [os.path.join(folder, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's malloc_trim, or None off glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap():
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Loading layer by layer allocates a float tensor, keeps a smaller converted one and frees the float:
+    glibc serves such 1-32 MB blocks from its heap, and the freed holes between kept blocks stay
+    resident. Measured: quantising 440 MB of floats to 110 MB of int8 grew RSS by 290 MB without this.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def stream_into(module: torch.nn.Module, fetch, dtype=None, device=None, aliases: Optional[Mapping] = None):
+    """Fill a meta-built `module` one layer at a time: each layer's tensors are fetched (`fetch(name)`),
+    cast (floats to `dtype`), handed to the layer (which may convert them, e.g. quantise), then let go.
+
+    The caller has checked the names and shapes already. `aliases` maps a name to another whose tensor
+    it shares (tied weights). Raises if any parameter or buffer is still on the meta device after.
+    """
+    aliases = dict(aliases or {})
+    done = {}
+    for prefix, layer in module.named_modules():
+        own = [n for n, _ in layer.named_parameters(recurse=False)] + \
+              [n for n, _ in layer.named_buffers(recurse=False) if n not in layer._non_persistent_buffers_set]
+        if not own:
+            continue
+        local = {}
+        for key in layer.state_dict(keep_vars=True):
+            if "." in key:
+                continue   # a child's: loaded with the child
+            full = f"{prefix}.{key}" if prefix else key
+            source = aliases.get(full, full)
+            if source in done:
+                local[key] = done[source]
+                continue
+            t = fetch(source)
+            if t is None:
+                continue   # e.g. an int8 layer's scale, made from the float weight
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            if device is not None:
+                t = t.to(device)
+            local[key] = t
+            if source in aliases.values():
+                done[source] = t
+        layer.load_state_dict(local, strict=False, assign=True)
+        del local
+        release_free_heap()
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{len(left)} tensors were not loaded: {_summarise(left, 20)}")
+    return module

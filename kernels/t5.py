@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import CheckpointError, check_strict, describe_foreign, meta_shapes, read_state_dict
+from .checkpoint_io import (CheckpointError, SafetensorsStream, check_strict, describe_foreign, meta_shapes,
+                           read_state_dict, safetensors_paths, stream_into)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +240,7 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_m
 def read_t5_state_dict(path) -> dict:
     """Tensors of a T5 encoder from a .safetensors/.bin file, an HF folder (sharded or not), or a
     diffusers repo root (its `text_encoder/`). Keys are returned as stored; load_t5_encoder checks them."""
-    path = os.fspath(path)
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES) \
-            and os.path.isdir(os.path.join(path, "text_encoder")):
-        path = os.path.join(path, "text_encoder")
+    path = _weights_path(path)
     try:
         return read_state_dict(path)
     except CheckpointError as e:
@@ -332,10 +330,8 @@ def _check(sd: dict, config: Optional[T5Config]) -> T5Config:
     return cfg
 
 
-def _load(state_dict: dict, operations, dtype, device, config, consume: bool) -> Tuple[T5Encoder, T5Config]:
-    sd = {k: v for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
-    if consume:
-        state_dict.clear()        # from here on `sd` holds the only reference to each tensor
+def _checked(sd: dict, operations, dtype, config) -> T5Config:
+    """Validate a (real or meta) encoder state dict in place: ties the embedding names, checks strictly."""
     if not any(k in sd for k in EMBED_KEYS) and not _block_indices(sd):
         raise _not_t5_error(sd)
     # HF ties encoder.embed_tokens to shared: files hold one or both; use one tensor for both names
@@ -346,6 +342,14 @@ def _load(state_dict: dict, operations, dtype, device, config, consume: bool) ->
     if operations is nn and dtype is None and any(v.dtype.itemsize == 1 for v in sd.values()):
         raise ValueError("the T5 weights are 8-bit (e.g. fp8) and torch.nn layers cannot compute with them: "
                          "pass dtype= (e.g. torch.bfloat16) or casting `operations` (e.g. comfy.ops.manual_cast)")
+    return cfg
+
+
+def _load(state_dict: dict, operations, dtype, device, config, consume: bool) -> Tuple[T5Encoder, T5Config]:
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
+    if consume:
+        state_dict.clear()        # from here on `sd` holds the only reference to each tensor
+    cfg = _checked(sd, operations, dtype, config)
 
     with torch.device("meta"):    # no random init, no second copy: parameters are assigned below
         model = T5Encoder(cfg, operations=operations, dtype=dtype)
@@ -371,7 +375,39 @@ def load_t5_encoder(state_dict: Mapping[str, torch.Tensor], operations=nn, dtype
     return _load(state_dict, operations, dtype, device, config, consume=False)
 
 
+def _weights_path(path) -> str:
+    """A diffusers repo root stands for its text_encoder/ folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES) \
+            and os.path.isdir(os.path.join(path, "text_encoder")):
+        return os.path.join(path, "text_encoder")
+    return path
+
+
 def load_t5_encoder_file(path, operations=nn, dtype=None, device=None,
                          config: Optional[T5Config] = None) -> Tuple[T5Encoder, T5Config]:
-    """read_t5_state_dict + load_t5_encoder holding at most one cast tensor twice at a time."""
-    return _load(read_t5_state_dict(path), operations, dtype, device, config, consume=True)
+    """Strictly load a T5 encoder from a file, shards or folder, keeping little more than the result
+    resident: safetensors are checked from their headers, then read one tensor at a time and each layer
+    converted (cast, or quantised by int8 `operations`) before the next is read. Other formats are read
+    whole (memory-mapped), then converted tensor by tensor."""
+    path = _weights_path(path)
+    paths = safetensors_paths(path)
+    if paths is None:
+        return _load(read_t5_state_dict(path), operations, dtype, device, config, consume=True)
+    try:
+        stream = SafetensorsStream(paths)
+    except CheckpointError as e:
+        raise T5CheckpointError(f"cannot read T5 encoder weights from {path}: {e}") from None
+    sd = {k: v for k, v in stream.meta_state_dict().items() if not k.startswith(DROPPED_PREFIXES)}
+    cfg = _checked(sd, operations, dtype, config)
+    with torch.device("meta"):
+        model = T5Encoder(cfg, operations=operations, dtype=dtype)
+    model.requires_grad_(False).eval()
+
+    def fetch(name):
+        if name in EMBED_KEYS:   # the tied embedding: whichever name the file stores
+            name = next(k for k in EMBED_KEYS if k in stream.entries)
+        return stream.read(name) if name in stream.entries else None
+
+    stream_into(model, fetch, dtype=dtype, device=device)
+    return model, cfg
