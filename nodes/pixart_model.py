@@ -17,6 +17,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import comfy.supported_models_base
 
+from ..kernels.checkpoint_io import release_free_heap
 from ..kernels.pixart import PixArt, PixArtConfig
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
@@ -109,4 +110,5 @@ def build_model_patcher(kernel_config: PixArtConfig, state_dict: dict, weight_dt
     # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
     assert not missing and not unexpected, (missing, unexpected)
     del cast
+    release_free_heap()   # the float tensors just freed: hand their heap pages back to the OS
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -1,11 +1,13 @@
 """PixArt text conditioning: T5-v1.1 loader, T5 encode (120 tokens + padding mask), learned null caption."""
 from __future__ import annotations
 
+import gc
 import html
 import os
 import re
 import urllib.parse as ul
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from comfy_api.latest import io
@@ -17,7 +19,9 @@ import comfy.sd1_clip
 import folder_paths
 
 from ..kernels.checkpoint_io import CheckpointError
-from ..kernels.t5 import load_t5_encoder, read_t5_state_dict
+from ..kernels.checkpoint_io import SafetensorsStream, release_free_heap, safetensors_paths
+from ..kernels.int8 import release_scratch
+from ..kernels.t5 import load_t5_encoder_file, read_t5_state_dict
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 from .pixart_model import CAPTION_MASK_KEY, PixArtDiTModel
 
@@ -30,11 +34,31 @@ T5_TOKENIZER_DIR = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "text_
 
 @dataclass
 class PixArtT5:
-    """What flows on a PIXART_T5 wire: the encoder (under ComfyUI's memory management) and tokenizer."""
-    patcher: comfy.model_patcher.ModelPatcher
+    """What flows on a PIXART_T5 wire: where the encoder comes from, the encoder itself while it is
+    loaded (under ComfyUI's memory management), and the tokenizer."""
+    path: str
+    weight_dtype: str
+    release_after_encode: bool
     tokenizer: object
     compute_dtype: torch.dtype
-    description: str
+    description: str = ""
+    patcher: Optional[comfy.model_patcher.ModelPatcher] = None
+
+    def load(self) -> comfy.model_patcher.ModelPatcher:
+        """The encoder, (re)loaded from its file if it was released."""
+        if self.patcher is None:
+            self.patcher, self.description = _load_encoder(self.path, self.weight_dtype, self.compute_dtype)
+        return self.patcher
+
+    def release(self):
+        """Drop the encoder's weights (reloaded from the file on the next encode) and hand the memory back:
+        model management forgets it, and freed heap goes back to the OS."""
+        self.patcher = None
+        gc.collect()
+        mm.cleanup_models()
+        mm.soft_empty_cache()
+        release_scratch()
+        release_free_heap()
 
 
 def clean_caption_text(text: str) -> str:
@@ -59,6 +83,35 @@ def _compute_dtype(device):
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
+def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype):
+    """(ModelPatcher around our T5 encoder, description). Safetensors stream in one tensor at a time,
+    converted (cast or int8-quantised) as they arrive, so the float file is never resident whole."""
+    load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    dtype, int8_ops, note = storage_choice(weight_dtype)
+    if int8_ops is not None:
+        storage, ops = compute, int8_ops      # linear layers int8, embeddings and norms in the compute dtype
+    else:
+        storage = dtype or _stored_dtype(path)
+        ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+    encoder, config = load_t5_encoder_file(path, operations=ops, dtype=storage, device=offload_device)
+    encoder.eval()
+    patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+    description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage "
+                   f"{note or storage}, compute {compute}")
+    return patcher, description
+
+
+def _stored_dtype(path: str) -> torch.dtype:
+    """The dtype of the file's block weights ('default' keeps it), read without loading the weights."""
+    paths = safetensors_paths(path)
+    if paths is not None:
+        entries = SafetensorsStream(paths).entries
+        blocks = [e for k, e in entries.items() if ".block." in k] or list(entries.values())
+        return blocks[0][1] if blocks else torch.float32
+    sd = read_t5_state_dict(path)
+    return next((v.dtype for k, v in sd.items() if ".block." in k), torch.float32)
+
+
 class PixArtT5Loader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -76,28 +129,22 @@ class PixArtT5Loader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip=WEIGHT_DTYPE_TOOLTIP + " 'default' keeps the file's dtype; the math "
                                        "runs in fp32 on the CPU and bf16 on capable GPUs."),
+                io.Boolean.Input("release_after_encode", default=False,
+                                 tooltip="Free the encoder's memory as soon as a prompt is encoded, so the "
+                                         "DiT and VAE never share memory with it (PixArt-δ's low-memory "
+                                         "order). The next changed prompt reloads it from the file; two "
+                                         "encode nodes on one loader each load it. Off: ComfyUI keeps it."),
             ],
             outputs=[PixArtT5Type.Output("t5", tooltip="T5 encoder for PixArt T5 Text Encode.")],
         )
 
     @classmethod
-    def execute(cls, t5_name, weight_dtype="default") -> io.NodeOutput:
+    def execute(cls, t5_name, weight_dtype="default", release_after_encode=False) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
-        sd = read_t5_state_dict(path)
-        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        compute = _compute_dtype(load_device)
-        dtype, int8_ops, note = storage_choice(weight_dtype)
-        if int8_ops is not None:
-            storage, ops = compute, int8_ops      # linear layers int8, embeddings and norms in the compute dtype
-        else:
-            storage = dtype or next(iter(sd.values())).dtype
-            ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
-        encoder, config = load_t5_encoder(sd, operations=ops, dtype=storage, device=offload_device)
-        encoder.eval()
-        patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
-        description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage "
-                       f"{note or storage}, compute {compute}")
-        return io.NodeOutput(PixArtT5(patcher, _tokenizer(), compute, description))
+        t5 = PixArtT5(path, weight_dtype, release_after_encode, _tokenizer(),
+                      _compute_dtype(mm.text_encoder_device()))
+        t5.load()   # now, so that a wrong file fails at this node with the loader's error
+        return io.NodeOutput(t5)
 
 
 class PixArtT5TextEncode(io.ComfyNode):
@@ -125,13 +172,17 @@ class PixArtT5TextEncode(io.ComfyNode):
         prompt = clean_caption_text(text) if clean_caption else text
         tokens = t5.tokenizer(prompt, max_length=max_length, padding="max_length", truncation=True,
                               add_special_tokens=True, return_tensors="pt")
-        mm.load_models_gpu([t5.patcher])
-        device = t5.patcher.load_device
+        patcher = t5.load()
+        mm.load_models_gpu([patcher])
+        device = patcher.load_device
         with torch.no_grad():
-            hidden = t5.patcher.model(tokens.input_ids.to(device), tokens.attention_mask.to(device),
-                                      dtype=t5.compute_dtype)
+            hidden = patcher.model(tokens.input_ids.to(device), tokens.attention_mask.to(device),
+                                   dtype=t5.compute_dtype)
         out_device = mm.intermediate_device()
         cond = hidden.float().to(out_device)
+        del patcher, hidden
+        if t5.release_after_encode:
+            t5.release()
         mask = tokens.attention_mask.to(out_device)
         return io.NodeOutput([[cond, {CAPTION_MASK_KEY: mask}]])
 

@@ -1,0 +1,97 @@
+"""PixArt-δ in 8 bit through a real ComfyUI server: the shipped int8 workflow (int8 DiT + int8 T5
+released after encoding + tiled VAE decode), its closeness to the float graph, and the T5 release."""
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.comfy_host import REPO, execution_error
+
+WORKFLOW = REPO / "workflows" / "api" / "pixart_delta_lcm_t2i_int8.json"
+PROMPT = "a lighthouse on a cliff at dusk"
+
+
+def shipped():
+    return json.loads(WORKFLOW.read_text())
+
+
+def latent_graph(dit_dtype="int8", t5_dtype="int8", t5_name=None, release=True, text=PROMPT, prefix="int8"):
+    """The shipped graph at 384x256, ending in SaveLatent."""
+    g = shipped()
+    g["1"]["inputs"]["weight_dtype"] = dit_dtype
+    g["2"]["inputs"].update(weight_dtype=t5_dtype, release_after_encode=release)
+    if t5_name:
+        g["2"]["inputs"]["t5_name"] = t5_name
+    g["3"]["inputs"]["text"] = text
+    g["5"]["inputs"].update(width=384, height=256)
+    for k in ("9", "10", "11"):
+        del g[k]
+    g["30"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"int8/{prefix}"}}
+    return g
+
+
+def run_latent(comfy, graph) -> torch.Tensor:
+    history = comfy.run(graph)
+    assert history["status"]["status_str"] == "success", execution_error(history)
+    entry = history["outputs"]["30"]["latents"][0]
+    return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def server_rss_mb(comfy) -> float:
+    status = open(f"/proc/{comfy.proc.pid}/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_shipped_int8_workflow_decodes_tiled_to_the_requested_size(comfy):
+    g = shipped()
+    g["5"]["inputs"].update(width=512, height=384)
+    g["10"]["inputs"].update(tile_size=256, overlap=32)     # several tiles at this size
+    history = comfy.run(g)
+    assert history["status"]["status_str"] == "success", execution_error(history)
+    assert g["10"]["class_type"] == "VAEDecodeTiled"
+    assert g["4"]["class_type"] == "ConditioningZeroOut"    # one T5 load per prompt
+    image = Image.open(io.BytesIO(comfy.images(history)[0]))
+    assert image.size == (512, 384)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("int8", 0.05), ("int8_fast", 0.10)])
+def test_int8_graph_stays_close_to_the_float_graph(comfy, dtype, tolerance):
+    """Same seed and prompt: int8 DiT + int8 T5 against fp32 DiT + fp32 T5 (tiny random weights)."""
+    ref = run_latent(comfy, latent_graph("fp32", "fp32", release=False, prefix="fp32"))
+    q = run_latent(comfy, latent_graph(dtype, dtype, prefix=dtype))
+    assert q.shape == ref.shape == (1, 4, 32, 48)
+    assert 0 < rel(q, ref) <= tolerance
+
+
+@pytest.fixture(scope="module")
+def wide_t5(models_dir):
+    """A T5 with a 500k-wide feed-forward (caption width 64, as the tiny DiT wants): 384 MB in fp32,
+    big enough for the server's resident memory to show whether it is held or released."""
+    from tests.make_checkpoints import save_tiny_t5
+    path = models_dir / "text_encoders" / "t5_wide_ff.safetensors"
+    if not path.exists():
+        save_tiny_t5(path, seed=11, d_ff=500_000, num_layers=1)
+    return path.name, 3 * 500_000 * 64 * 4 / 2**20
+
+
+def test_release_after_encode_frees_the_encoder_and_reloads_it_identically(comfy, wide_t5):
+    name, fp32_mb = wide_t5
+    kept = run_latent(comfy, latent_graph("fp32", "fp32", t5_name=name, release=False, prefix="kept"))
+    rss_kept = server_rss_mb(comfy)
+    released = run_latent(comfy, latent_graph("fp32", "fp32", t5_name=name, release=True, prefix="released"))
+    rss_released = server_rss_mb(comfy)
+    assert torch.equal(released, kept)               # the same weights, loaded again from the file
+    # the first prompt's loader output (holding 384 MB of weights) left ComfyUI's cache with that prompt;
+    # the second one's encoder was freed right after encoding
+    assert rss_kept - rss_released >= 0.5 * fp32_mb, (rss_kept, rss_released)
+    # a changed prompt on the cached (released) loader reloads the encoder and encodes the new text
+    other = run_latent(comfy, latent_graph("fp32", "fp32", t5_name=name, release=True, text="a red bicycle",
+                                           prefix="other"))
+    assert rel(other, released) > 1e-3
