@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 from kernels.pixart import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 
-STAMP_VERSION = "6"
+STAMP_VERSION = "7"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -78,21 +78,32 @@ def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
         "norm_eps": 1e-6}, indent=1))
 
 
+def random_t5_tensor(name: str, shape: tuple, cfg, gen: torch.Generator) -> torch.Tensor:
+    """One T5-v1.1 tensor drawn as HF's T5 initialisation draws it (layer norms jittered around 1 so
+    they matter). The query's extra 1/sqrt(d_kv) is the attention scale T5 folds into its weights:
+    without it a deep random T5 is chaotic (softmax saturates; even bf16 rounding changes the output
+    completely), which no trained T5 is."""
+    if "layer_norm" in name:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name in ("shared.weight", "encoder.embed_tokens.weight"):
+        return torch.randn(shape, generator=gen)
+    if "relative_attention_bias" in name:
+        return torch.randn(shape, generator=gen) * cfg.d_model ** -0.5
+    std = shape[-1] ** -0.5                                   # fan-in: k, v, o, wi_0, wi_1, wo
+    if name.endswith("SelfAttention.q.weight"):
+        std = (cfg.d_model * cfg.d_kv) ** -0.5
+    return torch.randn(shape, generator=gen) * std
+
+
 def save_tiny_t5(path: Path, seed: int, **config):
     """HF T5EncoderModel key names, fp16 like ComfyUI's t5xxl_fp16.safetensors; `config` overrides TINY_T5."""
     from kernels.t5 import T5Config, T5Encoder
     import safetensors.torch
     gen = torch.Generator().manual_seed(seed)
+    cfg = T5Config(**{**TINY_T5, **config})
     with torch.device("meta"):
-        model = T5Encoder(T5Config(**{**TINY_T5, **config}))
-    sd = {}
-    for name, t in model.state_dict().items():
-        if "layer_norm" in name:
-            sd[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
-        elif "shared" in name or "embed_tokens" in name:
-            sd[name] = torch.randn(t.shape, generator=gen)
-        else:
-            sd[name] = torch.randn(t.shape, generator=gen) / t.shape[-1] ** 0.5
+        model = T5Encoder(cfg)
+    sd = {name: random_t5_tensor(name, tuple(t.shape), cfg, gen) for name, t in model.state_dict().items()}
     if "encoder.embed_tokens.weight" in sd and "shared.weight" in sd:
         sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
     sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}

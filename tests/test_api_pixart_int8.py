@@ -55,7 +55,7 @@ def test_shipped_int8_workflow_decodes_tiled_to_the_requested_size(comfy):
     g["10"]["inputs"].update(tile_size=256, overlap=32)     # several tiles at this size
     history = comfy.run(g)
     assert history["status"]["status_str"] == "success", execution_error(history)
-    assert g["10"]["class_type"] == "VAEDecodeTiled"
+    assert g["10"]["class_type"] == "DiTControl_VAEDecodeTiledOnePass"
     assert g["4"]["class_type"] == "ConditioningZeroOut"    # one T5 load per prompt
     image = Image.open(io.BytesIO(comfy.images(history)[0]))
     assert image.size == (512, 384)
@@ -95,3 +95,50 @@ def test_release_after_encode_frees_the_encoder_and_reloads_it_identically(comfy
     other = run_latent(comfy, latent_graph("fp32", "fp32", t5_name=name, release=True, text="a red bicycle",
                                            prefix="other"))
     assert rel(other, released) > 1e-3
+
+
+def decode_graph():
+    """A small LCM latent decoded three ways: core VAE Decode, core VAE Decode (Tiled), ours."""
+    g = latent_graph("fp32", "fp32", release=False, prefix="decode")
+    del g["30"]
+    g["5"]["inputs"].update(width=512, height=384)
+    g["9"] = {"class_type": "VAELoader", "inputs": {"vae_name": "sd-vae-ft-ema.safetensors"}}
+    g["40"] = {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}}
+    g["41"] = {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["9", 0], "tile_size": 256,
+                                                          "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}}
+    g["42"] = {"class_type": "DiTControl_VAEDecodeTiledOnePass",
+               "inputs": {"samples": ["8", 0], "vae": ["9", 0], "tile_size": 256, "overlap": 64}}
+    for node in ("40", "41", "42"):
+        g[f"5{node}"] = {"class_type": "SaveImage", "inputs": {"images": [node, 0], "filename_prefix": f"decode/{node}"}}
+    return g
+
+
+def test_one_pass_tiled_decode_matches_the_untiled_decode_as_closely_as_core_tiling(comfy):
+    import numpy as np
+    history = comfy.run(decode_graph())
+    assert history["status"]["status_str"] == "success", execution_error(history)
+
+    def image(node):
+        entry = history["outputs"][f"5{node}"]["images"][0]
+        path = comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+    full, core, ours = image("40"), image("41"), image("42")
+    assert full.shape == ours.shape == (384, 512, 3)
+
+    def rel(a):
+        return float(np.linalg.norm(a - full) / np.linalg.norm(full))
+
+    assert rel(ours) <= max(1.25 * rel(core), 0.02), (rel(ours), rel(core))
+
+
+def test_one_pass_tiled_decode_rejects_video_latents(comfy):
+    g = decode_graph()
+    g["5"] = {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 256, "height": 256, "length": 9,
+                                                                   "batch_size": 1}}
+    keep = {"5", "9", "42", "542"}
+    g = {k: v for k, v in g.items() if k in keep}
+    g["42"]["inputs"]["samples"] = ["5", 0]
+    history = comfy.run(g)
+    err = execution_error(history)
+    assert err and "image latents" in err["exception_message"], err

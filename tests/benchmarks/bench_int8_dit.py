@@ -31,6 +31,7 @@ from kernels import int8  # noqa: E402
 from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
 from kernels.pixart_checkpoint import load_pixart  # noqa: E402
 from tests.benchmarks.bench_pixart_forward import comfy_policy, timed  # noqa: E402
+from tests.benchmarks.results import save_results  # noqa: E402
 from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 
@@ -100,9 +101,7 @@ def main():
                 ratio = by[peer] / by[f"int8 {route}"]
                 results[f"speedup int8 {route} vs {peer}"] = round(ratio, 3)
                 print(f"int8 {route} is {ratio:.2f}x the speed of {peer}")
-    out_dir = REPO / "bench_results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "int8_dit.json").write_text(json.dumps(results, indent=1))
+    save_results("int8_dit", results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ DPM: core KSampler dpmpp_2m / simple, cfg 4.5 (one batch-2 forward per step).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
+from tests.benchmarks.results import save_results  # noqa: E402
 from tests.comfy_host import ComfyServer, execution_error  # noqa: E402
 from tests.make_checkpoints import make_all, save_pixart_diffusers  # noqa: E402
 
@@ -96,9 +96,7 @@ def main():
     ratio = results["dpmpp_2m_20_steps_cfg4.5"]["sampling_s"] / results["lcm_4_steps"]["sampling_s"]
     results["speedup"] = round(ratio, 2)
     print(f"LCM 4 steps is {ratio:.2f}x faster than DPM-Solver++(2M) 20 steps with CFG 4.5")
-    out = REPO / "bench_results"
-    out.mkdir(exist_ok=True)
-    (out / "lcm_vs_dpm.json").write_text(json.dumps(results, indent=1))
+    save_results("lcm_vs_dpm", results)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ from kernels.int8 import Int8Ops, weight_bytes  # noqa: E402
 from kernels.pixart import PixArt, pixart_xl2_1024_ms  # noqa: E402
 from kernels.t5 import T5Config, T5Encoder, load_t5_encoder_file  # noqa: E402
 from tests.benchmarks.bench_lcm_vs_dpm import DIT, make_bench_models  # noqa: E402
+from tests.benchmarks.results import save_results  # noqa: E402
 from tests.comfy_host import ComfyServer, execution_error  # noqa: E402
+from tests.make_checkpoints import random_t5_tensor  # noqa: E402
 
 T5_FILE = "t5xxl_fp16.safetensors"
+T5_INIT = "hf-init-v2"   # bump when the random T5 changes: the file is rewritten
 WORKFLOW = REPO / "workflows" / "api" / "pixart_delta_lcm_t2i_int8.json"
 PROMPT = ("Pirate ship trapped in a cosmic maelstrom nebula, rendered in cosmic beach whirlpool engine, "
           "volumetric lighting, spectacular, ambient lights")
@@ -49,10 +52,11 @@ GIB = 2**30
 # -- the full-size random T5-XXL, written one tensor at a time ------------------------------------
 
 def write_random_t5_xxl(path: Path, seed: int = 21):
-    """ComfyUI-style t5xxl_fp16.safetensors (HF names, tied embedding stored once), random weights,
-    streamed to disk so that the 9.5 GB never sit in memory."""
+    """ComfyUI-style t5xxl_fp16.safetensors (HF names, tied embedding stored once), random weights drawn
+    as HF's T5 init draws them, streamed to disk so that the 9.5 GB never sit in memory."""
+    config = T5Config.xxl()
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in T5Encoder(T5Config.xxl()).state_dict().items()
+        shapes = {k: tuple(v.shape) for k, v in T5Encoder(config).state_dict().items()
                   if k != "encoder.embed_tokens.weight"}
     code = {v: k for k, v in SAFETENSORS_DTYPES.items()}[torch.float16]
     header, offset = {}, 0
@@ -68,14 +72,7 @@ def write_random_t5_xxl(path: Path, seed: int = 21):
     with open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for name, shape in shapes.items():
-            if "layer_norm" in name:
-                t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif name == "shared.weight":
-                t = torch.randn(shape, generator=gen)
-            elif "relative_attention_bias" in name:
-                t = torch.randn(shape, generator=gen)
-            else:
-                t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+            t = random_t5_tensor(name, shape, config, gen)
             f.write(t.to(torch.float16).numpy().tobytes())
     os.replace(tmp, path)
 
@@ -205,9 +202,11 @@ def main():
     torch.set_num_threads(2)
     models = make_bench_models()
     t5_path = models / "text_encoders" / T5_FILE
-    if not t5_path.exists():
+    stamp = t5_path.with_suffix(".init")
+    if not t5_path.exists() or not stamp.exists() or stamp.read_text() != T5_INIT:
         print("writing a full-size random T5-XXL encoder (9.5 GB fp16) ...", flush=True)
         write_random_t5_xxl(t5_path)
+        stamp.write_text(T5_INIT)
     out_dir = REPO / "bench_results"
     out_dir.mkdir(exist_ok=True)
     results = {"torch": torch.__version__, "threads": 2, "size": 1024, "steps": 4, "modes": []}
@@ -218,12 +217,12 @@ def main():
         row = run_mode(models, mode, out_dir)
         results["modes"].append(row)
         print({k: v for k, v in row.items() if k not in ("rss_timeline", "log_lines")}, flush=True)
-        (out_dir / "pixart_delta_8gb.json").write_text(json.dumps(results, indent=1))
+        save_results("pixart_delta_8gb", results)
     if not args.no_t5_quality:
         print("--- T5-XXL int8 vs fp32 (in this process, no server) ...", flush=True)
         results["t5_xxl"] = t5_quality_and_bytes(t5_path)
         print(results["t5_xxl"], flush=True)
-    (out_dir / "pixart_delta_8gb.json").write_text(json.dumps(results, indent=1))
+    save_results("pixart_delta_8gb", results)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ COMFY = REPO / ".comfy_host" / "comfyui"
 
 from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
 from kernels.pixart_checkpoint import load_pixart, original_to_diffusers  # noqa: E402
+from tests.benchmarks.results import save_results  # noqa: E402
 from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-compute": torch.bfloat16}
@@ -174,9 +175,7 @@ def main():
             ratio = by["ours"] / min(peers)
             results[f"ratio_{dname}"] = round(ratio, 3)
             print(f"{dname}: ours / faster peer = {ratio:.3f}")
-    out_dir = REPO / "bench_results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "pixart_forward.json").write_text(json.dumps(results, indent=1))
+    save_results("pixart_forward", results)
 
 
 if __name__ == "__main__":
