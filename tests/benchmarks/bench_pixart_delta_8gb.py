@@ -198,6 +198,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", default="int8,bf16,fp32")
     parser.add_argument("--no-t5-quality", action="store_true")
+    parser.add_argument("--name", default="pixart_delta_8gb", help="results file: bench_results/<name>.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     models = make_bench_models()
@@ -217,12 +218,12 @@ def main():
         row = run_mode(models, mode, out_dir)
         results["modes"].append(row)
         print({k: v for k, v in row.items() if k not in ("rss_timeline", "log_lines")}, flush=True)
-        save_results("pixart_delta_8gb", results)
+        save_results(args.name, results)
     if not args.no_t5_quality:
         print("--- T5-XXL int8 vs fp32 (in this process, no server) ...", flush=True)
         results["t5_xxl"] = t5_quality_and_bytes(t5_path)
         print(results["t5_xxl"], flush=True)
-    save_results("pixart_delta_8gb", results)
+    save_results(args.name, results)
 
 
 if __name__ == "__main__":
