@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint_io import release_free_heap
+
 ROUTES = ("int8_mm", "qlinear", "dequant", "bitsandbytes")
 ROUTE_ENV = "DIT_CONTROL_INT8_ROUTE"
 
@@ -446,6 +448,7 @@ class Int8Linear(nn.Module):
             self._packed = qlinear_pack(self.weight, self.weight_scale)
             # an empty placeholder keeps `weight` a parameter; state_dict() unpacks the real one
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+            release_free_heap()   # the plain weight's heap block, now a hole below the packed one
 
     def unpack(self):
         """Back to the plain int8 weight (for saving, other routes, other devices)."""
