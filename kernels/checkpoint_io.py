@@ -67,6 +67,8 @@ def unwrap_state_dict(obj, name: str = "checkpoint") -> dict:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+SINGLE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                      "diffusion_pytorch_model.bin", "pytorch_model.bin")
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
                "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin.index.json")
 
@@ -97,8 +99,7 @@ def _read_folder(path: str) -> dict:
             for shard in shards:
                 sd.update(_read_file(os.path.join(path, shard)))
             return sd
-    for single in ("diffusion_pytorch_model.safetensors", "model.safetensors",
-                   "diffusion_pytorch_model.bin", "pytorch_model.bin"):
+    for single in SINGLE_WEIGHT_FILES:
         if os.path.exists(os.path.join(path, single)):
             return read_state_dict(os.path.join(path, single))
     raise CheckpointError(f"folder {path} has no weights file: expected diffusion_pytorch_model.safetensors, "
@@ -269,8 +270,8 @@ def safetensors_paths(path: str) -> Optional[list]:
         index = next((os.path.join(path, n) for n in INDEX_NAMES if n.endswith(".safetensors.index.json")
                       and os.path.exists(os.path.join(path, n))), None)
         if index is None:
-            single = next((os.path.join(path, n) for n in ("diffusion_pytorch_model.safetensors", "model.safetensors")
-                           if os.path.exists(os.path.join(path, n))), None)
+            single = next((os.path.join(path, n) for n in SINGLE_WEIGHT_FILES
+                           if n.endswith(".safetensors") and os.path.exists(os.path.join(path, n))), None)
             return [single] if single else None
     elif path.endswith(".safetensors"):
         index = _shard_index(path)
@@ -303,42 +304,29 @@ def release_free_heap():
         trim(0)
 
 
-def stream_into(module: torch.nn.Module, fetch, dtype=None, device=None, aliases: Optional[Mapping] = None):
-    """Fill a meta-built `module` one layer at a time: each layer's tensors are fetched (`fetch(name)`),
-    cast (floats to `dtype`), handed to the layer (which may convert them, e.g. quantise), then let go.
+def stream_into(module: torch.nn.Module, fetch, dtype=None, device=None):
+    """Fill a meta-built `module` one layer at a time: each layer's tensors are fetched (`fetch(name)`,
+    None for a tensor the layer makes itself, e.g. an int8 layer's scale), cast (floats to `dtype`),
+    handed to the layer (which may convert them, e.g. quantise), then let go.
 
-    The caller has checked the names and shapes already. `aliases` maps a name to another whose tensor
-    it shares (tied weights). Raises if any parameter or buffer is still on the meta device after.
+    The caller has checked the names and shapes already. A module shared under two names (tied
+    weights) is visited once. Raises if any parameter or buffer is still on the meta device after.
     """
-    aliases = dict(aliases or {})
-    done = {}
     for prefix, layer in module.named_modules():
         own = [n for n, _ in layer.named_parameters(recurse=False)] + \
               [n for n, _ in layer.named_buffers(recurse=False) if n not in layer._non_persistent_buffers_set]
-        if not own:
-            continue
         local = {}
-        for key in layer.state_dict(keep_vars=True):
-            if "." in key:
-                continue   # a child's: loaded with the child
-            full = f"{prefix}.{key}" if prefix else key
-            source = aliases.get(full, full)
-            if source in done:
-                local[key] = done[source]
-                continue
-            t = fetch(source)
+        for key in own:
+            t = fetch(f"{prefix}.{key}" if prefix else key)
             if t is None:
-                continue   # e.g. an int8 layer's scale, made from the float weight
+                continue
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            if device is not None:
-                t = t.to(device)
-            local[key] = t
-            if source in aliases.values():
-                done[source] = t
-        layer.load_state_dict(local, strict=False, assign=True)
-        del local
-        release_free_heap()
+            local[key] = t if device is None else t.to(device)
+        if local:
+            layer.load_state_dict(local, strict=False, assign=True)   # children are loaded on their own
+            del local
+            release_free_heap()
     left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{len(left)} tensors were not loaded: {_summarise(left, 20)}")

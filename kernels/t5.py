@@ -345,15 +345,20 @@ def _checked(sd: dict, operations, dtype, config) -> T5Config:
     return cfg
 
 
+def _empty_encoder(cfg: T5Config, operations, dtype) -> T5Encoder:
+    """The encoder on the meta device, for inference: no random init, no second copy (weights are assigned)."""
+    with torch.device("meta"):
+        model = T5Encoder(cfg, operations=operations, dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
 def _load(state_dict: dict, operations, dtype, device, config, consume: bool) -> Tuple[T5Encoder, T5Config]:
     sd = {k: v for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
     if consume:
         state_dict.clear()        # from here on `sd` holds the only reference to each tensor
     cfg = _checked(sd, operations, dtype, config)
 
-    with torch.device("meta"):    # no random init, no second copy: parameters are assigned below
-        model = T5Encoder(cfg, operations=operations, dtype=dtype)
-    model.requires_grad_(False).eval()
+    model = _empty_encoder(cfg, operations, dtype)
     sd.pop("encoder.embed_tokens.weight")
     out = {}
     for name in list(sd):
@@ -384,6 +389,18 @@ def _weights_path(path) -> str:
     return path
 
 
+def t5_stored_dtype(path) -> torch.dtype:
+    """The dtype of a T5 file's block weights, without loading them (safetensors: from the headers;
+    other formats are memory-mapped, so only their metadata is read)."""
+    path = _weights_path(path)
+    paths = safetensors_paths(path)
+    if paths is not None:
+        sd = SafetensorsStream(paths).meta_state_dict()
+    else:
+        sd = read_t5_state_dict(path)
+    return next((v.dtype for k, v in sd.items() if ".block." in k), torch.float32)
+
+
 def load_t5_encoder_file(path, operations=nn, dtype=None, device=None,
                          config: Optional[T5Config] = None) -> Tuple[T5Encoder, T5Config]:
     """Strictly load a T5 encoder from a file, shards or folder, keeping little more than the result
@@ -400,9 +417,7 @@ def load_t5_encoder_file(path, operations=nn, dtype=None, device=None,
         raise T5CheckpointError(f"cannot read T5 encoder weights from {path}: {e}") from None
     sd = {k: v for k, v in stream.meta_state_dict().items() if not k.startswith(DROPPED_PREFIXES)}
     cfg = _checked(sd, operations, dtype, config)
-    with torch.device("meta"):
-        model = T5Encoder(cfg, operations=operations, dtype=dtype)
-    model.requires_grad_(False).eval()
+    model = _empty_encoder(cfg, operations, dtype)
 
     def fetch(name):
         if name in EMBED_KEYS:   # the tied embedding: whichever name the file stores

@@ -19,9 +19,9 @@ import comfy.sd1_clip
 import folder_paths
 
 from ..kernels.checkpoint_io import CheckpointError
-from ..kernels.checkpoint_io import SafetensorsStream, release_free_heap, safetensors_paths
+from ..kernels.checkpoint_io import release_free_heap
 from ..kernels.int8 import release_scratch
-from ..kernels.t5 import load_t5_encoder_file, read_t5_state_dict
+from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 from .pixart_model import CAPTION_MASK_KEY, PixArtDiTModel
 
@@ -93,25 +93,13 @@ def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype):
     if int8_ops is not None:
         storage, ops = compute, int8_ops      # linear layers int8, embeddings and norms in the compute dtype
     else:
-        storage = dtype or _stored_dtype(path)
+        storage = dtype or t5_stored_dtype(path)
         ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
     encoder, config = load_t5_encoder_file(path, operations=ops, dtype=storage, device=offload_device)
-    encoder.eval()
     patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
     description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage "
                    f"{note or storage}, compute {compute}")
     return patcher, description
-
-
-def _stored_dtype(path: str) -> torch.dtype:
-    """The dtype of the file's block weights ('default' keeps it), read without loading the weights."""
-    paths = safetensors_paths(path)
-    if paths is not None:
-        entries = SafetensorsStream(paths).entries
-        blocks = [e for k, e in entries.items() if ".block." in k] or list(entries.values())
-        return blocks[0][1] if blocks else torch.float32
-    sd = read_t5_state_dict(path)
-    return next((v.dtype for k, v in sd.items() if ".block." in k), torch.float32)
 
 
 class PixArtT5Loader(io.ComfyNode):

@@ -323,3 +323,14 @@ def test_int8_streaming_load_never_holds_the_float_weights(tmp_path):
     assert fp32_mb > 350
     # the int8 result (~27% of fp32) plus one layer's floats in flight; a whole-file read would add 100%
     assert grew <= 0.40 * fp32_mb, f"peak RSS grew {grew:.0f} MB loading a {fp32_mb:.0f} MB fp32 file"
+
+
+@pytest.mark.parametrize("layout", ["comfy_single_file", "hf_sharded_safetensors", "diffusers_text_encoder",
+                                    "hf_sharded_bin"])
+def test_stored_dtype_is_read_without_loading(tmp_path, layout, hf_model, hf_sd):
+    from kernels.t5 import t5_stored_dtype
+    half = {k: v.half() for k, v in hf_sd.items()}
+    if layout == "comfy_single_file":
+        save_file(half, tmp_path / "t5.safetensors")
+        assert t5_stored_dtype(tmp_path / "t5.safetensors") == torch.float16
+    assert t5_stored_dtype(write_layout(tmp_path, layout, hf_model, hf_sd)) == torch.float32
