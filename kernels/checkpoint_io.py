@@ -17,6 +17,55 @@ class CheckpointError(ValueError):
     """A file that is not the checkpoint a loader expects, or is damaged."""
 
 
+class DamagedWeightsError(CheckpointError):
+    """A checkpoint whose floating tensors hold NaN or Inf: it would sample black images."""
+
+
+# -- damaged weights: NaN / Inf found while reading ---------------------------------------------------
+#
+# Every reader below checks each floating tensor as it reads it, so every loader of every family gets
+# the check. The fast test is one sum per tensor in its own dtype (NaN and Inf propagate through a
+# sum; ~0.4 ns per value, 2 s for T5-XXL): only when a sum is not finite — damage, or a legitimate
+# overflow of a low-precision sum — are the values counted exactly.
+
+_COUNT_CHUNK = 1 << 24
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple:
+    """(NaN count, Inf count) of a tensor; (0, 0) for integer tensors."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0, 0
+    wide = t.dtype.itemsize == 1   # fp8: no native sum / isnan kernels on every device; widen to fp16
+    total = t.sum(dtype=torch.float32) if wide else t.sum()
+    if bool(torch.isfinite(total)):
+        return 0, 0
+    nan = inf = 0
+    for chunk in t.reshape(-1).split(_COUNT_CHUNK):
+        chunk = chunk.to(torch.float16) if wide else chunk
+        nan += int(torch.isnan(chunk).sum())
+        inf += int(torch.isinf(chunk).sum())
+    return nan, inf
+
+
+def _damage_note(key: str, t: torch.Tensor, nan: int, inf: int) -> str:
+    return f"{key} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}: {nan} NaN, {inf} Inf of {t.numel()} values"
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], name: str, stopped_early: bool = False) -> None:
+    """Raise DamagedWeightsError naming every tensor of `tensors` with NaN or Inf values."""
+    damaged = []
+    for key, t in tensors.items():
+        nan, inf = nonfinite_counts(t)
+        if nan or inf:
+            damaged.append(_damage_note(key, t, nan, inf))
+    if damaged:
+        more = " (reading stopped at this tensor)" if stopped_early else ""
+        raise DamagedWeightsError(
+            f"{name} is damaged: {len(damaged)} tensor(s) hold NaN/Inf values{more}; a model with such weights "
+            f"samples black images. Download or copy the file again.\n" + "\n".join(damaged[:40])
+            + (f"\n… ({len(damaged) - 40} more)" if len(damaged) > 40 else ""))
+
+
 WRAPPER_KEYS = ("state_dict", "model", "module", "ema")
 
 
@@ -40,17 +89,20 @@ def _read_file(path: str) -> dict:
     if path.endswith(".safetensors"):
         import safetensors.torch
         try:
-            return safetensors.torch.load_file(path, device="cpu")
+            sd = safetensors.torch.load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own types for truncated headers/bodies
             raise CheckpointError(f"{name} ({size} bytes) is not a readable safetensors file; it may be "
                                   f"truncated or damaged: {type(e).__name__}: {e}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{name} ({size} bytes) is not a readable PyTorch checkpoint (loaded with "
-                              f"weights_only=True); it may be truncated, damaged or pickle-only: "
-                              f"{type(e).__name__}: {str(e)[:300]}") from None
-    return unwrap_state_dict(obj, name)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{name} ({size} bytes) is not a readable PyTorch checkpoint (loaded with "
+                                  f"weights_only=True); it may be truncated, damaged or pickle-only: "
+                                  f"{type(e).__name__}: {str(e)[:300]}") from None
+        sd = unwrap_state_dict(obj, name)
+    check_finite(sd, name)
+    return sd
 
 
 def unwrap_state_dict(obj, name: str = "checkpoint") -> dict:
@@ -258,6 +310,7 @@ class SafetensorsStream:
                 got = f.readinto(memoryview(view))
             if got != nbytes:
                 raise CheckpointError(f"{os.path.basename(path)}: short read of {name} ({got} of {nbytes} bytes)")
+        check_finite({name: out}, os.path.basename(path), stopped_early=True)
         return out
 
 

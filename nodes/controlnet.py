@@ -2,11 +2,13 @@
 
 The loader gives a CONTROL_NET that core "Apply ControlNet" (with its VAE input) attaches to PixArt
 conditioning; ComfyUI's sampler then asks it for control per step (`get_control`), honouring
-strength and start/end percent, and our PixArt MODEL runs the copied blocks (kernels/pixart_controlnet.py).
+strength and start/end percent, and our PixArt MODEL runs the copied blocks (kernels/pixart/controlnet.py).
 """
 from __future__ import annotations
 
+import copy
 import logging
+import os
 
 import torch
 from comfy_api.latest import io
@@ -14,15 +16,15 @@ from comfy_api.latest import io
 import comfy.controlnet
 import comfy.latent_formats
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.ops
 import comfy.utils
 import folder_paths
 
 from ..kernels.checkpoint_io import read_state_dict
-from ..kernels.pixart import PixArtConfig
-from ..kernels.pixart_controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
+from ..kernels.pixart.model import PixArtConfig
+from ..kernels.pixart.controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
                                          prepare_pixart_controlnet)
+from .comfy_compat import new_model_patcher, register_reloader
 from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
@@ -87,6 +89,16 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
     def get_models(self):
         return super().get_models() + [self.patcher]
 
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """v0.33's multi-GPU sampling: a copy whose network lives on another device (as core's ControlNet)."""
+        net = copy.deepcopy(self.net)
+        c = PixArtControlNet(net, new_model_patcher(net, load_device, mm.unet_offload_device()), self.info)
+        self.copy_to(c)
+        c.latent_format, c.upscale_algorithm = self.latent_format, self.upscale_algorithm
+        if autoregister:
+            self.multigpu_clones[load_device] = c
+        return c
+
     def cleanup(self):
         self.model_sampling_current = None
         super().cleanup()
@@ -103,7 +115,7 @@ def load_controlnet(path: str, weight_choice: str = "default"):
     dtype, cast = storage_dtypes(control_sd, chosen)
     ops = int8_ops or (comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init)
     net = load_pixart_controlnet(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
-    patcher = comfy.model_patcher.ModelPatcher(net, load_device=load_device, offload_device=offload_device)
+    patcher = new_model_patcher(net, load_device, offload_device)   # the class core's ControlNets get
     logging.info("dit-control: %s", info.describe())
     return PixArtControlNet(net, patcher, info), base_sd, info
 
@@ -160,12 +172,24 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
     def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
         control, base_sd, info = load_controlnet(path, weight_dtype)
-        if base_sd is None:
-            raise ValueError(f"{controlnet_name} carries no base model ({info.layout} layout): use "
-                             "'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
-        dtype, operations, _ = storage_choice(weight_dtype)
-        model = build_model_patcher(info.base_config, base_sd, weight_dtype=dtype, custom_operations=operations)
+        model = bundled_base_patcher(path, base_sd, info, weight_dtype)
         return io.NodeOutput(model, control)
+
+
+def bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=False):
+    """The MODEL of a full ControlNet file's bundled base (its reloader reads the file again)."""
+    if base_sd is None:
+        raise ValueError(f"{os.path.basename(path)} carries no base model ({info.layout} layout): use "
+                         "'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
+    dtype, operations, _ = storage_choice(weight_dtype)
+    model = build_model_patcher(info.base_config, base_sd, weight_dtype=dtype, custom_operations=operations,
+                                disable_dynamic=disable_dynamic)
+    return register_reloader(model, _reload_bundled_base, (path, weight_dtype))
+
+
+def _reload_bundled_base(path, weight_dtype, disable_dynamic=False):
+    _, base_sd, info = prepare_pixart_controlnet(read_state_dict(path))
+    return bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=disable_dynamic)
 
 
 NODES = [PixArtControlNetLoader, PixArtControlNetCheckpointLoader]

@@ -8,7 +8,8 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..kernels.checkpoint_io import read_json_beside, read_state_dict
-from ..kernels.pixart_checkpoint import prepare_pixart, variant_name
+from ..kernels.pixart.checkpoint import prepare_pixart, variant_name
+from .comfy_compat import register_reloader
 from .pixart_model import build_model_patcher
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
@@ -62,12 +63,25 @@ class PixArtDiTLoader(io.ComfyNode):
     @classmethod
     def execute(cls, dit_name, weight_dtype="default", resolution="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
-        sd, cfg, layout = pixart_state_dict(path, resolution)
-        dtype, operations, note = storage_choice(weight_dtype)
-        variant = f"{variant_name(cfg)} ({layout} layout)" + (f"; {note}" if note else "")
-        logging.info("dit-control: loading %s as %s", dit_name, variant)
-        patcher = build_model_patcher(cfg, sd, weight_dtype=dtype, custom_operations=operations)
+        patcher, variant = load_dit(path, weight_dtype, resolution)
+        logging.info("dit-control: loaded %s as %s", dit_name, variant)
         return io.NodeOutput(patcher, variant)
+
+
+def load_dit(path: str, weight_dtype: str = "default", resolution: str = "auto", disable_dynamic: bool = False):
+    """(MODEL patcher, variant description) for a PixArt file. Registered on the patcher as its
+    reloader, as core's loaders do, so core can rebuild it (v0.33's non-dynamic and multi-GPU clones)."""
+    sd, cfg, layout = pixart_state_dict(path, resolution)
+    dtype, operations, note = storage_choice(weight_dtype)
+    variant = f"{variant_name(cfg)} ({layout} layout)" + (f"; {note}" if note else "")
+    patcher = build_model_patcher(cfg, sd, weight_dtype=dtype, custom_operations=operations,
+                                  disable_dynamic=disable_dynamic)
+    register_reloader(patcher, _reload_dit, (path, weight_dtype, resolution))
+    return patcher, variant
+
+
+def _reload_dit(path, weight_dtype, resolution, disable_dynamic=False):
+    return load_dit(path, weight_dtype, resolution, disable_dynamic=disable_dynamic)[0]
 
 
 NODES = [PixArtDiTLoader]

@@ -1,5 +1,5 @@
 """PixArt-δ LCM sampling for core SamplerCustom / SamplerCustomAdvanced: an LCM SIGMAS scheduler and
-an LCM SAMPLER exact to diffusers' LCMScheduler (kernels/lcm.py has the math and its parity tests).
+an LCM SAMPLER exact to diffusers' LCMScheduler (kernels/pixart/lcm.py has the math and its parity tests).
 
 Plain KSampler users: core ModelSamplingDiscrete(sampling="lcm") + KSampler(sampler "lcm", scheduler
 "simple", cfg 1.0) is already right for our MODEL (PixArt's own betas; the tests compare it with our
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-import comfy.k_diffusion.sampling as kd
 import comfy.samplers
 
-from ..kernels.lcm import lcm_boundary_scalings, lcm_timesteps
+from ..kernels.pixart.lcm import lcm_boundary_scalings, lcm_timesteps
+from .comfy_compat import default_noise_sampler, model_trange, sampler_model_sampling
 
 CATEGORY = "DiT Control/PixArt"
 RULES = ["diffusers", "pixart_repo"]
@@ -37,13 +37,14 @@ def _is_lcm_patched(model_sampling) -> bool:
 def sample_lcm_exact(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """Multistep LCM in k-diffusion form (x = x0 + σ·ε), with diffusers' boundary condition:
     denoised = c_out·x0 + c_skip·x_t, where x_t = x / sqrt(1 + σ²) is the DDPM-scale latent.
-    Fresh noise between steps from ComfyUI's seeded noise sampler, as core's `lcm` sampler does."""
+    Fresh noise between steps from the host's own seeded noise sampler, so this draws exactly what core's
+    `lcm` sampler draws on the same host."""
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = kd.default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    model_sampling = model.inner_model.inner_model.model_sampling
+    noise_sampler = default_noise_sampler(x, extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    model_sampling = sampler_model_sampling(model)
     patched = _is_lcm_patched(model_sampling)
     s_in = x.new_ones([x.shape[0]])
-    for i in kd.trange(len(sigmas) - 1, disable=disable):
+    for i in model_trange(len(sigmas) - 1, disable=disable):
         sigma = sigmas[i]
         denoised = model(x, sigma * s_in, **extra_args)
         t = float(model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])

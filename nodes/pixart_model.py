@@ -1,6 +1,6 @@
 """Our PixArt kernel as a ComfyUI MODEL: config class, BaseModel subclass and the diffusion-model adapter.
 
-ComfyUI's own split: the math lives in kernels/pixart.py; this module only says how ComfyUI's
+ComfyUI's own split: the math lives in kernels/pixart/model.py; this module only says how ComfyUI's
 samplers call it (noise schedule, latent format, conditioning plumbing), the way
 comfy/supported_models.py + comfy/model_base.py do for core models. Core KSampler,
 SamplerCustomAdvanced, LoRA-free patches, fp8 storage and low-VRAM offload then work unchanged.
@@ -18,7 +18,9 @@ import comfy.supported_models
 import comfy.supported_models_base
 
 from ..kernels.checkpoint_io import release_free_heap
-from ..kernels.pixart import PixArt, PixArtConfig
+from ..kernels.pixart.model import PixArt, PixArtConfig
+from .finite_guard import check_step_output
+from .comfy_compat import assigns_weights, new_model_patcher, set_inference_dtype
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
 CAPTION_MASK_KEY = "pixart_caption_mask"
@@ -38,7 +40,8 @@ class ComfyPixArt(PixArt):
         control_fn = control_branch_from(control)
         out = super().forward(x, timesteps, context, caption_mask, img_hw=c_size, aspect_ratio=c_ar,
                               control=control_fn)
-        return out[:, :self.config.in_channels]  # ε; the learned-variance half is unused by samplers
+        eps = out[:, :self.config.in_channels]  # ε; the learned-variance half is unused by samplers
+        return check_step_output(eps, x, context, transformer_options, "PixArt DiT")
 
 
 def control_branch_from(control):
@@ -94,21 +97,26 @@ def storage_dtypes(state_dict: dict, weight_dtype=None):
 
 
 def build_model_patcher(kernel_config: PixArtConfig, state_dict: dict, weight_dtype=None,
-                        custom_operations=None) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed)."""
+                        custom_operations=None, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed).
+
+    Built the way core's `load_diffusion_model_state_dict` builds one on the running host: the model,
+    then the patcher of the class core picks (v0.33: dynamic VRAM on NVIDIA), then the weights —
+    assigned when the patcher streams them, copied otherwise."""
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     config = PixArtDiTConfig({"pixart_config": kernel_config})
     unet_dtype, manual_cast = storage_dtypes(state_dict, weight_dtype)
-    config.set_inference_dtype(unet_dtype, manual_cast)
+    set_inference_dtype(config, unet_dtype, manual_cast, device=load_device)
     config.custom_operations = custom_operations
     model = config.get_model(device=offload_device)
+    patcher = new_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
     diffusion = model.diffusion_model
     cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     state_dict.clear()  # the caller's tensors go now; after loading only the model holds the weights
-    missing, unexpected = diffusion.load_state_dict(cast, strict=False, assign=False)
+    missing, unexpected = diffusion.load_state_dict(cast, strict=False, assign=assigns_weights(patcher))
     # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
     assert not missing and not unexpected, (missing, unexpected)
     del cast
     release_free_heap()   # the float tensors just freed: hand their heap pages back to the OS
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return patcher

@@ -22,6 +22,7 @@ from ..kernels.checkpoint_io import CheckpointError
 from ..kernels.checkpoint_io import release_free_heap
 from ..kernels.int8 import release_scratch
 from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
+from .comfy_compat import new_model_patcher
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 from .pixart_model import CAPTION_MASK_KEY, PixArtDiTModel
 
@@ -96,7 +97,7 @@ def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype):
         storage = dtype or t5_stored_dtype(path)
         ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
     encoder, config = load_t5_encoder_file(path, operations=ops, dtype=storage, device=offload_device)
-    patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+    patcher = new_model_patcher(encoder, load_device, offload_device)   # the class core's text encoders get
     description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage "
                    f"{note or storage}, compute {compute}")
     return patcher, description

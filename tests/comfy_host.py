@@ -4,6 +4,9 @@ Installed by .ci/setup into .comfy_host/ (see ../shared/specs/comfy_host.md). Th
 own base directory (models, custom_nodes, input, output) and an in-memory database, listens on a
 free loopback port, and is spoken to only over HTTP — the pack module the server imports is not
 the one a test could import.
+
+Which ComfyUI: the environment variable DIT_CONTROL_COMFY_HOST (default `0.33`, the release users
+run; `0.3.75`, the floor). The test suite also runs its compatibility pass on the floor (conftest).
 """
 from __future__ import annotations
 
@@ -23,9 +26,36 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMFY_DIR = REPO / ".comfy_host" / "comfyui"
 PYTHON = REPO / ".venv" / "bin" / "python"
 PACK_DIR_NAME = "dit-control"
+HOST_ENV = "DIT_CONTROL_COMFY_HOST"
+# host name -> install folder under .comfy_host/ (made by .ci/setup)
+HOSTS = {"0.33": "v0.33.0", "0.3.75": "v0.3.75"}
+DEFAULT_HOST = "0.33"
+FLOOR_HOST = "0.3.75"
+# a test-only custom node pack that reads the running host's internals (tests/host_probe/)
+PROBE_PACK = REPO / "tests" / "host_probe"
+
+
+def host_name() -> str:
+    """The host chosen by DIT_CONTROL_COMFY_HOST."""
+    name = os.environ.get(HOST_ENV, DEFAULT_HOST)
+    if name not in HOSTS:
+        raise RuntimeError(f"{HOST_ENV}={name!r}: expected one of {sorted(HOSTS)}")
+    return name
+
+
+def comfy_dir(host: str | None = None) -> Path:
+    """The ComfyUI tree of a host."""
+    return REPO / ".comfy_host" / HOSTS[host or host_name()] / "comfyui"
+
+
+def host_site_overlay(host: str) -> Path:
+    """Packages this host pins to other versions than the venv has (0.3.75's frontend), or a missing path."""
+    return REPO / ".comfy_host" / HOSTS[host] / "site"
+
+
+COMFY_DIR = comfy_dir()   # the chosen host's tree (its tokenizer files serve the kernel references)
 
 
 def free_port() -> int:
@@ -37,9 +67,13 @@ def free_port() -> int:
 class ComfyServer:
     """Start with `with ComfyServer(models_dir) as server:`; `server.run(graph)` returns the history."""
 
-    def __init__(self, models_dir: Path, base_dir: Path | None = None, extra_args=(), log_path: Path | None = None):
-        if not (COMFY_DIR / "main.py").exists():
-            raise RuntimeError(f"no ComfyUI host at {COMFY_DIR}: run `bash .ci/setup` first")
+    def __init__(self, models_dir: Path, base_dir: Path | None = None, extra_args=(), log_path: Path | None = None,
+                 host: str | None = None, probe: bool = False):
+        self.host = host or host_name()
+        self.comfy_dir = comfy_dir(self.host)
+        if not (self.comfy_dir / "main.py").exists():
+            raise RuntimeError(f"no ComfyUI {self.host} host at {self.comfy_dir}: run `bash .ci/setup` first")
+        self.probe = probe
         self.models_dir = Path(models_dir)
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="comfy_base_"))
         self.port = free_port()
@@ -56,6 +90,9 @@ class ComfyServer:
         link = custom / PACK_DIR_NAME
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
+        probe_link = custom / PROBE_PACK.name
+        if self.probe and not probe_link.exists():
+            probe_link.symlink_to(PROBE_PACK, target_is_directory=True)
         # our models folder (tiny checkpoints made by tests/make_checkpoints.py) as an extra search path
         cfg = self.base_dir / "extra_model_paths.yaml"
         cfg.write_text("dit_control_tests:\n"
@@ -71,8 +108,11 @@ class ComfyServer:
                "--database-url", "sqlite:///:memory:", "--disable-metadata", "--disable-api-nodes",
                "--extra-model-paths-config", str(cfg), *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        overlay = host_site_overlay(self.host)
+        if overlay.is_dir():   # in front of the venv's site-packages for this server only
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(overlay), env.get("PYTHONPATH")) if p)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -157,6 +197,32 @@ class ComfyServer:
                                                 "type": img["type"]})
                 out.append(self.get(f"/view?{query}"))
         return out
+
+
+    def sampler_noise(self, width: int, height: int, seed: int, draws: int):
+        """(initial noise, [step noise, ...]) that this host's samplers draw for a 4-channel latent of an
+        image of this size and this seed, read through the probe pack: the references of our exactness
+        tests come from the running host, not from a copy of its rule (v0.33 seeds step noise with
+        seed + 1 on the CPU, 0.3.75 with seed)."""
+        if not self.probe:
+            raise RuntimeError("sampler_noise needs a server started with probe=True")
+        key = (width, height, seed, draws)
+        cache = self.__dict__.setdefault("_noise_cache", {})
+        if key not in cache:
+            from safetensors.torch import load_file
+            graph = {
+                "1": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+                "2": {"class_type": "DiTControlProbe_SamplerNoise", "inputs": {"samples": ["1", 0], "seed": seed, "draws": draws}},
+                "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": f"probe/noise_{seed}"}},
+            }
+            history = self.run(graph)
+            if history.get("status", {}).get("status_str") != "success":
+                raise RuntimeError(f"probe failed: {execution_error(history)}")
+            entry = history["outputs"]["3"]["latents"][0]
+            drawn = load_file(str(self.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+            cache[key] = (drawn[:1], [drawn[i + 1:i + 2] for i in range(draws)])
+        initial, steps = cache[key]
+        return initial.clone(), [s.clone() for s in steps]
 
 
 class PromptRejected(RuntimeError):

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kernels.pixart import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
+from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 
 STAMP_VERSION = "7"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
@@ -62,7 +62,7 @@ def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
 
 def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
     """The diffusers transformer layout: renamed keys, split q/k/v, no pos_embed / null caption."""
-    from kernels.pixart_checkpoint import original_to_diffusers
+    from kernels.pixart.checkpoint import original_to_diffusers
     import safetensors.torch
     out = original_to_diffusers(random_pixart_state_dict(cfg, seed))
     folder.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,7 @@ def write_bad_checkpoints(folder: Path, made: Path):
 
 def save_pixart_controlnet_pth(path: Path, base_cfg: PixArtConfig, num_blocks: int, seed: int):
     """The released full ControlNet layout: `base_model.*` (a PixArt .pth) + `controlnet.*`, under state_dict."""
-    from kernels.pixart_controlnet import PixArtControlNet, block_config
+    from kernels.pixart.controlnet import PixArtControlNet, block_config
     base = random_pixart_pth_state_dict(base_cfg, seed)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.device("meta"):
@@ -288,6 +288,46 @@ def write_bad_controlnets(folder: Path):
     safetensors.torch.save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)},
                                 str(folder / "not-a-controlnet.safetensors"))
     (folder / "empty.pth").write_bytes(b"")
+
+
+# (folder, source file made by make_all, tensor to damage) for the damaged-weights tests: one per loader
+DAMAGED_SOURCES = {
+    "diffusion_models": ("PixArt-XL-2-512x512.pth", "blocks.1.attn.qkv.weight"),
+    "text_encoders": ("t5xxl_fp16.safetensors", "encoder.block.1.layer.0.SelfAttention.q.weight"),
+    "controlnet": ("PixArt-XL-2-1024-ControlNet.pth", "controlnet.0.copied_block.attn.qkv.weight"),
+    "annotators": ("ControlNetHED.pth", "block1.convs.0.weight"),
+}
+
+
+def write_damaged_weights(root: Path, made: Path) -> dict:
+    """In each loader's folder, `damaged/nan-<file>` and `damaged/inf-<file>`: the made file with a few
+    values of one tensor set to NaN / Inf (as a bad download or a broken conversion leaves them).
+    Also `diffusion_models/damaged/overflow-<file>`: finite weights so large that a step overflows.
+    Returns {folder: (damaged tensor name, [file names relative to the folder])}."""
+    import safetensors.torch
+    out = {}
+    for folder, (source, key) in DAMAGED_SOURCES.items():
+        src = made / folder / source
+        target = root / folder / "damaged"
+        target.mkdir(parents=True, exist_ok=True)
+        names = []
+        for kind, value in (("nan", float("nan")), ("inf", float("inf"))):
+            if source.endswith(".safetensors"):
+                sd = safetensors.torch.load_file(str(src))
+                sd[key].view(-1)[:3] = value
+                safetensors.torch.save_file(sd, str(target / f"{kind}-{source}"))
+            else:
+                ckpt = torch.load(src, map_location="cpu", weights_only=True)
+                sd = ckpt.get("state_dict", ckpt)
+                sd[key].view(-1)[:3] = value
+                torch.save(ckpt, target / f"{kind}-{source}")
+            names.append(f"damaged/{kind}-{source}")
+        out[folder] = (key, names)
+    # finite but overflowing: the final projection scaled so its output exceeds fp32's range
+    ckpt = torch.load(made / "diffusion_models" / "PixArt-XL-2-512x512.pth", map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["final_layer.linear.weight"].fill_(3e38)
+    torch.save(ckpt, root / "diffusion_models" / "damaged" / "overflow-PixArt-XL-2-512x512.pth")
+    return out
 
 
 def write_example_inputs(input_dir: Path):

@@ -91,6 +91,7 @@ def test_hed_dropdown_lists_annotators_folder(comfy, bad_annotators):
     assert set(bad_annotators) <= set(options)
 
 
+@pytest.mark.both_hosts
 def test_hed_soft_edge_matches_kernel_and_keeps_size(comfy, models_dir, square_png):
     from kernels.control_image import edges_to_control_rgb
     from kernels.hed import hed_edges, load_hed_file
@@ -171,6 +172,7 @@ def test_fit_control_image_gives_requested_size(comfy, square_png, mode):
         assert abs((rows[0] + rows[-1]) / 2 - 31.5) <= 1 and abs((cols[0] + cols[-1]) / 2 - 31.5) <= 1
 
 
+@pytest.mark.both_hosts
 @pytest.mark.parametrize("name", ["broken.pth", "empty.pth"])
 def test_wrong_hed_file_gives_clear_error_and_server_keeps_serving(comfy, square_png, bad_annotators, name):
     h = comfy.run(hed_graph(name))

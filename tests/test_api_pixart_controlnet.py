@@ -8,8 +8,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kernels.checkpoint_io import read_state_dict
-from kernels.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
-from kernels.pixart_controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
+from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
+from kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
 from kernels.t5 import load_t5_encoder, read_t5_state_dict
 from tests.comfy_host import COMFY_DIR, REPO, execution_error
 from tests.make_checkpoints import write_example_inputs
@@ -60,11 +60,13 @@ def test_nodes_registered(object_info):
         object_info["DiTControl_PixArtControlNetLoader"]["input"]["required"]["controlnet_name"][1]["options"]
 
 
+@pytest.mark.both_hosts
 def test_shipped_workflow_makes_a_1024_image(comfy):
     data = png(comfy, comfy.run(shipped()))
     assert Image.open(io.BytesIO(data)).size == (1024, 1024)
 
 
+@pytest.mark.both_hosts
 def test_strength_zero_is_bit_identical_to_no_controlnet_and_strength_changes_it(comfy):
     without = png(comfy, comfy.run(small_graph(with_controlnet=False)))
     zero = png(comfy, comfy.run(small_graph(strength=0.0)))
@@ -122,10 +124,9 @@ def kernel_models(models_dir):
     return base, net, caption, ids.attention_mask
 
 
-def kernel_lcm(kernel_models, control_latent, strength, controlled_timesteps):
+def kernel_lcm(comfy, kernel_models, control_latent, strength, controlled_timesteps):
     base, net, caption, mask = kernel_models
-    x_T = torch.randn((1, 4, HEIGHT // 8, WIDTH // 8), generator=torch.manual_seed(SEED))
-    step_noise = torch.Generator().manual_seed(SEED)
+    x_T, step_noise = comfy.sampler_noise(WIDTH, HEIGHT, SEED, draws=4)   # as the running host draws it
 
     def eps(x, t):
         control = net.branch(control_latent, strength=strength) if t in controlled_timesteps else None
@@ -133,7 +134,7 @@ def kernel_lcm(kernel_models, control_latent, strength, controlled_timesteps):
 
     with torch.no_grad():
         x0 = lcm_sample(eps, x_T, lcm_timesteps(4), ddpm_alphas_cumprod(),
-                        lambda i, like: torch.randn(like.shape, generator=step_noise))
+                        lambda i, like: step_noise[i])
     return x0 / SD15_SCALE
 
 
@@ -141,20 +142,22 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.both_hosts
 @pytest.mark.parametrize("end,controlled", [(1.0, (999, 759, 499, 259)), (0.6, (999, 759, 499))])
 def test_control_is_applied_exactly_on_the_steps_in_range(comfy, kernel_models, end, controlled):
     h = comfy.run(lcm_latent_graph(0.8, 0.0, end))
     assert h["status"]["status_str"] == "success", execution_error(h)
     out = _latent(comfy, h, "23")
     control_latent = _latent(comfy, h, "25") * SD15_SCALE
-    assert _rel(out, kernel_lcm(kernel_models, control_latent, 0.8, controlled)) <= 1e-4
+    assert _rel(out, kernel_lcm(comfy, kernel_models, control_latent, 0.8, controlled)) <= 1e-4
     # and not equal to the loop with control on every step / on no step (the check can fail)
     other = (999, 759, 499) if len(controlled) == 4 else (999, 759, 499, 259)
-    assert _rel(out, kernel_lcm(kernel_models, control_latent, 0.8, other)) > 1e-4
+    assert _rel(out, kernel_lcm(comfy, kernel_models, control_latent, 0.8, other)) > 1e-4
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
 
+@pytest.mark.both_hosts
 def test_controlnet_on_a_non_pixart_model_is_a_clear_error(comfy):
     g = small_graph()
     g["30"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "comfy-native-pixart-depth1.safetensors",
@@ -169,6 +172,7 @@ def test_controlnet_on_a_non_pixart_model_is_a_clear_error(comfy):
     ("broken/not-a-controlnet.safetensors", "expected a PixArt-δ ControlNet-Transformer"),
     ("broken/empty.pth", "is empty"),
 ])
+@pytest.mark.both_hosts
 def test_wrong_controlnet_file_is_a_clear_error(comfy, name, needle):
     g = small_graph()
     g["1"]["inputs"]["controlnet_name"] = name

@@ -49,6 +49,7 @@ def server_rss_mb(comfy) -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
+@pytest.mark.both_hosts
 def test_shipped_int8_workflow_decodes_tiled_to_the_requested_size(comfy):
     g = shipped()
     g["5"]["inputs"].update(width=512, height=384)
@@ -132,6 +133,7 @@ def test_one_pass_tiled_decode_matches_the_untiled_decode_as_closely_as_core_til
     assert rel(ours) <= max(1.25 * rel(core), 0.02), (rel(ours), rel(core))
 
 
+@pytest.mark.both_hosts
 def test_one_pass_tiled_decode_rejects_video_latents(comfy):
     g = decode_graph()
     g["5"] = {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 256, "height": 256, "length": 9,

@@ -1,5 +1,5 @@
 """PixArt-δ LCM through a real ComfyUI server: the shipped workflow, and parity of the graph's latent
-with a pure-kernel LCM loop (kernels/lcm.py, exact to diffusers' LCMScheduler) on the same model,
+with a pure-kernel LCM loop (kernels/pixart/lcm.py, exact to diffusers' LCMScheduler) on the same model,
 conditioning, seed and noise."""
 import io
 import json
@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kernels.checkpoint_io import read_json_beside, read_state_dict
-from kernels.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
-from kernels.pixart_checkpoint import load_pixart
+from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
+from kernels.pixart.checkpoint import load_pixart
 from kernels.t5 import load_t5_encoder, read_t5_state_dict
 from tests.comfy_host import COMFY_DIR, REPO, execution_error
 
@@ -68,11 +68,11 @@ def kernel_loop(models_dir):
     with torch.no_grad():
         caption = t5.eval()(ids.input_ids, ids.attention_mask)
 
-    def run(steps, rule):
-        x_T = torch.randn((1, 4, HEIGHT // 8, WIDTH // 8), generator=torch.manual_seed(SEED))  # ComfyUI's prepare_noise
-        step_noise = torch.Generator().manual_seed(SEED)            # ComfyUI's default noise sampler
+    def run(comfy, steps, rule):
+        # the initial and per-step noise exactly as the running host's samplers draw them
+        x_T, step_noise = comfy.sampler_noise(WIDTH, HEIGHT, SEED, draws=steps)
         eps = lambda x, t: dit(x, torch.tensor([float(t)]), caption, ids.attention_mask)[:, :4]
-        noise = lambda i, like: torch.randn(like.shape, generator=step_noise)
+        noise = lambda i, like: step_noise[i]
         with torch.no_grad():
             x0 = lcm_sample(eps, x_T, lcm_timesteps(steps, rule=rule), ddpm_alphas_cumprod(), noise)
         return x0 / SD15_SCALE                                      # ComfyUI returns process_latent_out(x0)
@@ -83,29 +83,32 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.both_hosts
 @pytest.mark.parametrize("steps,rule", [(1, "diffusers"), (4, "diffusers"), (4, "pixart_repo")])
 def test_graph_equals_kernel_lcm_loop(comfy, kernel_loop, steps, rule):
     h = comfy.run(latent_graph(steps, rule))
     assert h["status"]["status_str"] == "success", execution_error(h)
     ours = saved_latent(comfy, h)
-    ref = kernel_loop(steps, rule)
+    ref = kernel_loop(comfy, steps, rule)
     assert ours.shape == ref.shape == (1, 4, HEIGHT // 8, WIDTH // 8)
     assert _rel(ours, ref) <= 1e-4
 
 
-def test_rules_differ_at_four_steps(kernel_loop):
+def test_rules_differ_at_four_steps(comfy, kernel_loop):
     """The two timestep rules give different images: the parity above would catch a swapped rule."""
-    assert _rel(kernel_loop(4, "diffusers"), kernel_loop(4, "pixart_repo")) > 1e-3
+    assert _rel(kernel_loop(comfy, 4, "diffusers"), kernel_loop(comfy, 4, "pixart_repo")) > 1e-3
 
 
+@pytest.mark.both_hosts
 def test_core_ksampler_route_is_exact(comfy, kernel_loop):
     """Core ModelSamplingDiscrete(lcm) + KSampler(lcm, simple, cfg 1) on our MODEL: the documented
     plain-KSampler way gives the same latent as the kernel loop."""
     h = comfy.run(latent_graph(4, "diffusers", native_ksampler=True))
     assert h["status"]["status_str"] == "success", execution_error(h)
-    assert _rel(saved_latent(comfy, h), kernel_loop(4, "diffusers")) <= 1e-4
+    assert _rel(saved_latent(comfy, h), kernel_loop(comfy, 4, "diffusers")) <= 1e-4
 
 
+@pytest.mark.both_hosts
 def test_shipped_lcm_workflow_makes_a_1024_image(comfy):
     h = comfy.run(shipped())
     assert h["status"]["status_str"] == "success", execution_error(h)

@@ -54,6 +54,7 @@ def test_workflow_is_served_as_a_template(comfy):
     assert "pixart_alpha_t2i" in templates["dit-control"]
 
 
+@pytest.mark.both_hosts
 def test_text_to_image_is_deterministic_and_sized(comfy):
     first = comfy.run(graph())
     assert first["status"]["status_str"] == "success", execution_error(first)
@@ -101,6 +102,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.both_hosts
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_wrong_or_broken_file_gives_clear_error_and_server_keeps_serving(comfy, name):
     h = comfy.run(graph({("1", "dit_name"): name}))
@@ -123,6 +125,7 @@ def _latent_graph(prompt_tokens: int, negative_tokens: int, steps: int = 3):
     return g
 
 
+@pytest.mark.both_hosts
 def test_padded_masked_caption_equals_unpadded_caption(comfy):
     """120 tokens with a padding mask must equal the bare tokens without a mask — the variable-length,
     unpadded conditioning core's CLIPTextEncode produces for PixArt. Proves the mask is exact."""

@@ -21,7 +21,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class TinyNet(nn.Module):
-    """Every layer kind a model builds from `operations`, as in kernels/pixart.py."""
+    """Every layer kind a model builds from `operations`, as in kernels/pixart/model.py."""
 
     def __init__(self, operations=nn, dtype=None, device=None):
         super().__init__()

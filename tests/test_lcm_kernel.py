@@ -1,4 +1,4 @@
-"""kernels/lcm.py against specs/lcm.md and against diffusers' LCMScheduler (0.42.1, a test dependency)."""
+"""kernels/pixart/lcm.py against specs/lcm.md and against diffusers' LCMScheduler (0.42.1, a test dependency)."""
 import sys
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernels.lcm import (ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_sample, lcm_sample_kdiffusion,
+from kernels.pixart.lcm import (ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_sample, lcm_sample_kdiffusion,
                          lcm_schedule, lcm_sigmas, lcm_step, lcm_timesteps, sigma_to_timestep)
 
 # specs/lcm.md, "Timestep rules".

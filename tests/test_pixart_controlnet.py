@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from kernels.checkpoint_io import CheckpointError, read_state_dict
-from kernels.pixart import pixart_xl2_1024_ms, pixart_xl2_512
-from kernels.pixart_checkpoint import expected_shapes, load_pixart
-from kernels.pixart_controlnet import (adapter_to_original, check_base_compatible, combine_controls,
+from kernels.pixart.model import pixart_xl2_1024_ms, pixart_xl2_512
+from kernels.pixart.checkpoint import expected_shapes, load_pixart
+from kernels.pixart.controlnet import (adapter_to_original, check_base_compatible, combine_controls,
                                        load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet)
 
 GOLDEN = "golden/pixart_controlnet"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.pixart import PixArtConfig
-from kernels.pixart_checkpoint import load_pixart, original_to_diffusers
+from kernels.pixart.model import PixArtConfig
+from kernels.pixart.checkpoint import load_pixart, original_to_diffusers
 from tests.make_checkpoints import random_pixart_state_dict
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is installed by .ci/setup (test dependency)")

@@ -19,8 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from kernels.pixart import PixArt, pixart_xl2_1024_ms  # noqa: E402
-from kernels.pixart_controlnet import PixArtControlNet, block_config  # noqa: E402
+from kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart.controlnet import PixArtControlNet, block_config  # noqa: E402
 from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 

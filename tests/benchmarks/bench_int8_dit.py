@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from kernels import int8  # noqa: E402
-from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
-from kernels.pixart_checkpoint import load_pixart  # noqa: E402
+from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart.checkpoint import load_pixart  # noqa: E402
 from tests.benchmarks.bench_pixart_forward import comfy_policy, timed  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402
 from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402
 from tests.comfy_host import ComfyServer, execution_error  # noqa: E402
 from tests.make_checkpoints import make_all, save_pixart_diffusers  # noqa: E402

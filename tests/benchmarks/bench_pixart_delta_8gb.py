@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from kernels.checkpoint_io import SAFETENSORS_DTYPES  # noqa: E402
 from kernels.int8 import Int8Ops, weight_bytes  # noqa: E402
-from kernels.pixart import PixArt, pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
 from kernels.t5 import T5Config, T5Encoder, load_t5_encoder_file  # noqa: E402
 from tests.benchmarks.bench_lcm_vs_dpm import DIT, make_bench_models  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402

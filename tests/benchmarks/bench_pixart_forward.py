@@ -27,10 +27,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-COMFY = REPO / ".comfy_host" / "comfyui"
+from tests.comfy_host import COMFY_DIR as COMFY, host_name  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
 
-from kernels.pixart import pixart_xl2_1024_ms  # noqa: E402
-from kernels.pixart_checkpoint import load_pixart, original_to_diffusers  # noqa: E402
+from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart.checkpoint import load_pixart, original_to_diffusers  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402
 from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 

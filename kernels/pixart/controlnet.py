@@ -7,7 +7,7 @@ There is no hint encoder: the control latent goes through the frozen base model'
 positional table, so the branch runs on top of the base model that `PixArt.forward` hands it. Weights
 load in the released names (`controlnet.{k}.copied_block.*`, `controlnet.0.before_proj.*`,
 `controlnet.{k}.after_proj.*`); the diffusers research adapter is renamed into them. Layers come from an
-`operations` namespace (default `torch.nn`), as in kernels/pixart.py. Nothing here imports ComfyUI.
+`operations` namespace (default `torch.nn`), as in kernels/pixart/model.py. Nothing here imports ComfyUI.
 
 Addition to the reference: `strength` multiplies every skip (1 = reference, 0 = base model exactly).
 """
@@ -20,9 +20,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
-from .pixart import BlockContext, ControlFn, PixArt, PixArtBlock, PixArtConfig
-from .pixart_checkpoint import block_to_original, detect_layout, load_pixart, prepare_pixart, variant_name
+from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
+from .model import BlockContext, ControlFn, PixArt, PixArtBlock, PixArtConfig
+from .checkpoint import block_to_original, detect_layout, load_pixart, prepare_pixart, variant_name
 
 BASE_PREFIX = "base_model."
 CONTROL_PREFIX = "controlnet."

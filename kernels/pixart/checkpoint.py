@@ -1,7 +1,7 @@
 """PixArt-α checkpoints: layout detection, diffusers -> original renaming, config inference, strict load.
 
 Layouts (../shared/specs/pixart.md, manifests/pixart/):
-- original `.pth`: `ckpt["state_dict"]`, names as kernels/pixart.py, plus the stale `pos_embed` table and
+- original `.pth`: `ckpt["state_dict"]`, names as kernels/pixart/model.py, plus the stale `pos_embed` table and
   (1024-MS / 512 / 256) the learned null caption `y_embedder.y_embedding`;
 - diffusers `PixArtTransformer2DModel`: renamed, q/k/v and k/v split; no `pos_embed`, no null caption.
 Everything is turned into the original names; the model computes the positional table itself.
@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
-from .pixart import PixArt, PixArtConfig
+from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
+from .model import PixArt, PixArtConfig
 
 # The only keys a strict load may ignore: the stale positional table (recomputed per size).
 TOLERATED_KEYS = ("pos_embed",)

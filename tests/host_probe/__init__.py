@@ -1,0 +1,63 @@
+"""A test-only ComfyUI custom node pack: reads the running host's own internals over HTTP, so tests
+compare the pack with what *this* host does instead of with a copied rule. Loaded only by test servers
+(`ComfyServer(probe=True)`); never shipped (tests/ is in .comfyignore).
+
+- DiTControlProbe_SamplerNoise: the noise core's samplers draw for a latent and seed on this host —
+  the initial noise (`comfy.sample.prepare_noise`, what KSampler and SamplerCustom's RandomNoise use)
+  followed by `draws` step-noise draws of `k_diffusion.sampling.default_noise_sampler`.
+- DiTControlProbe_PatcherClass: the class of a MODEL's patcher, and the class core's own loaders would
+  build for the same devices (`comfy.model_patcher.CoreModelPatcher`, rebound at start-up on NVIDIA).
+V1 registration: it must run unchanged on every host the suite uses.
+"""
+import json
+
+import torch
+
+import comfy.k_diffusion.sampling
+import comfy.model_patcher
+import comfy.sample
+
+
+class SamplerNoise:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "draw"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+                             "draws": ("INT", {"default": 4, "min": 0, "max": 100})}}
+
+    def draw(self, samples, seed, draws):
+        latent = samples["samples"]
+        initial = comfy.sample.prepare_noise(latent, seed)
+        step = comfy.k_diffusion.sampling.default_noise_sampler(latent, seed=seed)
+        sigma = torch.tensor(1.0)
+        out = [initial] + [step(sigma, sigma) for _ in range(draws)]
+        return ({"samples": torch.cat(out, dim=0)},)
+
+
+def _class_name(obj_type) -> str:
+    return f"{obj_type.__module__}.{obj_type.__qualname__}"
+
+
+class PatcherClass:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def report(self, model):
+        core_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        core_pick = core_class(torch.nn.Linear(1, 1), load_device=model.load_device, offload_device=model.offload_device)
+        report = {"patcher": _class_name(type(model)), "core_picks": _class_name(type(core_pick)),
+                  "has_reloader": getattr(model, "cached_patcher_init", None) is not None}
+        return {"ui": {"text": [json.dumps(report)]}}
+
+
+NODE_CLASS_MAPPINGS = {"DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass}
