@@ -29,6 +29,101 @@ def _inputs(info: dict) -> list:
     return out
 
 
+# -- layout -------------------------------------------------------------------------------------------
+# The frontend (1.48.7, LGraphNode.computeSize, run on every node by app.loadGraphData) makes a node
+# max(its size in the file, the size its content needs): height = 20 per slot row (max of plain inputs
+# and outputs) + each widget row's height + 4 (+ 8 once) + 6; width = the largest of 140 (210 with
+# widgets), the title (14px Inter) + 40, the input + output labels (12px Inter) + 45 and a widget label
+# + 104. Heights are reproduced exactly below; widths come from a per-character estimate that is at or
+# above what the page measured for every title and label of our workflows (tests/test_frontend.py
+# checks the rendered graphs for overlaps). Each node gets that size in the file, so the page keeps it.
+SLOT_H, WIDGET_H, TITLE_H = 20, 20, 30
+MULTILINE_H = 50            # a multiline STRING (DOM textarea) widget's minimum height
+IMAGE_PREVIEW_H = 220       # an image_upload combo's preview widget's minimum height (plus a button row)
+GAP_X, GAP_Y = 90, 60       # between columns (room for links) and between a node and the next title bar
+ORIGIN = (40, 40)           # top left of the first title bar
+
+
+def _text_width(text: str, px: float) -> float:
+    """An upper estimate of the width of `text` in Inter at `px` pixels (measured: within 5% above)."""
+    width = 0.0
+    for c in text:
+        if c in "mwMW@%":
+            f = 0.95
+        elif c.isupper() or not c.isascii():
+            f = 0.78
+        elif c.isdigit():
+            f = 0.65
+        elif c in "iljtfr.,:;!|()[]' -_":
+            f = 0.45
+        else:
+            f = 0.62
+        width += f * px
+    return width
+
+
+def _node_size(info: dict, title: str) -> list:
+    """[width, height] (height without the title bar) that the frontend will not need to grow."""
+    spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    plain_inputs, widget_rows, widget_labels = [], [], []
+    for name, type_name, widget, control in _inputs(info):
+        if not widget:
+            plain_inputs.append(name)
+            continue
+        opts = spec[name][1] if len(spec[name]) > 1 else {}
+        widget_labels.append(name)
+        widget_rows.append(MULTILINE_H if type_name == "STRING" and opts.get("multiline") else WIDGET_H)
+        if control:
+            widget_rows.append(WIDGET_H)
+            widget_labels.append("control after generate")
+        if opts.get("image_upload"):
+            widget_rows += [WIDGET_H, IMAGE_PREVIEW_H]     # "choose file to upload" button, preview
+    outputs = list(info.get("output_name") or info["output"])
+    height = SLOT_H * max(len(plain_inputs), len(outputs), 1) + 6
+    if widget_rows:
+        height += sum(h + 4 for h in widget_rows) + 8
+    label = lambda names: max((_text_width(n, 12) for n in names), default=0)
+    width = max(210 if widget_rows else 140, _text_width(title, 14) + 40,
+                label(plain_inputs) + label(outputs) + 45, label(widget_labels) + 104 if widget_rows else 0)
+    return [int(-(-width // 10) * 10), height]
+
+
+def _columns(api: dict) -> list:
+    """Node ids in columns by graph depth: a node with no linked input is in column 0, any other node one
+    column right of its deepest source; API order within a column."""
+    depth = {}
+
+    def walk(nid, seen=()):
+        if nid not in depth:
+            if nid in seen:
+                raise ValueError(f"cycle through node {nid}")
+            sources = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((walk(s, seen + (nid,)) for s in sources), default=-1)
+        return depth[nid]
+
+    for nid in api:
+        walk(nid)
+    return [[nid for nid in api if depth[nid] == d] for d in range(max(depth.values(), default=-1) + 1)]
+
+
+def layout(api: dict, object_info: dict) -> dict:
+    """{node id: (pos, size)}: columns by depth, sources left, nodes stacked top-down in each column."""
+    sizes = {nid: _node_size(object_info[node["class_type"]], _title(node, object_info[node["class_type"]]))
+             for nid, node in api.items()}
+    placed, x = {}, ORIGIN[0]
+    for column in _columns(api):
+        y = ORIGIN[1]
+        for nid in column:
+            placed[nid] = ([x, y + TITLE_H], sizes[nid])
+            y += TITLE_H + sizes[nid][1] + GAP_Y
+        x += max(sizes[nid][0] for nid in column) + GAP_X
+    return placed
+
+
+def _title(node: dict, info: dict) -> str:
+    return node.get("_meta", {}).get("title", info.get("display_name", node["class_type"]))
+
+
 def api_to_ui(api: dict, object_info: dict) -> dict:
     nodes, links = [], []
     ids = {nid: i + 1 for i, nid in enumerate(api)}
@@ -45,6 +140,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             link_of[(dst, name)] = link_id
             out_type = object_info[api[src]["class_type"]]["output"][slot]
             links.append([link_id, ids[src], slot, ids[dst], None, out_type, name])
+    placed = layout(api, object_info)
     for order, (nid, node) in enumerate(api.items()):
         info = object_info[node["class_type"]]
         inputs, widgets = [], []
@@ -57,6 +153,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 inputs.append(entry)
                 if widget:
                     widgets.append(None)
+                    if control:       # the control entry stays, as ui_to_api and the frontend expect
+                        widgets.append("fixed")
             elif widget:
                 widgets.append(value)
                 if control:
@@ -70,9 +168,10 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"])):
             outputs.append({"name": out_name, "type": out_type, "slot_index": slot,
                             "links": [l[0] for l in links if l[1] == ids[nid] and l[2] == slot]})
-        nodes.append({"id": ids[nid], "type": node["class_type"], "pos": [60 + 360 * (order % 4), 80 + 330 * (order // 4)],
-                      "size": [320, 160], "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-                      "title": node.get("_meta", {}).get("title", info.get("display_name", node["class_type"])),
+        pos, size = placed[nid]
+        nodes.append({"id": ids[nid], "type": node["class_type"], "pos": pos,
+                      "size": size, "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "title": _title(node, info),
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     return {"last_node_id": len(nodes), "last_link_id": link_id, "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
