@@ -13,15 +13,6 @@ import comfy.model_patcher
 import comfy.utils
 
 
-def host_version() -> str:
-    """The running ComfyUI's version string ("0.33.0", "0.3.75")."""
-    try:
-        import comfyui_version   # the host's root module; every release since 0.3 has it
-        return comfyui_version.__version__
-    except ImportError:
-        return "unknown"
-
-
 def core_patcher_class(disable_dynamic: bool = False):
     """The ModelPatcher class core's own loaders build on this host and device.
 

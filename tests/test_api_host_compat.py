@@ -35,6 +35,20 @@ def test_our_model_patcher_is_the_class_core_builds(comfy):
     # v0.33 rebuilds patchers from their loader (non-dynamic and multi-GPU clones): ours registers one
     # exactly when core's own loader does
     assert ours["has_reloader"] == core["has_reloader"], (ours, core)
+    if ours["has_reloader"]:
+        # (core's own reload of this test file is not compared: the file lacks y_embedding, which core
+        # leaves uninitialised, so two loads differ there)
+        assert ours["reload_matches"] is True, ours
+
+
+@pytest.mark.both_hosts
+def test_bundled_base_model_has_the_same_patcher_and_reloader(comfy):
+    """The ControlNet checkpoint loader's bundled base MODEL is built like the DiT loader's."""
+    ours = _patcher_report(comfy, {"class_type": "DiTControl_PixArtControlNetCheckpointLoader",
+                                   "inputs": {"controlnet_name": "PixArt-XL-2-1024-ControlNet.pth",
+                                              "weight_dtype": "default"}})
+    assert ours["patcher"] == ours["core_picks"], ours
+    assert ours["reload_matches"] is (True if ours["has_reloader"] else None), ours
 
 
 @pytest.mark.both_hosts

@@ -5,8 +5,9 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
 - DiTControlProbe_SamplerNoise: the noise core's samplers draw for a latent and seed on this host —
   the initial noise (`comfy.sample.prepare_noise`, what KSampler and SamplerCustom's RandomNoise use)
   followed by `draws` step-noise draws of `k_diffusion.sampling.default_noise_sampler`.
-- DiTControlProbe_PatcherClass: the class of a MODEL's patcher, and the class core's own loaders would
-  build for the same devices (`comfy.model_patcher.CoreModelPatcher`, rebound at start-up on NVIDIA).
+- DiTControlProbe_PatcherClass: the class of a MODEL's patcher, the class core's own loaders would
+  build for the same devices (`comfy.model_patcher.CoreModelPatcher`, rebound at start-up on NVIDIA), and
+  whether its reloader (`cached_patcher_init`, v0.33) rebuilds the same weights from the file.
 V1 registration: it must run unchanged on every host the suite uses.
 """
 import json
@@ -55,8 +56,14 @@ class PatcherClass:
     def report(self, model):
         core_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
         core_pick = core_class(torch.nn.Linear(1, 1), load_device=model.load_device, offload_device=model.offload_device)
+        reloader = getattr(model, "cached_patcher_init", None)
         report = {"patcher": _class_name(type(model)), "core_picks": _class_name(type(core_pick)),
-                  "has_reloader": getattr(model, "cached_patcher_init", None) is not None}
+                  "has_reloader": reloader is not None, "reload_matches": None}
+        if reloader is not None:
+            # what v0.33's clone(disable_dynamic=True) and multi-GPU clones call: a fresh patcher from the file
+            again = reloader[0](*reloader[1], disable_dynamic=True)
+            want, got = model.model.state_dict(), again.model.state_dict()
+            report["reload_matches"] = want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
         return {"ui": {"text": [json.dumps(report)]}}
 
 
