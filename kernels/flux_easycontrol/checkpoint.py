@@ -91,20 +91,16 @@ def diffusers_to_native(sd: Mapping[str, torch.Tensor]) -> dict:
     for name in SWAPPED_HALVES:
         if name in out:
             out[name] = _swap_halves(out[name])
-    for i in _indices(sd, "transformer_blocks"):
-        src = f"transformer_blocks.{i}."
-        for native, parts in _DOUBLE.items():
-            move(f"double_blocks.{i}.{native}", [src + p for p in parts])
-        for native, diff in _DOUBLE_NORMS.items():
-            if src + diff in sd:
-                out[f"double_blocks.{i}.{native}"] = sd.pop(src + diff)
-    for i in _indices(sd, "single_transformer_blocks"):
-        src = f"single_transformer_blocks.{i}."
-        for native, parts in _SINGLE.items():
-            move(f"single_blocks.{i}.{native}", [src + p for p in parts])
-        for native, diff in _SINGLE_NORMS.items():
-            if src + diff in sd:
-                out[f"single_blocks.{i}.{native}"] = sd.pop(src + diff)
+    for diffusers_prefix, native_prefix, linears, norms in (
+            ("transformer_blocks", "double_blocks", _DOUBLE, _DOUBLE_NORMS),
+            ("single_transformer_blocks", "single_blocks", _SINGLE, _SINGLE_NORMS)):
+        for i in _indices(sd, diffusers_prefix):
+            src, dst = f"{diffusers_prefix}.{i}.", f"{native_prefix}.{i}."
+            for native, parts in linears.items():
+                move(dst + native, [src + p for p in parts])
+            for native, diff in norms.items():
+                if src + diff in sd:
+                    out[dst + native] = sd.pop(src + diff)
     out.update(sd)     # leftovers: unexpected keys
     return out
 
