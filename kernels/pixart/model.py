@@ -274,7 +274,9 @@ class BlockContext:
 
 
 # A control branch sees the tokens after base block 0 and returns additions to the inputs of
-# later base blocks: {block index: [B, N, D]}. ControlNet-Transformer plugs in here.
+# later base blocks: {block index: [B, N, D]}. ControlNet-Transformer plugs in here. An addition may
+# also be a callable `tokens -> [B, N, D]`, evaluated when the forward reaches that block (in block
+# order) with the tokens entering it: RelaCtrl's branch reads the base stream at several depths.
 ControlFn = Callable[["PixArt", torch.Tensor, BlockContext], dict]
 
 
@@ -357,7 +359,8 @@ class PixArt(nn.Module):
         skips = control(self, tokens, ctx) if control is not None else {}
         for i in range(1, len(self.blocks)):
             if i in skips:
-                tokens = tokens + skips[i]
+                add = skips[i]
+                tokens = tokens + (add(tokens) if callable(add) else add)
             tokens = self.blocks[i](tokens, ctx.t0, ctx.y, ctx.key_mask)
         out = self.final_layer(tokens, t)
         return self.unpatchify(out, h, w)
