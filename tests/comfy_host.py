@@ -102,6 +102,7 @@ class ComfyServer:
                        "    vae: vae\n"
                        "    controlnet: controlnet\n"
                        "    annotators: annotators\n"
+                       "    loras: loras\n"
                        "    checkpoints: checkpoints\n")
         cmd = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir),

@@ -26,7 +26,8 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The tiny checkpoints (made once, cached in .comfy_host/models) plus deliberately broken files."""
-    from tests.make_checkpoints import make_all, write_bad_checkpoints, write_bad_controlnets, write_damaged_weights
+    from tests.make_checkpoints import (make_all, write_bad_checkpoints, write_bad_controlnets, write_damaged_weights,
+                                        write_easycontrol_bad_files)
     made = make_all(REPO / ".comfy_host" / "models")
     root = tmp_path_factory.mktemp("models")
     for folder in made.iterdir():
@@ -37,6 +38,7 @@ def models_dir(tmp_path_factory) -> Path:
     write_bad_checkpoints(root / "diffusion_models" / "broken", made)
     write_bad_controlnets(root / "controlnet" / "broken")
     write_damaged_weights(root, made)
+    write_easycontrol_bad_files(root / "loras" / "broken", made)
     return root
 
 

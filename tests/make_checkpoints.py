@@ -8,6 +8,11 @@ No weights can be downloaded here: every file is made by our own code from fixed
 - text_encoders/t5xxl_fp16.safetensors: a tiny T5-v1.1 encoder in HF/ComfyUI key names (fp16);
 - vae/sd-vae-ft-ema.safetensors: a FULL-SIZE SD VAE (kl-f8) with random weights, in the layout core VAELoader reads;
 - annotators/ControlNetHED.pth: the FULL-SIZE HED annotator (ControlNetHED_Apache2) with random weights, fp16.
+- diffusion_models/flux1-dev.safetensors: FLUX.1-dev layout (ComfyUI/BFL names), full width 3072, 1 double +
+  1 single block, bf16 — core's UNETLoader detects and loads it (EasyControl API tests);
+- loras/canny.safetensors, loras/subject.safetensors: rank-4 EasyControl LoRAs in the released naming for 1 + 1 blocks;
+- vae/ae.safetensors: a FULL-SIZE FLUX VAE (16 latent channels) with random weights;
+- text_encoders/clip_l.safetensors: a placeholder (the DualCLIPLoader name of the EasyControl workflows; never loaded).
 
 Usage: python -m tests.make_checkpoints [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
@@ -25,7 +30,7 @@ if str(REPO) not in sys.path:
 
 from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 
-STAMP_VERSION = "7"
+STAMP_VERSION = "8"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -232,6 +237,7 @@ def make_all(models_dir: Path) -> Path:
                                PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
                                             **{**TINY_PIXART, "depth": 4}), num_blocks=2, seed=7)
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
+    make_easycontrol_files(models_dir)
     stamp.write_text(STAMP_VERSION)
     return models_dir
 
@@ -345,6 +351,31 @@ def write_example_inputs(input_dir: Path):
     portrait = Image.new("RGB", (200, 300), (20, 20, 20))
     ImageDraw.Draw(portrait).ellipse([40, 60, 160, 240], fill=(230, 230, 230))
     portrait.save(input_dir / "portrait_control.png")
+    write_easycontrol_inputs(input_dir)
+
+
+def write_easycontrol_inputs(input_dir: Path):
+    """EasyControl workflow inputs, drawn: a canny-style edge map (white lines on black) and a subject
+    photo (an object on a plain background, portrait aspect so the subject padding shows); plus a
+    second edge map for the changed-condition tests."""
+    from PIL import Image, ImageDraw
+    input_dir = Path(input_dir)
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for name, shift in (("easycontrol_canny_input.png", 0), ("easycontrol_canny_input_2.png", 90)):
+        edges = Image.new("RGB", (768, 768), (0, 0, 0))
+        d = ImageDraw.Draw(edges)
+        d.line([(0, 560), (768, 560)], fill=(255, 255, 255), width=3)
+        d.polygon([(200 + shift, 560), (200 + shift, 360), (380 + shift, 220), (560 + shift, 360),
+                   (560 + shift, 560)], outline=(255, 255, 255), width=3)
+        d.rectangle([340 + shift, 440, 420 + shift, 560], outline=(255, 255, 255), width=3)
+        d.ellipse([600, 60, 700, 160], outline=(255, 255, 255), width=3)
+        edges.save(input_dir / name)
+    subject = Image.new("RGB", (480, 640), (235, 235, 230))
+    d = ImageDraw.Draw(subject)
+    d.ellipse([140, 120, 340, 320], fill=(200, 60, 50))                    # a red ball on a stand
+    d.rectangle([220, 320, 260, 540], fill=(90, 70, 50))
+    d.rectangle([150, 540, 330, 580], fill=(60, 60, 60))
+    subject.save(input_dir / "easycontrol_subject_input.png")
 
 
 def shard_t5(single: Path, folder: Path):
@@ -359,6 +390,123 @@ def shard_t5(single: Path, folder: Path):
         safetensors.torch.save_file({k: sd[k] for k in part}, str(folder / shard))
         weight_map.update({k: shard for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+#                 EasyControl (issue 11): FLUX.1 for core's loaders + condition LoRAs
+# ---------------------------------------------------------------------------------------------
+# Core's Flux detection fixes mlp_ratio 4 and RoPE axes (16, 56, 56); 0.3.75 also fixes 24 heads. So the
+# FLUX file core's UNETLoader accepts is 3072 wide (head width 128): full width, 1 double + 1 single block
+# (~0.55 B parameters, 1.1 GB in bf16). The EasyControl LoRAs use the released naming for that block count.
+EASYCONTROL_FLUX = dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1)
+EASYCONTROL_LORA_RANK = 4
+# the LoRA files the shipped workflows name, with their kind (read from the name by the loader node)
+EASYCONTROL_LORAS = {"canny.safetensors": 21, "subject.safetensors": 22}
+# the DualCLIPLoader widget values of the shipped workflows: tiny PLACEHOLDER files, never loaded by a
+# test (the API tests swap DualCLIPLoader + CLIPTextEncode for tests/host_probe's conditioning stand-in);
+# they exist only so that the frontend test's dropdown check finds the names the workflows use
+FLUX_TEXT_ENCODER_NAMES = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
+
+
+def _random_like(shapes: dict, seed: int, dtype=torch.bfloat16, gain: float = 1.0) -> dict:
+    """Seeded random weights: matrices ~ N(0, gain²/fan_in), norm scales 1, biases 0."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in sorted(shapes.items()):
+        if len(shape) == 1:
+            sd[name] = (torch.ones(shape) if name.endswith("scale") or "norm" in name else torch.zeros(shape)).to(dtype)
+        else:
+            fan_in = 1
+            for n in shape[1:]:
+                fan_in *= n
+            sd[name] = (torch.randn(shape, generator=gen) * (gain / fan_in ** 0.5)).to(dtype)
+    return sd
+
+
+def save_easycontrol_flux(path: Path, seed: int):
+    """FLUX.1-dev layout in ComfyUI/BFL native names (what `flux1-dev.safetensors` holds), full width,
+    1 + 1 blocks, random bf16 weights; core's UNETLoader detects it as FLUX (dev: guidance_in present)."""
+    import safetensors.torch
+    from kernels.flux_easycontrol.checkpoint import expected_shapes
+    from kernels.flux_easycontrol.model import FluxConfig
+    sd = _random_like(expected_shapes(FluxConfig(**EASYCONTROL_FLUX)), seed, gain=0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(path))
+
+
+def save_easycontrol_lora(path: Path, seed: int, rank: int = EASYCONTROL_LORA_RANK, double_blocks=None,
+                          single_blocks=None):
+    """An EasyControl condition LoRA in the released names for EASYCONTROL_FLUX's block counts (or the
+    ones given: 19 + 38 is the released FLUX.1-dev layout), bf16."""
+    import safetensors.torch
+    from kernels.flux_easycontrol.lora import EasyControlLoRAConfig, expected_shapes
+    cfg = EasyControlLoRAConfig(hidden_size=EASYCONTROL_FLUX["hidden_size"], rank=rank,
+                                double_blocks=double_blocks or EASYCONTROL_FLUX["depth"],
+                                single_blocks=single_blocks or EASYCONTROL_FLUX["depth_single_blocks"])
+    sd = _random_like(expected_shapes(cfg), seed, gain=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(path))
+
+
+def flux_vae_shapes() -> dict:
+    """The FLUX.1 autoencoder (`ae.safetensors`): the kl-f8 architecture with 16 latent channels and no
+    quant convs, ldm names — what core's VAELoader reads as the Flux VAE."""
+    shapes = sd_vae_shapes()
+    for name in ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias"):
+        shapes.pop(name)
+    cin = shapes["encoder.conv_out.weight"][1]
+    shapes["encoder.conv_out.weight"], shapes["encoder.conv_out.bias"] = (32, cin, 3, 3), (32,)
+    top = shapes["decoder.conv_in.weight"][0]
+    shapes["decoder.conv_in.weight"] = (top, 16, 3, 3)
+    return shapes
+
+
+def save_random_flux_vae(path: Path, seed: int):
+    """Full-size FLUX VAE with random weights (fp16 would overflow nothing here; bf16 like the release)."""
+    import safetensors.torch
+    sd = _random_like(flux_vae_shapes(), seed, dtype=torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(path))
+
+
+def make_easycontrol_files(models_dir: Path):
+    models_dir = Path(models_dir)
+    save_easycontrol_flux(models_dir / "diffusion_models" / "flux1-dev.safetensors", seed=20)
+    for name, seed in EASYCONTROL_LORAS.items():
+        save_easycontrol_lora(models_dir / "loras" / name, seed=seed)
+    save_random_flux_vae(models_dir / "vae" / "ae.safetensors", seed=23)
+    import safetensors.torch
+    te = models_dir / "text_encoders"
+    te.mkdir(parents=True, exist_ok=True)
+    placeholder = te / "clip_l.safetensors"
+    if not placeholder.exists():
+        safetensors.torch.save_file({"placeholder": torch.zeros(1)}, str(placeholder))
+    # t5xxl_fp16.safetensors is already the tiny T5 (PixArt tests); the name is all the frontend checks
+
+
+def write_easycontrol_bad_files(folder: Path, made: Path):
+    """Wrong files for the LoRA loader: a plain FLUX LoRA (kohya names), a PixArt/SD file, a truncated LoRA."""
+    import safetensors.torch
+    folder.mkdir(parents=True, exist_ok=True)
+    def z():
+        return torch.zeros(4, 8)
+    # a plain FLUX LoRA in kohya names that core's LoraLoaderModelOnly applies to the test FLUX (also the
+    # composition test's core LoRA)
+    gen = torch.Generator().manual_seed(25)
+    d = EASYCONTROL_FLUX["hidden_size"]
+    safetensors.torch.save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, d, generator=gen) / d ** 0.5,
+                                 "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(3 * d, 4, generator=gen) * 0.5,
+                                 "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)},
+                                str(folder / "flux_style_lora.safetensors"))
+    safetensors.torch.save_file({"t_block.1.weight": z(), "blocks.0.attn.qkv.weight": z()}, str(folder / "pixart-like.safetensors"))
+    safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": z(),
+                                 "first_stage_model.decoder.conv_in.weight": z()}, str(folder / "sd15-like.safetensors"))
+    good = (made / "loras" / "canny.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    # not broken: the released FLUX.1-dev layout (19 double + 38 single blocks) at rank 1 — it loads, and
+    # applying it to the 1 + 1 block test FLUX is refused with the block counts
+    save_easycontrol_lora(folder / "released_layout_rank1.safetensors", seed=24, rank=1, double_blocks=19,
+                          single_blocks=38)
 
 
 if __name__ == "__main__":

@@ -176,13 +176,15 @@ class EasyControl:
             blocks.check_flux1_block(b, "single")
 
     def begin(self, model, y: Optional[torch.Tensor], guidance: Optional[torch.Tensor], noise_hw: tuple,
-              batch: int, dtype, extra_key: Any = None) -> Optional[ConditionRun]:
+              batch: int, dtype, extra_key: Any = None, device=None) -> Optional[ConditionRun]:
         """The state for one forward of `model` on a noise latent of size noise_hw (latent pixels, after
-        padding to patches) and batch `batch`; fills the bank on a miss. None without conditions."""
+        padding to patches) and batch `batch`; fills the bank on a miss. None without conditions.
+        `device`: where the forward computes (default: where img_in's weight is; ComfyUI's offloading
+        ops may keep weights elsewhere and cast them to the input's device per call)."""
         if not self.conditions:
             return None
         self.check_fits(model)
-        device = model.img_in.weight.device
+        device = device if device is not None else model.img_in.weight.device
         slots = self.conditions
         tokens = [_to_batch(pack_latents(c.latent.to(device)), batch).to(dtype) for c in slots]
         ranges, start = [], 0

@@ -8,6 +8,11 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
 - DiTControlProbe_PatcherClass: the class of a MODEL's patcher, the class core's own loaders would
   build for the same devices (`comfy.model_patcher.CoreModelPatcher`, rebound at start-up on NVIDIA), and
   whether its reloader (`cached_patcher_init`, v0.33) rebuilds the same weights from the file.
+- DiTControlProbe_FluxConditioningStandIn: the CI stand-in for DualCLIPLoader (type flux) + CLIPTextEncode:
+  Flux-shaped CONDITIONING (context [1, tokens, 4096] like T5-XXL, pooled_output [1, 768] like CLIP-L)
+  drawn deterministically from the text (seeded by its SHA-256), so a changed prompt changes both. The
+  API tests of the EasyControl workflows swap core's text nodes for it (real-size encoders are too heavy
+  for CI); the shipped workflows keep core's nodes.
 V1 registration: it must run unchanged on every host the suite uses.
 """
 import json
@@ -67,4 +72,24 @@ class PatcherClass:
         return {"ui": {"text": [json.dumps(report)]}}
 
 
-NODE_CLASS_MAPPINGS = {"DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass}
+class FluxConditioningStandIn:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
+                             "tokens": ("INT", {"default": 256, "min": 1, "max": 512})}}
+
+    def encode(self, text, tokens):
+        import hashlib
+        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+        gen = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, tokens, 4096, generator=gen)
+        pooled = torch.randn(1, 768, generator=gen)
+        return ([[context, {"pooled_output": pooled}]],)
+
+
+NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
+                       "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass}

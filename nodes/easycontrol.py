@@ -1,0 +1,178 @@
+"""EasyControl nodes (issue 11): condition LoRAs for core's FLUX.1 MODEL.
+
+- EasyControl LoRA Loader: a file from models/loras, strictly in the released layout (block counts and rank
+  read from the weights; FLUX.1-dev's files: 19 double + 38 single blocks, rank 128).
+- Apply EasyControl: MODEL + VAE + LoRA + image → a patched MODEL clone (chain two for multi-condition).
+Condition images are prepared as the reference pipeline does (Xiaojiu-z/EasyControl src/pipeline.py):
+spatial conditions resized to S×S ignoring the aspect (Lanczos); subjects scaled to the long side S,
+both sides rounded down to a multiple of 16, centre-padded to S×S with mid-grey; several images of one
+kind VAE-encoded together as one tall image.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..kernels.checkpoint_io import CheckpointError, read_state_dict
+from ..kernels.flux_easycontrol.condition import split_tall_latent
+from ..kernels.flux_easycontrol.condition_image import prepare_condition
+from ..kernels.flux_easycontrol.lora import load_lora
+from .flux_easycontrol_model import ConditionSource, current_spec, patch_model
+
+CATEGORY = "DiT Control/EasyControl"
+KIND_CHOICES = ("auto", "spatial", "subject")
+
+EasyControlLoRAType = io.Custom("EASYCONTROL_LORA")
+
+
+class EasyControlLoRAFile:
+    """A loaded condition LoRA: the module (bf16 as released; cast to the compute dtype per call), its
+    file name and the kind its name suggests."""
+
+    def __init__(self, module, name: str):
+        self.module = module
+        self.name = name
+
+    @property
+    def kind_from_name(self) -> str:
+        return "subject" if "subject" in os.path.basename(self.name).lower() else "spatial"
+
+
+def load_easycontrol_lora(path: str, name: str) -> EasyControlLoRAFile:
+    import comfy.ops
+    sd = read_state_dict(path)
+    try:
+        module = load_lora(sd, operations=comfy.ops.manual_cast)
+    except CheckpointError as e:
+        found = str(e).split("; found ", 1)[-1] if "; found " in str(e) else ""
+        hint = ("; a plain FLUX LoRA goes into core's LoraLoaderModelOnly instead"
+                if "LoRA" in found and "EasyControl" not in found else "")
+        raise CheckpointError(f"{name}: {e}{hint}") from None
+    return EasyControlLoRAFile(module.eval().requires_grad_(False), name)
+
+
+class EasyControlLoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_EasyControlLoRALoader",
+            display_name="EasyControl LoRA Loader",
+            category=CATEGORY,
+            description="Loads an EasyControl condition LoRA for FLUX.1-dev (canny, depth, hedsketch, pose, seg, "
+                        "inpainting, Ghibli or subject) from models/loras. The file is checked strictly against "
+                        "the released layout; block counts and rank are read from the weights. A plain FLUX "
+                        "LoRA or another model's file is refused with what it is.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="An EasyControl LoRA from models/loras (Xiaojiu-Z/EasyControl models/*.safetensors). "
+                                       "Plain FLUX LoRAs go into core's LoraLoaderModelOnly instead."),
+            ],
+            outputs=[EasyControlLoRAType.Output(display_name="easycontrol_lora",
+                                                tooltip="For Apply EasyControl.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        lora = load_easycontrol_lora(path, lora_name)
+        logging.info("dit-control: loaded EasyControl LoRA %s (%s)", lora_name, lora.module.config.describe())
+        return io.NodeOutput(lora)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   Condition image preparation
+# ---------------------------------------------------------------------------------------------
+
+def encode_tall(vae, latent_format, pixels: list) -> list:
+    """Same-kind conditions [B, S, S, 3] each, stacked vertically and VAE-encoded as ONE tall image (the
+    reference does so: slight mixing across the seams); -> one model-space latent per condition."""
+    batch = {p.shape[0] for p in pixels}
+    if len(batch) != 1:
+        raise ValueError(f"EasyControl: chained conditions of one kind need the same number of images, got {sorted(batch)}")
+    tall = torch.cat(pixels, dim=1)
+    z = vae.encode(tall[..., :3])
+    z = latent_format.process_in(z.float())
+    return split_tall_latent(z, len(pixels))
+
+
+class ApplyEasyControl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_ApplyEasyControl",
+            display_name="Apply EasyControl",
+            category=CATEGORY,
+            description="Adds an EasyControl condition (canny/depth/pose/... map or a subject photo) to a FLUX.1 "
+                        "MODEL from core's Load Diffusion Model. Chain two for multi-condition. Works on a clone "
+                        "through core's block patches, so core LoRA, FluxGuidance and ModelSamplingFlux still "
+                        "apply; sample with core KSampler or SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1-dev MODEL (core Load Diffusion Model, any weight dtype), "
+                                                "or the output of another Apply EasyControl."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) the condition image is encoded with."),
+                EasyControlLoRAType.Input("easycontrol_lora", tooltip="From EasyControl LoRA Loader."),
+                io.Image.Input("image", tooltip="The condition image: a control map for spatial LoRAs (canny, depth, "
+                                                "...) or a subject photo for the subject LoRA. A batch gives one "
+                                                "condition per latent batch element."),
+                io.Int.Input("condition_size", default=512, min=64, max=2048, step=16,
+                             tooltip="Side S in pixels the condition is prepared at (EasyControl trains and "
+                                     "infers at 512). Larger costs more tokens: (S/16)² per condition."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Scale of this condition's LoRA (upstream lora_weights; 1 = as trained). "
+                                       "At 0 the condition tokens are still attended to."),
+                io.Combo.Input("kind", options=list(KIND_CHOICES), default="auto",
+                               tooltip="spatial: control maps, resized to S×S; subject: photo scaled and "
+                                       "centre-padded. auto: subject if the LoRA's file name says so."),
+                io.Boolean.Input("cache", default=True,
+                                 tooltip="Compute the condition stream once per sampling run and reuse its K/V "
+                                         "at every step (exact, much faster). Off: recompute it every step."),
+            ],
+            outputs=[io.Model.Output(tooltip="The FLUX MODEL with this condition (and the ones before it).")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, easycontrol_lora, image, condition_size=512, strength=1.0, kind="auto",
+                cache=True) -> io.NodeOutput:
+        return io.NodeOutput(apply_easycontrol(model, vae, easycontrol_lora, image, condition_size, strength,
+                                               kind, cache))
+
+
+def apply_easycontrol(model, vae, lora: EasyControlLoRAFile, image, condition_size=512, strength=1.0,
+                      kind="auto", cache=True):
+    from .flux_easycontrol_model import core_flux
+    core_flux(model)                     # clear error for a PixArt/SD MODEL before any VAE work
+    if condition_size % 16:
+        raise ValueError(f"condition_size must be a multiple of 16, got {condition_size}")
+    kind = lora.kind_from_name if kind == "auto" else kind
+    previous = current_spec(model)
+    sources = list(previous.sources) if previous is not None else []
+    pixels = prepare_condition(image, kind, condition_size)
+    same = [s for s in sources if s.kind == kind]
+    if same and any(s.pixels.shape[1:] != pixels.shape[1:] for s in same):
+        raise ValueError("EasyControl: chained conditions of one kind need the same condition_size")
+    latent_format = model.get_model_object("latent_format")
+    latents = encode_tall(vae, latent_format, [s.pixels for s in same] + [pixels])
+    channels = getattr(latent_format, "latent_channels", 16)
+    if latents[-1].ndim != 4 or latents[-1].shape[1] != channels:
+        raise ValueError(f"Apply EasyControl: this VAE gives latents of shape {tuple(latents[-1].shape)}; FLUX.1 "
+                         f"needs its own VAE (ae.safetensors, {channels} latent channels)")
+    rebuilt = {id(s): ConditionSource(s.pixels, z, s.lora, s.strength, s.kind, s.name) for s, z in zip(same, latents)}
+    sources = [rebuilt.get(id(s), s) for s in sources]
+    sources.append(ConditionSource(pixels, latents[-1], lora.module, float(strength), kind, lora.name))
+    try:
+        patched = patch_model(model, sources, cache=cache)
+    except CheckpointError as e:
+        raise CheckpointError(f"{lora.name}: {e}") from None
+    logging.info("dit-control: EasyControl conditions: %s (cache %s)", "; ".join(
+        f"{s.name} as {s.kind}, {s.pixels.shape[2]}x{s.pixels.shape[1]} px, strength {s.strength:g}"
+        for s in sources), "on" if cache else "off")
+    return patched
+
+
+NODES = [EasyControlLoRALoader, ApplyEasyControl]

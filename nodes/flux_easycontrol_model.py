@@ -1,0 +1,188 @@
+"""EasyControl on core's own FLUX MODEL: the glue between ComfyUI's patch points and kernels/flux_easycontrol.
+
+No copy of core's Flux: the MODEL core's Load Diffusion Model gives is cloned and gets
+- a block replace patch for every double / single block (`patches_replace["dit"]`, both hosts), which runs
+  the kernel's block function on core's own block module (core's ops: any weight dtype, fp8 included,
+  lowvram casting) with the condition tokens riding along;
+- a DIFFUSION_MODEL wrapper that begins the condition state of each model call (noise size, batch, dtype,
+  the CFG branches of the call as the bank's extra key) and hands it to the block patches through
+  `transformer_options`;
+- an OUTER_SAMPLE wrapper that clears the KV bank when a sampling run starts and when it ends.
+Other patches compose: core LoRA (weight patches on the same modules), FluxGuidance (the guidance the
+wrapper reads), ModelSamplingFlux (object patch), reference latents (extra image tokens before ours).
+
+The state (`EasyControlSpec`: conditions + cache switch + bank) sits in the clone's
+model_options["transformer_options"]; chaining a second Apply EasyControl makes a new clone with a new
+spec holding both conditions. 0.3.75 deep-copies model_options on every clone: the spec shares itself
+instead (its conditions never change after the node made it; the bank is per sampling run).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.patcher_extension
+
+from ..kernels.checkpoint_io import CheckpointError
+from ..kernels.flux_easycontrol import blocks
+from ..kernels.flux_easycontrol.condition import EasyControl
+from .finite_guard import check_step_output
+
+SPEC_KEY = "dit_control_easycontrol"          # model_options["transformer_options"][SPEC_KEY]: the spec
+RUN_KEY = "dit_control_easycontrol_run"       # transformer_options of one call: (core Flux, ConditionRun)
+WRAPPER_KEY = "dit_control_easycontrol"
+
+
+@dataclass(eq=False)
+class ConditionSource:
+    """One Apply EasyControl slot as the node made it: the prepared image [B, S, S, 3] in [0, 1] (kept for
+    the joint tall encode when a same-kind condition is chained later), its latent, LoRA, strength, kind."""
+    pixels: torch.Tensor
+    latent: torch.Tensor
+    lora: object
+    strength: float
+    kind: str
+    name: str = ""
+
+
+@dataclass(eq=False)
+class EasyControlSpec:
+    sources: list
+    cache: bool = True
+    easycontrol: EasyControl = field(default=None)
+
+    def __post_init__(self):
+        from ..kernels.flux_easycontrol.condition import Condition
+        conditions = [Condition(s.latent, s.lora, s.strength, s.kind) for s in self.sources]
+        self.easycontrol = EasyControl(conditions, cache=self.cache)
+
+    def __deepcopy__(self, memo):       # 0.3.75's ModelPatcher.clone deep-copies model_options
+        return self
+
+
+def core_flux(model_patcher):
+    """The MODEL's diffusion model if it is core's FLUX.1 (comfy.ldm.flux.model.Flux); else a clear error."""
+    import comfy.ldm.flux.model
+    dm = model_patcher.get_model_object("diffusion_model")
+    if not isinstance(dm, comfy.ldm.flux.model.Flux) or type(dm).__name__ != "Flux":
+        what = type(dm).__name__ + (" (a PixArt transformer)" if "pixart" in type(dm).__module__.lower() else "")
+        raise CheckpointError(f"Apply EasyControl needs a FLUX.1 MODEL (core's Load Diffusion Model with "
+                              f"flux1-dev.safetensors); this MODEL is {what}")
+    if getattr(dm.params, "global_modulation", False) or len(getattr(dm, "double_blocks", [])) == 0:
+        raise CheckpointError("Apply EasyControl needs FLUX.1 (dev/schnell) blocks; this FLUX variant "
+                              "(FLUX.2-style global modulation or no double blocks) is not what the LoRAs were trained on")
+    for b in dm.double_blocks[:1]:
+        blocks.check_flux1_block(b, "double")
+    for b in dm.single_blocks[:1]:
+        blocks.check_flux1_block(b, "single")
+    return dm
+
+
+def current_spec(model_patcher):
+    return model_patcher.model_options.get("transformer_options", {}).get(SPEC_KEY)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                       Block patches
+# ---------------------------------------------------------------------------------------------
+
+def _run_of(args):
+    opts = args.get("transformer_options") or {}
+    return opts.get(RUN_KEY)
+
+
+def _unsupported(args, flux):
+    if isinstance(args["vec"], tuple) or args["vec"].shape[0] != args["img"].shape[0]:
+        raise NotImplementedError("EasyControl does not support per-token modulation (reference latents "
+                                  "with the 'index_timestep_zero' method) on the same model")
+
+
+class DoubleBlockPatch:
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, args, extra):
+        state = _run_of(args)
+        if state is None or state[1] is None:
+            return extra["original_block"](args)
+        flux, run = state
+        _unsupported(args, flux)
+        img, txt = blocks.double_block(flux.double_blocks[self.index], args["img"], args["txt"], args["vec"],
+                                       args["pe"], run=run, index=self.index, attn_mask=args.get("attn_mask"))
+        return {"img": img, "txt": txt}
+
+
+class SingleBlockPatch:
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, args, extra):
+        state = _run_of(args)
+        if state is None or state[1] is None:
+            return extra["original_block"](args)
+        flux, run = state
+        _unsupported(args, flux)
+        img = blocks.single_block(flux.single_blocks[self.index], args["img"], args["vec"], args["pe"], run=run,
+                                  index=self.index, attn_mask=args.get("attn_mask"))
+        return {"img": img}
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Wrappers
+# ---------------------------------------------------------------------------------------------
+
+def diffusion_model_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                            transformer_options={}, **kwargs):
+    """Per model call: begin the condition state (fills the bank on a miss) and pass it to the blocks."""
+    spec = (transformer_options or {}).get(SPEC_KEY)
+    flux = executor.class_obj
+    if spec is None or not spec.sources:
+        return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    p = flux.patch_size
+    noise_hw = (x.shape[-2] + (-x.shape[-2]) % p, x.shape[-1] + (-x.shape[-1]) % p)
+    branch = tuple(transformer_options.get("cond_or_uncond") or ())
+    g = guidance if getattr(flux.params, "guidance_embed", False) else None
+    with torch.no_grad():
+        run = spec.easycontrol.begin(flux, y, g, noise_hw, x.shape[0], x.dtype, extra_key=("cfg", branch),
+                                      device=x.device)
+    options = dict(transformer_options)
+    options[RUN_KEY] = (flux, run)
+    out = executor(x, timestep, context, y, guidance, ref_latents, control, options, **kwargs)
+    return check_step_output(out, x, context, transformer_options, "EasyControl FLUX")
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """A sampling run: the bank starts empty and is dropped when the run ends (also on errors/interrupts)."""
+    guider = executor.class_obj
+    spec = guider.model_options.get("transformer_options", {}).get(SPEC_KEY)
+    if spec is None:
+        return executor(*args, **kwargs)
+    bank = spec.easycontrol.bank
+    builds, hits = bank.builds, bank.hits
+    try:
+        with spec.easycontrol.sampling_run():
+            return executor(*args, **kwargs)
+    finally:
+        logging.info("dit-control: EasyControl sampling run done (cache %s): KV bank built %d, reused %d times; "
+                     "dropped", "on" if spec.cache else "off", bank.builds - builds, bank.hits - hits)
+
+
+def patch_model(model_patcher, sources: list, cache: bool):
+    """A clone of `model_patcher` running EasyControl with these condition sources."""
+    flux = core_flux(model_patcher)
+    spec = EasyControlSpec(list(sources), cache=cache)
+    spec.easycontrol.check_fits(flux)
+    m = model_patcher.clone()
+    m.model_options.setdefault("transformer_options", {})[SPEC_KEY] = spec
+    for i in range(len(flux.double_blocks)):
+        m.set_model_patch_replace(DoubleBlockPatch(i), "dit", "double_block", i)
+    for i in range(len(flux.single_blocks)):
+        m.set_model_patch_replace(SingleBlockPatch(i), "dit", "single_block", i)
+    W = comfy.patcher_extension.WrappersMP
+    m.remove_wrappers_with_key(W.DIFFUSION_MODEL, WRAPPER_KEY)
+    m.remove_wrappers_with_key(W.OUTER_SAMPLE, WRAPPER_KEY)
+    m.add_wrapper_with_key(W.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    m.add_wrapper_with_key(W.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    return m
