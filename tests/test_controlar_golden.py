@@ -10,32 +10,26 @@ in the released naming.
 - the caption rule (left padding, zeroed pads), the RoPE table's zero prefix rows and sequence-position indexing
   (the MR models' wrap on the 48-wide grid), the callback API.
 """
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kernels.controlar.checkpoint import load_gpt_file, load_vq_file
 from kernels.controlar.dinov2 import resize_mode, to_patch14
 from kernels.controlar.gpt import rope_table_2d
 from kernels.controlar.sampling import SamplingSettings, combine_cfg, generate
 from kernels.controlar.text import left_pad
+from tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
 
 TOL = 1e-4
 
 
-def relative_error(ours, golden):
-    return ((ours.float() - golden).abs().max() / golden.abs().max()).item()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """128-wide layers: a second intra-op thread costs more than it computes on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +39,12 @@ def golden(shared):
 
 @pytest.fixture(scope="module")
 def config(golden):
-    return json.loads((golden / "config.json").read_text())
+    return golden_config(golden)
 
 
 @pytest.fixture(scope="module")
 def io(golden):
-    return load_file(str(golden / "io.safetensors"))
+    return golden_io(golden)
 
 
 @pytest.fixture(scope="module")

@@ -12,29 +12,23 @@ reference's latent tiling:
 
 Max error ≤ 1e-4 · max |golden| (the default tolerance).
 """
-import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kernels.checkpoint_io import read_json_beside, read_state_dict
 from kernels.dit4sr.checkpoint import dead_tensor_names, load_dit4sr, load_dit4sr_file
 from kernels.dit4sr.tiling import TileSettings, gaussian_weights, grid_starts, run_tiled, tile_layout
+from tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
 
 
-def relative_error(ours, golden):
-    return ((ours - golden).abs().max() / golden.abs().max()).item()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """64-wide layers: a second intra-op thread costs more than it computes on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +38,12 @@ def golden(shared):
 
 @pytest.fixture(scope="module")
 def io(golden):
-    return load_file(str(golden / "io.safetensors"))
+    return golden_io(golden)
 
 
 @pytest.fixture(scope="module")
 def config(golden):
-    return json.loads((golden / "config.json").read_text())
+    return golden_config(golden)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,10 @@
 
 Max error ≤ 1e-4 · max |golden| throughout (the default tolerance).
 """
-import json
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kernels.checkpoint_io import read_state_dict
 from kernels.flux_easycontrol import blocks, condition
@@ -23,24 +21,19 @@ from kernels.flux_easycontrol.condition import (Condition, EasyControl, conditio
                                                 split_tall_latent, subject_ids)
 from kernels.flux_easycontrol.lora import load_lora
 from kernels.flux_easycontrol.model import grid_ids, pack_latents
+from tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
 
 CASES = ("spatial", "subject", "multi")
 LAYOUTS = {"comfy": "flux_tiny_comfy.safetensors", "diffusers": "flux_tiny_diffusers.safetensors"}
 CHAIN = ("kv_v0", "kv_x1", "kv_v1", "kv_x2")
 
 
-def relative_error(ours, golden):
-    return ((ours - golden).abs().max() / golden.abs().max()).item()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """64-wide layers: a second intra-op thread costs more than it computes (50x slower on a busy
-    2-core machine); restored for the rest of the session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +43,12 @@ def golden(shared):
 
 @pytest.fixture(scope="module")
 def io(golden):
-    return load_file(str(golden / "io.safetensors"))
+    return golden_io(golden)
 
 
 @pytest.fixture(scope="module")
 def config(golden):
-    return json.loads((golden / "config.json").read_text())
+    return golden_config(golden)
 
 
 @pytest.fixture(scope="module")
