@@ -99,9 +99,12 @@ def _unsupported(args, flux):
                                   "with the 'index_timestep_zero' method) on the same model")
 
 
-class DoubleBlockPatch:
-    def __init__(self, index: int):
-        self.index = index
+class BlockPatch:
+    """Block replace for core's double / single block `index`: our kernel's block function on core's own
+    block module when a condition run is active, core's original block otherwise."""
+
+    def __init__(self, kind: str, index: int):
+        self.kind, self.index = kind, index
 
     def __call__(self, args, extra):
         state = _run_of(args)
@@ -109,24 +112,13 @@ class DoubleBlockPatch:
             return extra["original_block"](args)
         flux, run = state
         _unsupported(args, flux)
-        img, txt = blocks.double_block(flux.double_blocks[self.index], args["img"], args["txt"], args["vec"],
-                                       args["pe"], run=run, index=self.index, attn_mask=args.get("attn_mask"))
-        return {"img": img, "txt": txt}
-
-
-class SingleBlockPatch:
-    def __init__(self, index: int):
-        self.index = index
-
-    def __call__(self, args, extra):
-        state = _run_of(args)
-        if state is None or state[1] is None:
-            return extra["original_block"](args)
-        flux, run = state
-        _unsupported(args, flux)
-        img = blocks.single_block(flux.single_blocks[self.index], args["img"], args["vec"], args["pe"], run=run,
-                                  index=self.index, attn_mask=args.get("attn_mask"))
-        return {"img": img}
+        common = dict(run=run, index=self.index, attn_mask=args.get("attn_mask"))
+        if self.kind == "double":
+            img, txt = blocks.double_block(flux.double_blocks[self.index], args["img"], args["txt"], args["vec"],
+                                           args["pe"], **common)
+            return {"img": img, "txt": txt}
+        return {"img": blocks.single_block(flux.single_blocks[self.index], args["img"], args["vec"], args["pe"],
+                                           **common)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,9 +169,9 @@ def patch_model(model_patcher, sources: list, cache: bool):
     m = model_patcher.clone()
     m.model_options.setdefault("transformer_options", {})[SPEC_KEY] = spec
     for i in range(len(flux.double_blocks)):
-        m.set_model_patch_replace(DoubleBlockPatch(i), "dit", "double_block", i)
+        m.set_model_patch_replace(BlockPatch("double", i), "dit", "double_block", i)
     for i in range(len(flux.single_blocks)):
-        m.set_model_patch_replace(SingleBlockPatch(i), "dit", "single_block", i)
+        m.set_model_patch_replace(BlockPatch("single", i), "dit", "single_block", i)
     W = comfy.patcher_extension.WrappersMP
     m.remove_wrappers_with_key(W.DIFFUSION_MODEL, WRAPPER_KEY)
     m.remove_wrappers_with_key(W.OUTER_SAMPLE, WRAPPER_KEY)
