@@ -3,12 +3,19 @@
 The loader gives a CONTROL_NET that core "Apply ControlNet" (with its VAE input) attaches to PixArt
 conditioning; ComfyUI's sampler then asks it for control per step (`get_control`), honouring
 strength and start/end percent, and our PixArt MODEL runs the copied blocks (kernels/pixart/controlnet.py).
+
+The CONTROL_NET class and the loader helpers are shared by every PixArt control network that plugs into
+the DiT's `control=` hook: a network is described by a `ControlKind` (its file preparation, its strict
+loader, its base compatibility check and how a step's branch is made). RelaCtrl (nodes/relactrl.py) is the
+second kind.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from comfy_api.latest import io
@@ -31,23 +38,58 @@ from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 CATEGORY = "DiT Control/PixArt"
 
 
+def _controlnet_branch(control, hint, t, transformer_options):
+    """A ControlNet-Transformer step: the copied blocks at the node's strength."""
+    return control.net.branch(hint, strength=control.strength)
+
+
+def _controlnet_default_base(info):
+    """A base config for the compatibility check when the file bundles no base."""
+    return PixArtConfig(hidden_size=info.hidden_size, mlp_ratio=info.mlp_ratio,
+                        num_heads=max(1, info.hidden_size // 72))
+
+
+@dataclass(frozen=True)
+class ControlKind:
+    """What differs between the PixArt control networks sharing `PixArtControlNet` and the loader helpers.
+
+    prepare(sd) -> (control sd, bundled base sd or None, info); load(control sd, base config, operations=,
+    dtype=, info=) -> network; check(info, base config) raises when the network does not fit the base;
+    branch(control, hint, t, transformer_options) -> the ControlFn of one step (`control.strength` etc.);
+    default_base(info) -> a PixArtConfig to load against when the file bundles no base."""
+    name: str
+    prepare: Callable
+    load: Callable
+    check: Callable
+    branch: Callable
+    default_base: Callable
+    loader_hint: str          # how to load it with a separate base, for the "no bundled base" error
+
+
+CONTROLNET_TRANSFORMER = ControlKind(
+    name="PixArt ControlNet-Transformer", prepare=prepare_pixart_controlnet, load=load_pixart_controlnet,
+    check=check_base_compatible, branch=_controlnet_branch, default_base=_controlnet_default_base,
+    loader_hint="'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
+
+
 class PixArtControlNet(comfy.controlnet.ControlBase):
     """A CONTROL_NET for PixArt: the control image becomes a latent through the VAE (as PixArt-δ did),
-    and each sampling step hands our MODEL a control branch instead of UNet residual lists."""
+    and each sampling step hands our MODEL a control branch instead of UNet residual lists. `kind` says
+    which network it is (its compatibility check and how a step's branch is made)."""
 
-    def __init__(self, net, patcher, info):
+    def __init__(self, net, patcher, info, kind: ControlKind = CONTROLNET_TRANSFORMER):
         super().__init__()
-        self.net, self.patcher, self.info = net, patcher, info
+        self.net, self.patcher, self.info, self.kind = net, patcher, info, kind
         self.latent_format = comfy.latent_formats.SD15()   # the control latent is scaled like the image latent
         self.upscale_algorithm = "bilinear"                # control image is resized + centre-cropped to the latent
         self.model_sampling_current = None
 
     def pre_run(self, model, percent_to_timestep_function):
         if not isinstance(model, PixArtDiTModel):
-            raise ValueError(f"PixArt ControlNet-Transformer applied to a {type(model).__name__} model: it "
-                             "works only with a MODEL from 'PixArt-α DiT Loader' (or the ControlNet "
-                             "checkpoint loader)")
-        check_base_compatible(self.info, model.diffusion_model.config)
+            raise ValueError(f"{self.kind.name} applied to a {type(model).__name__} model: it "
+                             "works only with a MODEL from 'PixArt-α DiT Loader' (or from the checkpoint "
+                             "loader of a full control file)")
+        self.kind.check(self.info, model.diffusion_model.config)
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling_current = model.model_sampling
 
@@ -62,7 +104,7 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
         if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
             return {PIXART_CONTROL_KEY: previous} if previous is not None else None
         if self.vae is None:
-            raise ValueError("PixArt ControlNet needs the VAE input of 'Apply ControlNet': the control image "
+            raise ValueError(f"{self.kind.name} needs the VAE input of 'Apply ControlNet': the control image "
                              "is encoded to a latent, as PixArt-δ does")
         target_hw = (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8)
         if self.cond_hint is None or tuple(self.cond_hint.shape[-2:]) != tuple(x_noisy.shape[-2:]):
@@ -76,15 +118,18 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
         hint = self.cond_hint
         if hint.shape[0] != x_noisy.shape[0]:
             hint = comfy.controlnet.broadcast_image_to(hint, x_noisy.shape[0], batched_number)
-        branch = self.net.branch(hint, strength=self.strength)
+        branch = self.kind.branch(self, hint, t, transformer_options)
         return {PIXART_CONTROL_KEY: combine_controls(previous, branch)}
 
-    def copy(self):
-        c = PixArtControlNet(self.net, self.patcher, self.info)
+    def _new(self, net, patcher):
+        c = type(self)(net, patcher, self.info, self.kind)
         self.copy_to(c)
         c.latent_format = self.latent_format
         c.upscale_algorithm = self.upscale_algorithm
         return c
+
+    def copy(self):
+        return self._new(self.net, self.patcher)
 
     def get_models(self):
         return super().get_models() + [self.patcher]
@@ -92,9 +137,7 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
     def deepclone_multigpu(self, load_device, autoregister=False):
         """v0.33's multi-GPU sampling: a copy whose network lives on another device (as core's ControlNet)."""
         net = copy.deepcopy(self.net)
-        c = PixArtControlNet(net, new_model_patcher(net, load_device, mm.unet_offload_device()), self.info)
-        self.copy_to(c)
-        c.latent_format, c.upscale_algorithm = self.latent_format, self.upscale_algorithm
+        c = self._new(net, new_model_patcher(net, load_device, mm.unet_offload_device()))
         if autoregister:
             self.multigpu_clones[load_device] = c
         return c
@@ -104,20 +147,25 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
         super().cleanup()
 
 
-def load_controlnet(path: str, weight_choice: str = "default"):
-    """(CONTROL_NET, bundled base state dict or None, info) from a ControlNet file."""
+def load_control_network(path: str, weight_choice: str = "default", kind: ControlKind = CONTROLNET_TRANSFORMER):
+    """(network, its patcher, bundled base state dict or None, info) from a file of this kind."""
     sd = read_state_dict(path)
-    control_sd, base_sd, info = prepare_pixart_controlnet(sd)
-    base_cfg = info.base_config or PixArtConfig(hidden_size=info.hidden_size, mlp_ratio=info.mlp_ratio,
-                                                num_heads=max(1, info.hidden_size // 72))
+    control_sd, base_sd, info = kind.prepare(sd)
+    base_cfg = info.base_config or kind.default_base(info)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     chosen, int8_ops, _ = storage_choice(weight_choice)
     dtype, cast = storage_dtypes(control_sd, chosen)
     ops = int8_ops or (comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init)
-    net = load_pixart_controlnet(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
+    net = kind.load(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
     patcher = new_model_patcher(net, load_device, offload_device)   # the class core's ControlNets get
     logging.info("dit-control: %s", info.describe())
-    return PixArtControlNet(net, patcher, info), base_sd, info
+    return net, patcher, base_sd, info
+
+
+def load_controlnet(path: str, weight_choice: str = "default", kind: ControlKind = CONTROLNET_TRANSFORMER):
+    """(CONTROL_NET, bundled base state dict or None, info) from a control network file."""
+    net, patcher, base_sd, info = load_control_network(path, weight_choice, kind)
+    return PixArtControlNet(net, patcher, info, kind), base_sd, info
 
 
 class PixArtControlNetLoader(io.ComfyNode):
@@ -176,20 +224,22 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(model, control)
 
 
-def bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=False):
-    """The MODEL of a full ControlNet file's bundled base (its reloader reads the file again)."""
+def bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=False,
+                         kind: ControlKind = CONTROLNET_TRANSFORMER):
+    """The MODEL of a full control file's bundled base (its reloader reads the file again). The base
+    state dict is consumed: the MODEL holds the only copy of its weights."""
     if base_sd is None:
         raise ValueError(f"{os.path.basename(path)} carries no base model ({info.layout} layout): use "
-                         "'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
+                         f"{kind.loader_hint}")
     dtype, operations, _ = storage_choice(weight_dtype)
     model = build_model_patcher(info.base_config, base_sd, weight_dtype=dtype, custom_operations=operations,
                                 disable_dynamic=disable_dynamic)
-    return register_reloader(model, _reload_bundled_base, (path, weight_dtype))
+    return register_reloader(model, _reload_bundled_base, (path, weight_dtype, kind))
 
 
-def _reload_bundled_base(path, weight_dtype, disable_dynamic=False):
-    _, base_sd, info = prepare_pixart_controlnet(read_state_dict(path))
-    return bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=disable_dynamic)
+def _reload_bundled_base(path, weight_dtype, kind=CONTROLNET_TRANSFORMER, disable_dynamic=False):
+    _, base_sd, info = kind.prepare(read_state_dict(path))
+    return bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=disable_dynamic, kind=kind)
 
 
 NODES = [PixArtControlNetLoader, PixArtControlNetCheckpointLoader]

@@ -1,0 +1,96 @@
+"""Benchmark: the per-step cost of PixArt's two controls against the base model alone — the PixArt-δ
+ControlNet-Transformer (13 copied blocks on the 28-block XL/2) and RelaCtrl (11 RGLC blocks with the
+release's expert counts) — full-size random weights, one run, 512 and 1024 px.
+
+    .venv/bin/python -m tests.benchmarks.bench_pixart_control_step [--sizes 512 1024] [--batch 2] [--repeats 2]
+
+A step is one forward of the DiT (batch 2 = a CFG step), fp32, after one warm-up forward. The issue's
+goal: RelaCtrl's overhead ≤ 1/3 of the ControlNet-Transformer's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from kernels.pixart.controlnet import PixArtControlNet, block_config  # noqa: E402
+from kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
+from kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig  # noqa: E402
+from tests.benchmarks.results import save_results  # noqa: E402
+from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
+from tests.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
+
+
+def median_time(fn, repeats):
+    with torch.no_grad():
+        fn()                                   # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def randomised(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module.eval()
+
+
+def millions(module):
+    return round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cfg = pixart_xl2_1024_ms(null_caption=False)
+    base = PixArt(cfg)
+    base.load_state_dict(random_pixart_state_dict(cfg, seed=0))
+    base.eval()
+    d = cfg.hidden_size
+    controlnet = randomised(PixArtControlNet(13, block_config(d, cfg.num_heads, cfg.mlp_ratio)))
+    relactrl = randomised(RelaCtrl(RelaCtrlConfig(hidden_size=d,
+                                                  expert_widths=tuple((d // g,) * g for g in RELACTRL_EXPERTS))))
+    results = {"batch": args.batch, "dtype": "fp32", "threads": torch.get_num_threads(),
+               "params_m": {"base": millions(base), "controlnet": millions(controlnet),
+                            "relactrl": millions(relactrl)},
+               "sizes": {}}
+    for size in args.sizes:
+        b, lat = args.batch, size // 8
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(b, 4, lat, lat, generator=gen)
+        c = torch.randn(1, 4, lat, lat, generator=gen)
+        t = torch.full((b,), 500.0)
+        y = torch.randn(b, 120, 4096, generator=gen)
+        plain = median_time(lambda: base(x, t, y), args.repeats)
+        with_cn = median_time(lambda: base(x, t, y, control=controlnet.branch(c, strength=1.0)), args.repeats)
+        with_rc = median_time(lambda: base(x, t, y, control=relactrl.branch(c, strength=1.0, seed=0, step=0)),
+                              args.repeats)
+        cn_over, rc_over = with_cn / plain - 1, with_rc / plain - 1
+        row = {"base_s": round(plain, 3), "controlnet_s": round(with_cn, 3), "relactrl_s": round(with_rc, 3),
+               "controlnet_overhead_pct": round(100 * cn_over, 1), "relactrl_overhead_pct": round(100 * rc_over, 1),
+               "relactrl_over_controlnet_overhead": round(rc_over / cn_over, 3)}
+        results["sizes"][str(size)] = row
+        print(f"{size} px: base {plain:.2f} s, +ControlNet {with_cn:.2f} s (+{100 * cn_over:.1f}%), "
+              f"+RelaCtrl {with_rc:.2f} s (+{100 * rc_over:.1f}%): RelaCtrl's overhead = "
+              f"{rc_over / cn_over:.2f}x the ControlNet's (goal <= 0.33)", flush=True)
+    print("parameters (M):", results["params_m"])
+    print("wrote", save_results("pixart_control_step", results))
+
+
+if __name__ == "__main__":
+    main()
