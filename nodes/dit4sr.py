@@ -124,7 +124,7 @@ class DiT4SRConditioning(io.ComfyNode):
                              tooltip="The reference's process_size: an input whose short side is below "
                                      "min_short_side / upscale is first enlarged to it, so the output's short "
                                      "side is at least this."),
-                io.Int.Input("tile_size", default=64, min=16, max=128, step=2,
+                io.Int.Input("tile_size", default=64, min=8, max=128, step=2,
                              tooltip="Tile side in latent pixels (64 = 512 px, the training crops). Latents "
                                      "larger than one tile are processed in square tiles."),
                 io.Int.Input("tile_overlap", default=24, min=0, max=64, step=2,

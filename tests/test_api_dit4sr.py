@@ -237,6 +237,73 @@ def test_shipped_workflow_upscales_a_non_square_image_larger_than_a_tile(server)
     assert torch.equal(again, lat)
 
 
+def sd3_stand_in(text: str, tokens: int = 154):
+    """What DiTControlProbe_SD3ConditioningStandIn gives for `text` (tests/host_probe), in-process."""
+    import hashlib
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, 4096, generator=gen), torch.randn(1, 2048, generator=gen)
+
+
+def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
+    """The MODEL core samples is exactly our kernel: a hand-written Euler + CFG 7 loop over the kernel (tiled
+    the same way: 2 tiles of 8 latent px), from core's seeded noise, the LR latent = core VAEEncode of the
+    upscaled image in SD3's latent format `(z − 0.0609)·1.5305`, pooled text as the AdaLN input — equals the
+    KSampler result (σ from the host's 'normal' schedule)."""
+    from safetensors.torch import load_file
+    from kernels.dit4sr.checkpoint import load_dit4sr_file
+    from kernels.dit4sr.tiling import TileSettings, tile_layout
+    steps, seed = 3, 5
+    g = small_graph(steps=steps, tile_size=8, tile_overlap=2)
+    ks = g[one(g, "KSampler")]["inputs"]
+    ks["seed"] = seed
+    cond = one(g, "DiTControl_DiT4SRConditioning")
+    g["91"] = {"class_type": "VAEEncode", "inputs": {"pixels": [cond, 3], "vae": [one(g, "VAELoader"), 0]}}
+    g["92"] = {"class_type": "SaveLatent", "inputs": {"samples": ["91", 0], "filename_prefix": "dit4sr_test/lr"}}
+    g["93"] = {"class_type": "BasicScheduler", "inputs": {"model": ks["model"], "scheduler": ks["scheduler"],
+                                                          "steps": steps, "denoise": 1.0}}
+    g["94"] = {"class_type": "DiTControlProbe_ShowSigmas", "inputs": {"sigmas": ["93", 0]}}
+    history = run_ok(server, g)
+    got = latent_of(server, history)
+    entry = history["outputs"]["92"]["latents"][0]
+    z = load_file(str(server.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+    sigmas = json.loads(history["outputs"]["94"]["text"][0])
+    assert got.shape == z.shape == (1, 16, 8, 10)
+    tiles = TileSettings(tile=8, overlap=2, memory_budget=2048 << 20)
+    assert tile_layout(8, 10, tiles).count == 2
+
+    model, _ = load_dit4sr_file(str(models_dir / "diffusion_models" / "dit4sr_q" / "transformer"), dtype=torch.float32)
+    model.eval()
+    texts = [g[k]["inputs"]["text"] for k in ids(g, "DiTControlProbe_SD3ConditioningStandIn")]
+    (pos_ctx, pos_pool), (neg_ctx, neg_pool) = sd3_stand_in(texts[0]), sd3_stand_in(texts[1])
+    lr = (z - 0.0609) * 1.5305
+    x = torch.randn(z.shape, generator=torch.manual_seed(seed), dtype=torch.float32)    # core's prepare_noise
+    with torch.no_grad():
+        for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
+            t = torch.tensor([s0 * 1000.0])
+            v_pos = model(x, t, pos_ctx, pos_pool, lr, tiles=tiles)
+            v_neg = model(x, t, neg_ctx, neg_pool, lr, tiles=tiles)
+            d_pos, d_neg = x - s0 * v_pos, x - s0 * v_neg                       # denoised (flow: x − σ·v)
+            denoised = d_neg + 7.0 * (d_pos - d_neg)
+            x = x + (s1 - s0) * (x - denoised) / s0                            # Euler
+    want = x / 1.5305 + 0.0609                                                 # SD3 latent format, out
+    err = float((got - want).abs().max() / want.abs().max())
+    print(f"KSampler vs hand-written loop over the kernel: max error {err:.2e} of max |latent|")
+    assert err <= 1e-4
+
+
+def test_weight_dtypes_run_and_stay_close(server):
+    """fp16 (the release's base dtype) and int8 storage through the loader: finite, close to the default."""
+    base = latent_of(server, run_ok(server, small_graph()))
+    for dtype, tol in (("fp16", 2e-2), ("int8", 5e-2)):
+        g = small_graph()
+        g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["weight_dtype"] = dtype
+        out = latent_of(server, run_ok(server, g))
+        rel = float((out.double() - base.double()).norm() / base.double().norm())
+        print(f"weight_dtype {dtype}: relative difference {rel:.2e}")
+        assert torch.isfinite(out).all() and rel <= tol, (dtype, rel)
+
+
 # ---------------------------------------------------------------------------------------------
 #                                          Schedule
 # ---------------------------------------------------------------------------------------------
