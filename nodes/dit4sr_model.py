@@ -51,6 +51,12 @@ class ComfyDiT4SR(DiT4SR):
         out = super().forward(x, timesteps, context, y, lr_latent.to(x), tiles=tiles)
         return check_step_output(out, x, context, transformer_options, "DiT4SR")
 
+    def forward_single(self, *args, **kwargs):
+        """One model call (the whole latent, or a batch of tiles): a large output runs many per step, so a
+        cancelled prompt stops between tile batches instead of at the end of the step."""
+        mm.throw_exception_if_processing_interrupted()
+        return super().forward_single(*args, **kwargs)
+
     def _check_text(self, context, pooled):
         cfg = self.config
         if context.shape[-1] != cfg.joint_attention_dim or pooled.shape[-1] != cfg.pooled_projection_dim:

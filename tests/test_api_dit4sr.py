@@ -237,6 +237,19 @@ def test_shipped_workflow_upscales_a_non_square_image_larger_than_a_tile(server)
     assert torch.equal(again, lat)
 
 
+@pytest.mark.both_hosts
+def test_model_patcher_is_cores_and_its_reloader_rebuilds_it(server):
+    """The Loader's MODEL is built like core's loaders build theirs (tests/host_probe's PatcherClass): the patcher
+    class core picks here, and on v0.33 a reloader that rebuilds the same weights from the file."""
+    g = {"1": {"class_type": "DiTControl_DiT4SRLoader",
+               "inputs": {"dit_name": "dit4sr_q/transformer/diffusion_pytorch_model.safetensors",
+                          "weight_dtype": "default"}},
+         "2": {"class_type": "DiTControlProbe_PatcherClass", "inputs": {"model": ["1", 0]}}}
+    report = json.loads(run_ok(server, g)["outputs"]["2"]["text"][0])
+    assert report["patcher"] == report["core_picks"], report
+    assert report["reload_matches"] is (True if report["has_reloader"] else None), report
+
+
 def sd3_stand_in(text: str, tokens: int = 154):
     """What DiTControlProbe_SD3ConditioningStandIn gives for `text` (tests/host_probe), in-process."""
     import hashlib
