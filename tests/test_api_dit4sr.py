@@ -408,4 +408,11 @@ def test_wrong_vae_and_missing_lr_conditioning_are_clear_errors(server):
     err = execution_error(server.run(g))
     assert err is not None and err["node_type"] == "KSampler", err
     assert "DiT4SR needs the LR image" in err["exception_message"], err["exception_message"]
+    # the LR conditioning with a latent of another size than DiT4SR Conditioning's
+    g = small_graph()
+    g["75"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g[one(g, "KSampler")]["inputs"]["latent_image"] = ["75", 0]
+    err = execution_error(server.run(g))
+    assert err is not None and err["node_type"] == "KSampler", err
+    assert "the LR latent is 80×64 px but the latent being sampled is 64×64 px" in err["exception_message"], err
     run_ok(server, small_graph())

@@ -7,8 +7,8 @@ in [0, 1]. Resizing is PIL's bicubic on 8-bit images, as upstream resizes the PI
 3. bicubic to the nearest lower multiple of 8 (PIL returns a copy when the size is already right).
 
 The result is both the control image (VAE-encoded, then `(z − 0.0609)·1.5305`, SD3's latent format) and the
-colour reference of the colour fix. Upstream finally resizes the output to `original × upscale`; that last
-resize is `final_size`.
+colour reference of the colour fix. Upstream finally resizes the output to `original × upscale` (bicubic);
+in a graph that is core's ImageScale, if wanted (`resize_bicubic` here is that resize).
 """
 from __future__ import annotations
 
@@ -42,11 +42,6 @@ def processed_size(width: int, height: int, upscale: int, process_size: int = PR
     w, h = w // 8 * 8, h // 8 * 8
     steps.append((w, h))
     return (w, h), steps
-
-
-def final_size(width: int, height: int, upscale: int) -> tuple:
-    """The size upstream saves: the input's size × upscale."""
-    return width * upscale, height * upscale
 
 
 def upscale_image(images: torch.Tensor, upscale: int, process_size: int = PROCESS_SIZE) -> torch.Tensor:
