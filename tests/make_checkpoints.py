@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
+from tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
 
 STAMP_VERSION = "9"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
@@ -238,6 +239,7 @@ def make_all(models_dir: Path) -> Path:
                                             **{**TINY_PIXART, "depth": 4}), num_blocks=2, seed=7)
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     make_easycontrol_files(models_dir)
+    make_dit4sr_files(models_dir)
     from tests.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
     make_relactrl(models_dir)
     stamp.write_text(STAMP_VERSION)
@@ -354,6 +356,7 @@ def write_example_inputs(input_dir: Path):
     ImageDraw.Draw(portrait).ellipse([40, 60, 160, 240], fill=(230, 230, 230))
     portrait.save(input_dir / "portrait_control.png")
     write_easycontrol_inputs(input_dir)
+    write_dit4sr_inputs(input_dir)
 
 
 def write_easycontrol_inputs(input_dir: Path):

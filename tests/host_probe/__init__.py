@@ -91,5 +91,40 @@ class FluxConditioningStandIn:
         return ([[context, {"pooled_output": pooled}]],)
 
 
+class SD3ConditioningStandIn:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
+                             "tokens": ("INT", {"default": 154, "min": 1, "max": 1024})}}
+
+    def encode(self, text, tokens):
+        import hashlib
+        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+        gen = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, tokens, 4096, generator=gen)
+        pooled = torch.randn(1, 2048, generator=gen)
+        return ([[context, {"pooled_output": pooled}]],)
+
+
+class ShowSigmas:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "show"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"sigmas": ("SIGMAS",)}}
+
+    def show(self, sigmas):
+        return {"ui": {"text": [json.dumps([float(s) for s in sigmas.reshape(-1)])]}}
+
+
 NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
+                       "DiTControlProbe_SD3ConditioningStandIn": SD3ConditioningStandIn,
+                       "DiTControlProbe_ShowSigmas": ShowSigmas,
                        "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass}

@@ -1,0 +1,202 @@
+"""DiT4SR nodes (issue 12): real-world super-resolution on SD3.5-medium, sampled by core KSampler.
+
+- DiT4SR Loader: the released diffusers transformer (acceptee/DiT4SR dit4sr_q / dit4sr_f / dit4sr_r1
+  `transformer/` folder with its config.json, or a single file) from models/diffusion_models, strict apart from
+  the documented dead attn2 tensors -> a MODEL with SD3's flow schedule (shift 3.0) and latent format.
+- DiT4SR Conditioning: positive + negative (core's SD3 text encoders) + VAE (SD3's) + LR image + upscale ->
+  both conditionings carrying the LR latent and the tile settings, the empty latent of the output size and the
+  upscaled input (the colour reference). The reference's preparation: minimum short side, bicubic ×upscale,
+  multiple of 8; SD3's latent format `(z − 0.0609)·1.5305` is applied by the MODEL, as core does for its
+  concat latents.
+- DiT4SR Colour Fix: AdaIN (default) or wavelet colour fix of the decoded image against the upscaled input.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+import node_helpers
+from comfy_api.latest import io
+
+from ..kernels.checkpoint_io import CheckpointError, read_json_beside, read_state_dict
+from ..kernels.dit4sr.checkpoint import prepare_dit4sr, variant_name
+from ..kernels.dit4sr.colour_fix import METHODS, colour_fix
+from ..kernels.dit4sr.preprocess import PROCESS_SIZE, processed_size, upscale_image, resize_bicubic
+from ..kernels.dit4sr.tiling import TileSettings
+from .comfy_compat import register_reloader
+from .dit4sr_model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
+from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+
+CATEGORY = "DiT Control/DiT4SR"
+
+# the reference's prompts (test/test_wllava.py --added_prompt / --negative_prompt): the workflow's defaults
+POSITIVE_SUFFIX = ("Cinematic, hyper sharpness, highly detailed, perfect without deformations, camera, hyper "
+                   "detailed photo - realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous "
+                   "detailing, skin pore detailing.")
+NEGATIVE_PROMPT = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D render, unreal engine, blurring, dirty, "
+                   "messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, "
+                   "lowres, chaotic")
+UPSCALES = ("4", "2", "1")
+
+
+def load_dit4sr_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
+    """(MODEL patcher, variant description). Registered on the patcher as its reloader, as core's loaders do."""
+    sd = read_state_dict(path)
+    sd, cfg = prepare_dit4sr(sd, read_json_beside(path))
+    dtype, operations, note = storage_choice(weight_dtype)
+    stored = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if v.is_floating_point()})
+    variant = f"{variant_name(cfg)}, stored {'+'.join(stored)}" + (f"; {note}" if note else "")
+    patcher = build_model_patcher(cfg, sd, weight_dtype=dtype, custom_operations=operations,
+                                  disable_dynamic=disable_dynamic)
+    register_reloader(patcher, _reload, (path, weight_dtype))
+    return patcher, variant
+
+
+def _reload(path, weight_dtype, disable_dynamic=False):
+    return load_dit4sr_model(path, weight_dtype, disable_dynamic=disable_dynamic)[0]
+
+
+class DiT4SRLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_DiT4SRLoader",
+            display_name="DiT4SR Loader",
+            category=CATEGORY,
+            description="Loads a DiT4SR transformer (SD3.5-medium with an LR stream; acceptee/DiT4SR dit4sr_q, "
+                        "dit4sr_f or dit4sr_r1) with dit-control's own kernel. Pick the transformer folder's "
+                        "diffusion_pytorch_model.safetensors (its config.json is read and checked) or a single "
+                        "file. Strict: only the 130 documented dead attn2 tensors may be missing or ignored; an "
+                        "SD3/SD3.5 base, FLUX or a damaged file is refused with what it is. The MODEL samples with "
+                        "core KSampler / SamplerCustomAdvanced (SD3's flow schedule, shift 3.0).",
+            inputs=[
+                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="From models/diffusion_models: e.g. dit4sr_q/transformer/"
+                                       "diffusion_pytorch_model.safetensors (the folder as downloaded from "
+                                       "acceptee/DiT4SR)."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="DiT4SR MODEL: flow velocity, SD3 latent format, shift 3.0. Its "
+                                        "conditioning must come through DiT4SR Conditioning."),
+                io.String.Output("variant", display_name="variant", tooltip="What the weights were detected as."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, dit_name, weight_dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
+        try:
+            patcher, variant = load_dit4sr_model(path, weight_dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"{dit_name}: {e}") from None
+        logging.info("dit-control: loaded %s as %s", dit_name, variant)
+        return io.NodeOutput(patcher, variant)
+
+
+class DiT4SRConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_DiT4SRConditioning",
+            display_name="DiT4SR Conditioning",
+            category=CATEGORY,
+            description="Prepares the low-resolution image as the DiT4SR reference does (short side at least "
+                        "min_short_side / upscale, bicubic ×upscale, cut to a multiple of 8), encodes it with the "
+                        "SD3 VAE and adds it to both conditionings; outputs the empty latent of the output size "
+                        "and the upscaled input for the colour fix. Tiling happens inside the model: square tiles "
+                        "of tile_size latent pixels with Gaussian-weighted overlaps, so any size works.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="SD3 text conditioning (TripleCLIPLoader + "
+                                                          "CLIPTextEncode): a caption of the image, plus the "
+                                                          "reference's quality suffix."),
+                io.Conditioning.Input("negative", tooltip="SD3 text conditioning of the negative prompt."),
+                io.Vae.Input("vae", tooltip="The SD3 / SD3.5 VAE (16 latent channels)."),
+                io.Image.Input("image", tooltip="The low-resolution image to upscale."),
+                io.Combo.Input("upscale", options=list(UPSCALES), default="4",
+                               tooltip="Upscale factor (the model was trained for ×4; ×1 and ×2 restore at "
+                                       "a smaller scale)."),
+                io.Int.Input("min_short_side", default=PROCESS_SIZE, min=64, max=4096, step=8,
+                             tooltip="The reference's process_size: an input whose short side is below "
+                                     "min_short_side / upscale is first enlarged to it, so the output's short "
+                                     "side is at least this."),
+                io.Int.Input("tile_size", default=64, min=8, max=128, step=2,
+                             tooltip="Tile side in latent pixels (64 = 512 px, the training crops). Latents "
+                                     "larger than one tile are processed in square tiles."),
+                io.Int.Input("tile_overlap", default=24, min=0, max=64, step=2,
+                             tooltip="Overlap of neighbouring tiles in latent pixels (reference 24, its gradio "
+                                     "demo 16). At most half the tile."),
+                io.Int.Input("tile_batch_mb", default=2048, min=0, max=1 << 20, step=64,
+                             tooltip="Activation memory per model call, in MB: as many tiles go through the "
+                                     "model at once as fit (at least one). 0: one tile per call."),
+            ],
+            outputs=[
+                io.Conditioning.Output("positive_out", display_name="positive",
+                                       tooltip="The positive conditioning with the LR latent."),
+                io.Conditioning.Output("negative_out", display_name="negative",
+                                       tooltip="The negative conditioning with the LR latent."),
+                io.Latent.Output("latent", display_name="latent", tooltip="Empty latent of the output size."),
+                io.Image.Output("upscaled", display_name="upscaled",
+                                tooltip="The upscaled input (the control image): the colour fix's reference."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, vae, image, upscale="4", min_short_side=PROCESS_SIZE, tile_size=64,
+                tile_overlap=24, tile_batch_mb=2048) -> io.NodeOutput:
+        factor = int(upscale)
+        channels = getattr(vae, "latent_channels", None)
+        if channels != 16:
+            raise ValueError(f"DiT4SR needs the SD3 / SD3.5 VAE (16 latent channels); this VAE has {channels}")
+        (w, h), _ = processed_size(image.shape[2], image.shape[1], factor, min_short_side)
+        if w < 16 or h < 16:
+            raise ValueError(f"DiT4SR: the upscaled image would be {w}×{h} px; it must be at least 16×16")
+        up = upscale_image(image, factor, min_short_side)
+        mm.throw_exception_if_processing_interrupted()
+        lr = vae.encode(up[..., :3])
+        tiles = TileSettings(tile=tile_size, overlap=tile_overlap,
+                             memory_budget=tile_batch_mb << 20 if tile_batch_mb > 0 else 1)
+        values = {LR_LATENT_KEY: lr, TILES_KEY: tiles}
+        latent = torch.zeros([image.shape[0], 16, h // 8, w // 8], device=mm.intermediate_device())
+        logging.info("dit-control: DiT4SR input %dx%d -> %dx%d (x%d), latent %dx%d", image.shape[2], image.shape[1],
+                     w, h, factor, w // 8, h // 8)
+        return io.NodeOutput(node_helpers.conditioning_set_values(positive, values),
+                             node_helpers.conditioning_set_values(negative, values), {"samples": latent}, up)
+
+
+class DiT4SRColourFix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_DiT4SRColourFix",
+            display_name="DiT4SR Colour Fix",
+            category=CATEGORY,
+            description="Matches the colours of the upscaled result to the input, as the DiT4SR reference does "
+                        "after decoding: AdaIN (per-channel mean and standard deviation, the default) or wavelet "
+                        "(the result's fine detail on the input's low frequencies).",
+            inputs=[
+                io.Image.Input("image", tooltip="The decoded result."),
+                io.Image.Input("reference", tooltip="The upscaled input (DiT4SR Conditioning's 'upscaled'); "
+                                                    "resized bicubically to the image's size if it differs."),
+                io.Combo.Input("method", options=list(METHODS), default="adain",
+                               tooltip="adain: per-channel statistics (reference default). wavelet: keeps the "
+                                       "result's high frequencies and the input's low frequencies."),
+            ],
+            outputs=[io.Image.Output(tooltip="The colour-corrected image.")],
+        )
+
+    @classmethod
+    def execute(cls, image, reference, method="adain") -> io.NodeOutput:
+        if reference.shape[1:3] != image.shape[1:3]:
+            reference = resize_bicubic(reference, image.shape[2], image.shape[1])
+        if reference.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"DiT4SR Colour Fix: {reference.shape[0]} reference images for {image.shape[0]} results")
+        out = colour_fix(image[..., :3].movedim(-1, 1), reference[..., :3].movedim(-1, 1).to(image.device), method)
+        return io.NodeOutput(out.movedim(1, -1).to(image.dtype))
+
+
+NODES = [DiT4SRLoader, DiT4SRConditioning, DiT4SRColourFix]
