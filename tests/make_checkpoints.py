@@ -29,8 +29,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
+from tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
 
-STAMP_VERSION = "8"
+STAMP_VERSION = "9"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -238,6 +239,7 @@ def make_all(models_dir: Path) -> Path:
                                             **{**TINY_PIXART, "depth": 4}), num_blocks=2, seed=7)
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     make_easycontrol_files(models_dir)
+    make_controlar_files(models_dir)
     stamp.write_text(STAMP_VERSION)
     return models_dir
 
@@ -352,6 +354,7 @@ def write_example_inputs(input_dir: Path):
     ImageDraw.Draw(portrait).ellipse([40, 60, 160, 240], fill=(230, 230, 230))
     portrait.save(input_dir / "portrait_control.png")
     write_easycontrol_inputs(input_dir)
+    write_controlar_inputs(input_dir)
 
 
 def write_easycontrol_inputs(input_dir: Path):
