@@ -170,6 +170,52 @@ def test_strength_0_gives_exactly_the_uncontrolled_tokens(server):
     assert sum(a != b for a, b in zip(zero[0], full[0])) > 16         # the control itself does change tokens
 
 
+def kernel_tokens(models_dir: Path, input_dir: Path, width: int, height: int, seed: int) -> list:
+    """The canny_MR workflow's tokens computed here with the kernels alone (no ComfyUI): drawn input ->
+    centre-crop fit -> Canny 100/200 -> [−1, 1]; FLAN-T5 caption left-padded with zeroed pads; generate()
+    with a generator seeded as the node seeds it."""
+    import numpy as np
+    import torch
+    from transformers import T5TokenizerFast
+
+    from kernels.canny import canny_edges
+    from kernels.control_image import edges_to_control_rgb, fit_control_image
+    from kernels.controlar.checkpoint import load_gpt_file
+    from kernels.controlar.dinov2 import resize_mode
+    from kernels.controlar.sampling import SamplingSettings, generate
+    from kernels.controlar.text import encode_caption
+    from kernels.t5 import load_t5_encoder_file
+    from tests.comfy_host import COMFY_DIR
+
+    g = load_api_graph(REPO / "workflows" / "api" / "controlar_canny_mr.json")
+    s = g[one(g, SAMPLER)]["inputs"]
+    image = Image.open(input_dir / g[one(g, "LoadImage")]["inputs"]["image"]).convert("RGB")
+    x = torch.from_numpy(np.array(image).astype(np.float32) / 255.0).movedim(-1, 0)[None]
+    edges = edges_to_control_rgb(canny_edges(fit_control_image(x, height, width, "center_crop"), 100, 200))
+    control = edges * 2.0 - 1.0
+    text = " ".join(g[one(g, "DiTControl_ControlARTextEncode")]["inputs"]["text"].lower().split())  # cleaned
+    tok = T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy" / "text_encoders" / "t5_tokenizer"))
+    ids = tok(text, max_length=120, padding="max_length", truncation=True, return_tensors="pt")
+    t5, _ = load_t5_encoder_file(str(models_dir / "text_encoders" / "flan-t5-xl" / "model-00001-of-00002.safetensors"),
+                                 dtype=torch.float32)
+    caption, mask = encode_caption(t5, ids.input_ids, ids.attention_mask, dtype=torch.float32)
+    gpt, _ = load_gpt_file(str(models_dir / "controlar" / "canny_MR.safetensors"), n_head=2, adapter_heads=1)
+    settings = SamplingSettings(cfg_scale=s["cfg"], temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                control_strength=s["strength"])
+    with torch.no_grad():
+        features = gpt.control_tokens(gpt.adapter_features(control, resize_mode("canny")))
+        out = generate(gpt, gpt.embed_prefix(caption), (height // 16) * (width // 16), settings,
+                       torch.Generator().manual_seed(seed), mask, features)
+    return out.tolist()
+
+
+def test_tokens_equal_the_kernel_pipeline_run_in_process(server, models_dir):
+    """The whole node chain (fit, Canny, 14-px resize rule, caption cleaning and left padding, seeding) draws
+    exactly the tokens of the kernels run here; 256×192 is non-square on the MR model's 48-wide RoPE grid."""
+    api = tokens_of(run_ok(server, graph("controlar_canny_mr", size=(256, 192), preview_every_rows=0, seed=77)))
+    assert api == kernel_tokens(models_dir, server.base_dir / "input", 256, 192, seed=77)
+
+
 def test_llamagen_base_generates_without_control(server):
     g = graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, control_image=None, cfg=7.5)
     g["1"]["inputs"]["model_name"] = "t2i_XL_stage2_512.pt"
@@ -232,3 +278,13 @@ def test_wrong_files_give_clear_errors_and_the_next_prompt_runs(server):
     assert "expected a ControlAR / LlamaGen GPT" in message and "VQ loader" in message, message
     tokens = tokens_of(run_ok(server, graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=5)))
     assert len(tokens[0]) == 256
+
+
+def test_int8_weights_run(server):
+    start = len(server.log_path.read_text(errors="replace"))
+    g = graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=9)
+    g["1"]["inputs"]["weight_dtype"] = "int8"
+    history = run_ok(server, g)
+    assert len(tokens_of(history)[0]) == 256 and png_size(server.images(history)[0]) == (256, 256)
+    log = server.log_path.read_text(errors="replace")[start:]
+    assert "loaded canny_MR.safetensors as ControlAR" in log and "storage int8 weights" in log, log[-2000:]
