@@ -5,14 +5,33 @@ The node supplies the caption (text.encode_caption), a seeded torch.Generator an
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+
+from ..int8 import ROUTE_ENV, qlinear_engine, select_route
 
 from .dinov2 import resize_mode
 from .gpt import GPT
 from .sampling import SamplingSettings, TokenCallback, generate
 from .vq import VQModel
+
+
+def int8_decode_route(device) -> tuple:
+    """(route or None for the default, reason) for the GPT's int8 linear layers.
+
+    A decode step multiplies only 2·batch rows (CFG), where the int8_mm route falls back to dequantising each
+    weight into a float GEMM — more memory traffic than the float weights themselves. On the CPU, torch's
+    dynamic quantized linear ("qlinear", fbgemm / oneDNN) reads the packed int8 weights directly at any row
+    count, so it is the route of choice there. DIT_CONTROL_INT8_ROUTE still overrides."""
+    device = torch.device(device)
+    if os.environ.get(ROUTE_ENV, "").strip().lower() not in ("", "auto"):
+        return None, select_route(device)[1]
+    if device.type == "cpu" and qlinear_engine() is not None:
+        return "qlinear", (f"{qlinear_engine()} dynamic int8 linear: decode steps have too few rows for "
+                           f"the int8 GEMM, this reads the int8 weights directly")
+    return None, select_route(device)[1]
 
 
 def check_size(model: GPT, height: int, width: int) -> tuple:
