@@ -18,6 +18,7 @@ import comfy.utils
 
 from ..kernels.controlar.dinov2 import resize_mode
 from ..kernels.controlar.sampling import SamplingSettings, generate
+from .finite_guard import NonFiniteStepError
 from .controlar import (CATEGORY, VQ, ControlARConditioning, ControlARConditioningType, ControlARModel,
                         ControlARModelType, ImageTokens, ImageTokensType, VQModelType, check_vocab)
 
@@ -195,6 +196,14 @@ class ControlARSampler(io.ComfyNode):
         except mm.InterruptProcessingException:
             logging.info("dit-control: ControlAR Sampler interrupted after image token %d of %d", progress.done, n)
             raise
+        except RuntimeError as e:
+            if "probability tensor contains" not in str(e):
+                raise
+            raise NonFiniteStepError(
+                f"ControlAR Sampler: the GPT's logits turned NaN/Inf at image token {progress.done + 1} of {n}, so "
+                f"no token can be drawn. Likely cause: damaged or overflowing weights in '{model.name}' (values so "
+                f"large the maths overflows), or a narrow weight_dtype overflowing; try weight_dtype fp32 and "
+                f"check the file's source") from None
         if progress.every:
             logging.info("dit-control: ControlAR Sampler: %d row previews", progress.previews)
         return io.NodeOutput(ImageTokens(tokens.cpu(), rows, cols, model.config.vocab_size))
