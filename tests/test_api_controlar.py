@@ -313,3 +313,49 @@ def test_narrow_float_storage_runs(server, weight_dtype):
     g = graph("controlar_canny_mr", size=(128, 128), preview_every_rows=0, seed=3)
     g["1"]["inputs"]["weight_dtype"] = weight_dtype
     assert len(tokens_of(run_ok(server, g))[0]) == 64
+
+
+def previews_over_websocket(server, g: dict, timeout: float = 300.0) -> list:
+    """Submit `g` as a websocket client and collect the preview images the server sends it (PIL images)."""
+    import asyncio
+    import struct
+    import uuid
+
+    import aiohttp
+
+    client = uuid.uuid4().hex
+
+    async def collect():
+        images = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url.replace('http', 'ws')}/ws?clientId={client}") as ws:
+                status, body = server.post("/prompt", {"prompt": g, "client_id": client})
+                assert status == 200, body
+                prompt_id = body["prompt_id"]
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        event = struct.unpack(">I", msg.data[:4])[0]
+                        if event == 1:                                   # PREVIEW_IMAGE: image type, bytes
+                            images.append(Image.open(io.BytesIO(msg.data[8:])))
+                        elif event == 4:                                 # with metadata (json length, json)
+                            n = struct.unpack(">I", msg.data[4:8])[0]
+                            images.append(Image.open(io.BytesIO(msg.data[8 + n:])))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data["type"] in ("executing", "execution_success", "execution_error") and \
+                                data["data"].get("prompt_id") == prompt_id and \
+                                (data["type"] != "executing" or data["data"].get("node") is None):
+                            break
+        return images
+
+    return asyncio.run(asyncio.wait_for(collect(), timeout))
+
+
+@pytest.mark.both_hosts
+def test_row_previews_reach_the_client(server):
+    """preview_every_rows 4 on a 16-row image: previews of the first 4, 8 and 12 rows, 256 px wide (the
+    server may scale them, keeping the aspect)."""
+    images = previews_over_websocket(server, graph("controlar_canny_mr", size=(256, 256), preview_every_rows=4,
+                                                   seed=11, tokens=False))
+    aspects = [round(im.width / im.height, 2) for im in images]
+    assert aspects == [round(256 / (16 * rows), 2) for rows in (4, 8, 12)], aspects
