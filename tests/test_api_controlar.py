@@ -292,6 +292,8 @@ def test_wrong_files_give_clear_errors_and_the_next_prompt_runs(server):
     assert "expected a LlamaGen VQ tokenizer" in message and "GPT loader" in message, message
     message = loader_error("vq_ds16_t2i.pt")
     assert "expected a ControlAR / LlamaGen GPT" in message and "VQ loader" in message, message
+    message = loader_error("t5xxl_fp16.safetensors", node="3", key="t5_name")   # a T5 of another width
+    assert "the caption is 64 wide" in message and "96-wide FLAN-T5 rows" in message, message
     message = loader_error("broken/overflow_canny_MR.safetensors")
     assert "logits turned NaN/Inf at image token 1 of 256" in message and "overflow" in message, message
     tokens = tokens_of(run_ok(server, graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=5)))
