@@ -27,7 +27,7 @@ from ..kernels.int8 import select_route
 from ..kernels.controlar import dinov2
 from ..kernels.controlar.checkpoint import WHAT_GPT, prepare_gpt, prepare_vq
 from ..kernels.controlar.gpt import GPT, KNOWN_HEADS, GPTConfig
-from ..kernels.controlar.pipeline import int8_decode_route
+from ..kernels.controlar.pipeline import fast_decode_route
 from ..kernels.controlar.text import MAX_LENGTH, encode_caption
 from ..kernels.controlar.vq import VQModel, to_unit_range
 from .comfy_compat import new_model_patcher
@@ -173,11 +173,14 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default") -> C
     compute = compute_dtype(load_device)
     dtype, int8_ops, storage_note = storage_choice(weight_dtype)
     if int8_ops is not None:
-        # linear layers int8, embeddings and norms in the compute dtype; decode steps have 2·batch rows, so
-        # both int8 choices take the route that suits so few (int8_decode_route)
-        route, why = int8_decode_route(load_device)
-        storage, ops = compute, int8_ops_for(route)
-        storage_note = f"int8 weights: {route or select_route(load_device)[0]} — {why}"
+        # linear layers int8, embeddings and norms in the compute dtype. int8: the exact route (at the decode
+        # steps' 2·batch rows it dequantises: a quarter of the memory, not faster); int8_fast: the route that
+        # reads int8 weights at so few rows (fast_decode_route)
+        if weight_dtype == "int8_fast":
+            route, why = fast_decode_route(load_device)
+            int8_ops = int8_ops_for(route)
+            storage_note = f"int8 weights: {route or select_route(load_device)[0]} — {why}"
+        storage, ops = compute, int8_ops
     else:
         storage = dtype or compute
         ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
@@ -231,9 +234,10 @@ class ControlARLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip=WEIGHT_DTYPE_TOOLTIP + " 'default': fp32 on the CPU, bf16 on GPUs "
                                        "that run it. Decoding reads every weight once per token, so "
-                                       "narrower storage is faster; ControlAR's decode steps have only "
-                                       "2·batch rows, so on the CPU both int8 choices take torch's dynamic "
-                                       "int8 linear (qlinear), which reads the int8 weights directly."),
+                                       "narrower storage is faster. ControlAR's decode steps have only "
+                                       "2·batch rows: there 'int8' dequantises (a quarter of the memory, "
+                                       "not faster), while 'int8_fast' on the CPU takes torch's dynamic int8 "
+                                       "linear, which reads the int8 weights directly (faster, less exact)."),
             ],
             outputs=[
                 ControlARModelType.Output("controlar_model", tooltip="For ControlAR Sampler."),

@@ -300,10 +300,11 @@ def test_wrong_files_give_clear_errors_and_the_next_prompt_runs(server):
     assert len(tokens[0]) == 256
 
 
-def test_int8_weights_run(server):
+@pytest.mark.parametrize("weight_dtype", ["int8", "int8_fast"])
+def test_int8_weights_run(server, weight_dtype):
     start = len(server.log_path.read_text(errors="replace"))
     g = graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=9)
-    g["1"]["inputs"]["weight_dtype"] = "int8"
+    g["1"]["inputs"]["weight_dtype"] = weight_dtype
     history = run_ok(server, g)
     assert len(tokens_of(history)[0]) == 256 and png_size(server.images(history)[0]) == (256, 256)
     log = server.log_path.read_text(errors="replace")[start:]

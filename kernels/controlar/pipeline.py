@@ -18,19 +18,20 @@ from .sampling import SamplingSettings, TokenCallback, generate
 from .vq import VQModel
 
 
-def int8_decode_route(device) -> tuple:
-    """(route or None for the default, reason) for the GPT's int8 linear layers.
+def fast_decode_route(device) -> tuple:
+    """(int8 route or None for the default, reason): the fastest route for the GPT's int8 linear layers.
 
-    A decode step multiplies only 2·batch rows (CFG), where the int8_mm route falls back to dequantising each
-    weight into a float GEMM — more memory traffic than the float weights themselves. On the CPU, torch's
-    dynamic quantized linear ("qlinear", fbgemm / oneDNN) reads the packed int8 weights directly at any row
-    count, so it is the route of choice there. DIT_CONTROL_INT8_ROUTE still overrides."""
+    A decode step multiplies only 2·batch rows (CFG). There the exact routes dequantise each weight into a
+    float GEMM (torch._int_mm is only used above 16 rows), which moves more bytes than the float weights
+    themselves. On the CPU, torch's dynamic quantized linear ("qlinear", fbgemm / oneDNN) reads the packed
+    int8 weights directly at any row count, with per-tensor 7-bit activations (less exact). Elsewhere, or
+    when DIT_CONTROL_INT8_ROUTE is set, the default route."""
     device = torch.device(device)
     if os.environ.get(ROUTE_ENV, "").strip().lower() not in ("", "auto"):
         return None, select_route(device)[1]
     if device.type == "cpu" and qlinear_engine() is not None:
-        return "qlinear", (f"{qlinear_engine()} dynamic int8 linear: decode steps have too few rows for "
-                           f"the int8 GEMM, this reads the int8 weights directly")
+        return "qlinear", (f"{qlinear_engine()} dynamic int8 linear: reads the int8 weights directly at the "
+                           f"decode steps' few rows; per-tensor 7-bit activations")
     return None, select_route(device)[1]
 
 

@@ -1,5 +1,5 @@
 """Benchmark: ControlAR's token decode on the full-size GPT-XL + DINOv2-S (random weights, the released layout),
-512×512 (1024 tokens, T = 120 caption rows), CFG 4 (batch 2), fp32 and int8, one run.
+512×512 (1024 tokens, T = 120 caption rows), CFG 4 (batch 2), fp32, int8 (exact route) and int8_fast, one run.
 
     .venv/bin/python -m tests.benchmarks.bench_controlar_decode [--steps 24] [--smoke]
 
@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from kernels.controlar.dinov2 import Dinov2Config  # noqa: E402
 from kernels.controlar.gpt import GPT, GPTConfig  # noqa: E402
-from kernels.controlar.pipeline import int8_decode_route  # noqa: E402
+from kernels.controlar.pipeline import fast_decode_route  # noqa: E402
 from kernels.controlar.sampling import SamplingSettings, combine_cfg, sample_token  # noqa: E402
-from kernels.int8 import Int8Linear, quantize_model_linears, weight_bytes  # noqa: E402
+from kernels.int8 import Int8Linear, int8_backend, quantize_model_linears, weight_bytes  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402
 
 XL = dict(dim=1280, n_layer=36, n_head=20, ffn_hidden=3584, vocab_size=16384, cls_token_num=120, caption_dim=2048,
@@ -157,12 +157,17 @@ def main():
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s", flush=True)
 
     model = random_model(GPTConfig(**big, control=Dinov2Config(**DINOV2_S)))
-    for name in ("fp32", "int8"):
-        if name == "int8":
-            route, why = int8_decode_route("cpu")            # what ControlAR Loader picks for int8 on the CPU
-            quantize_model_linears(model.layers, route=route)
-            quantize_model_linears(model, route=route, include=lambda n, _: n == "output")
-            results["int8_route"] = f"{route or 'default'}: {why}"
+    for name in ("fp32", "int8", "int8_fast"):
+        if name == "int8":                                    # ControlAR Loader's weight_dtype int8: exact route
+            quantize_model_linears(model.layers)
+            quantize_model_linears(model, include=lambda n, _: n == "output")
+            results["int8_route"] = int8_backend()
+        if name == "int8_fast":                               # int8_fast: the same int8 weights, fast route
+            route, why = fast_decode_route("cpu")
+            for m in model.modules():
+                if isinstance(m, Int8Linear):
+                    m.route = route
+            results["int8_fast_route"] = f"{route or 'default'}: {why}"
         r = time_decode(model, n_tokens, args.steps)
         streamed = streamed_bytes(model)
         r["streamed_weight_GB"] = round(streamed / 1e9, 3)
@@ -172,7 +177,8 @@ def main():
         print(f"{name}: step {r['step_s'] * 1000:.1f} ms (bound {r['bound_s'] * 1000:.1f} ms = "
               f"{r['streamed_weight_GB']} GB / bandwidth; ×{r['step_over_bound']}), image ≈ "
               f"{r['image_s_extrapolated']:.0f} s (extrapolated)", flush=True)
-    results["int8_speedup"] = round(results["fp32"]["step_s"] / results["int8"]["step_s"], 2)
+    for name in ("int8", "int8_fast"):
+        results[f"{name}_speedup_vs_fp32"] = round(results["fp32"]["step_s"] / results[name]["step_s"], 2)
     assert any(isinstance(m, Int8Linear) for m in model.modules())
     del model
 
