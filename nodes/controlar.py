@@ -180,6 +180,8 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default") -> C
             route, why = fast_decode_route(load_device)
             int8_ops = int8_ops_for(route)
             storage_note = f"int8 weights: {route or select_route(load_device)[0]} — {why}"
+        elif select_route(load_device)[0] in ("int8_mm", "dequant"):
+            storage_note += " (decode steps have too few rows for the int8 GEMM: dequantised, int8_fast is faster)"
         storage, ops = compute, int8_ops
     else:
         storage = dtype or compute
