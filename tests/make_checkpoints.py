@@ -13,6 +13,8 @@ No weights can be downloaded here: every file is made by our own code from fixed
 - loras/canny.safetensors, loras/subject.safetensors: rank-4 EasyControl LoRAs in the released naming for 1 + 1 blocks;
 - vae/ae.safetensors: a FULL-SIZE FLUX VAE (16 latent channels) with random weights;
 - text_encoders/clip_l.safetensors: a placeholder (the DualCLIPLoader name of the EasyControl workflows; never loaded).
+- controlar/ (canny_MR, hed, LlamaGen base, VQ-16) and text_encoders/flan-t5-xl/: tiny ControlAR files in the
+  released layouts, made by tests/make_controlar_checkpoints.py.
 
 Usage: python -m tests.make_checkpoints [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
