@@ -1,5 +1,7 @@
 """Thin ComfyUI nodes, one module per capability, wrapping kernels/."""
 from .control_preprocess import NODES as _CONTROL_PREPROCESS
+from .controlar import NODES as _CONTROLAR
+from .controlar_sampler import NODES as _CONTROLAR_SAMPLER
 from .controlnet import NODES as _CONTROLNET
 from .dit4sr import NODES as _DIT4SR
 from .dit_loader import NODES as _DIT_LOADER
@@ -19,4 +21,6 @@ ALL_NODES = [
     *_VAE_DECODE,
     *_EASYCONTROL,
     *_DIT4SR,
+    *_CONTROLAR,
+    *_CONTROLAR_SAMPLER,
 ]

@@ -103,7 +103,8 @@ class ComfyServer:
                        "    controlnet: controlnet\n"
                        "    annotators: annotators\n"
                        "    loras: loras\n"
-                       "    checkpoints: checkpoints\n")
+                       "    checkpoints: checkpoints\n"
+                       "    controlar: controlar\n")
         cmd = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir),
                "--database-url", "sqlite:///:memory:", "--disable-metadata", "--disable-api-nodes",

@@ -13,6 +13,8 @@ No weights can be downloaded here: every file is made by our own code from fixed
 - loras/canny.safetensors, loras/subject.safetensors: rank-4 EasyControl LoRAs in the released naming for 1 + 1 blocks;
 - vae/ae.safetensors: a FULL-SIZE FLUX VAE (16 latent channels) with random weights;
 - text_encoders/clip_l.safetensors: a placeholder (the DualCLIPLoader name of the EasyControl workflows; never loaded).
+- controlar/ (canny_MR, hed, LlamaGen base, VQ-16) and text_encoders/flan-t5-xl/: tiny ControlAR files in the
+  released layouts, made by tests/make_controlar_checkpoints.py.
 
 Usage: python -m tests.make_checkpoints [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:
 
 from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 from tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
+from tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
 
 STAMP_VERSION = "9"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
@@ -242,6 +245,7 @@ def make_all(models_dir: Path) -> Path:
     make_dit4sr_files(models_dir)
     from tests.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
     make_relactrl(models_dir)
+    make_controlar_files(models_dir)
     stamp.write_text(STAMP_VERSION)
     return models_dir
 
@@ -357,6 +361,7 @@ def write_example_inputs(input_dir: Path):
     portrait.save(input_dir / "portrait_control.png")
     write_easycontrol_inputs(input_dir)
     write_dit4sr_inputs(input_dir)
+    write_controlar_inputs(input_dir)
 
 
 def write_easycontrol_inputs(input_dir: Path):

@@ -13,6 +13,11 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   drawn deterministically from the text (seeded by its SHA-256), so a changed prompt changes both. The
   API tests of the EasyControl workflows swap core's text nodes for it (real-size encoders are too heavy
   for CI); the shipped workflows keep core's nodes.
+- DiTControlProbe_SD3ConditioningStandIn: the same for SD3's TripleCLIPLoader + CLIPTextEncode (context
+  [1, 154, 4096] like CLIP-L + CLIP-G + T5-XXL, pooled_output [1, 2048]), for the DiT4SR API tests.
+- DiTControlProbe_ShowSigmas: a SIGMAS wire as JSON in the history (schedule checks against references).
+- DiTControlProbe_ImageTokens: the token ids of a ControlAR IMAGE_TOKENS wire as JSON in the history (the
+  pack has no node that shows tokens; the ControlAR API tests compare them exactly).
 V1 registration: it must run unchanged on every host the suite uses.
 """
 import json
@@ -124,7 +129,23 @@ class ShowSigmas:
         return {"ui": {"text": [json.dumps([float(s) for s in sigmas.reshape(-1)])]}}
 
 
+class ImageTokens:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image_tokens": ("IMAGE_TOKENS",)}}
+
+    def report(self, image_tokens):
+        t = image_tokens
+        return {"ui": {"text": [json.dumps({"tokens": t.tokens.tolist(), "rows": t.rows, "cols": t.cols})]}}
+
+
 NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
                        "DiTControlProbe_SD3ConditioningStandIn": SD3ConditioningStandIn,
                        "DiTControlProbe_ShowSigmas": ShowSigmas,
-                       "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass}
+                       "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass,
+                       "DiTControlProbe_ImageTokens": ImageTokens}
