@@ -237,15 +237,33 @@ def test_sampler_custom_advanced_matches_ksampler(server):
     assert rel(latent_of(server, run_ok(server, custom)), reference) <= 1e-6
 
 
-def test_fp8_weights(server):
-    """Core's fp8 weight dtype: the block patches run on core's modules, which cast the weights."""
-    out = {}
-    for cache in (True, False):
-        g = with_cache(api_graph("easycontrol_canny"), cache)
-        g[one(g, "UNETLoader")]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
-        out[cache] = latent_of(server, run_ok(server, g))
-    assert torch.isfinite(out[True]).all()
-    assert rel(out[True], out[False]) <= 1e-5
+def initial_noise(server, g) -> torch.Tensor:
+    """The noise core's KSampler starts from for this graph's latent and seed (the probe pack)."""
+    probe = {"1": g[one(g, "EmptySD3LatentImage")],
+             "2": {"class_type": "DiTControlProbe_SamplerNoise",
+                   "inputs": {"samples": ["1", 0], "seed": g[one(g, "KSampler")]["inputs"]["seed"], "draws": 0}},
+             "90": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "ec_test/noise"}}}
+    return latent_of(server, run_ok(server, probe))
+
+
+FP8_TOLERANCE = 0.05     # relative L2 of the sampled update (latent − initial noise), fp8 vs default dtype
+
+
+def test_fp8_base_stays_close_to_the_default_dtype(server):
+    """Core's UNETLoader with weight_dtype fp8_e4m3fn (the block patches run on core's modules, which cast
+    the fp8 weights per call): one extra run. Its sampled update (final latent − initial noise, what the
+    model contributed over the steps) stays within FP8_TOLERANCE of the default-dtype run's (measured
+    0.042 on the test FLUX, whose random weights (std 0.0085, 93 % below e4m3's smallest normal 2^-6)
+    the cast to e4m3 rounds with 6.3 % relative RMS error)."""
+    default = api_graph("easycontrol_canny")
+    fp8 = api_graph("easycontrol_canny")
+    fp8[one(fp8, "UNETLoader")]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    noise = initial_noise(server, default)
+    out = {name: latent_of(server, run_ok(server, g)) - noise for name, g in (("default", default), ("fp8", fp8))}
+    assert torch.isfinite(out["fp8"]).all()
+    fp8_error = rel(out["fp8"], out["default"])
+    print(f"fp8 vs default: relative L2 of the sampled update {fp8_error:.4f}")
+    assert 0 < fp8_error <= FP8_TOLERANCE
 
 
 def _condition_reports(server) -> list:
