@@ -217,6 +217,35 @@ def test_bank_is_built_once_per_run_and_dropped(server):
         assert len(reports) == 1 and expect in reports[0], reports
 
 
+def watched_run(server, cache: bool, tag: str, cond_size: int) -> dict:
+    """easycontrol_canny with the probe's bank watch between ModelSamplingFlux and KSampler and its report
+    after the sampler's LATENT: what the KV bank held during the run, and what of it is alive after."""
+    g = with_cache(api_graph("easycontrol_canny", cond_size=cond_size, steps=3, save_latent=False), cache)
+    ks, msf = one(g, "KSampler"), one(g, "ModelSamplingFlux")
+    g["95"] = {"class_type": "DiTControlProbe_EasyControlBankWatch", "inputs": {"model": [msf, 0], "tag": tag}}
+    g[ks]["inputs"]["model"] = ["95", 0]
+    g["96"] = {"class_type": "DiTControlProbe_EasyControlBankReport", "inputs": {"samples": [ks, 0], "tag": tag}}
+    return json.loads(run_ok(server, g)["outputs"]["96"]["text"][0])
+
+
+@pytest.mark.both_hosts
+def test_bank_tensors_are_freed_after_the_run(server):
+    """Measured: during the run the bank holds K and V of every block for the condition tokens; once the
+    sampling run has ended none of those tensors is alive any more (weak references, after gc), although
+    ComfyUI keeps the patched MODEL cached. With the cache off nothing is banked."""
+    cond_size = 256                                  # (256/16)² = 256 condition tokens
+    tokens, heads, head_dim, blocks_ = (cond_size // 16) ** 2, 24, 128, 2   # test FLUX: 1 double + 1 single
+    on = watched_run(server, True, f"bank-on-{server.host}", cond_size)
+    kv_elements = 2 * blocks_ * heads * tokens * head_dim
+    print(f"cache on: {on}")
+    assert on["calls"] == 3 and on["peak_entries"] == 1
+    assert on["peak_bytes"] in (2 * kv_elements, 4 * kv_elements), on       # bf16/fp16 or fp32 compute
+    assert on["watched_tensors"] == 2 * blocks_
+    assert on["alive_tensors"] == 0 and on["alive_bytes"] == 0, on
+    off = watched_run(server, False, f"bank-off-{server.host}", cond_size)
+    assert off["calls"] == 3 and off["peak_bytes"] == 0 and off["watched_tensors"] == 0, off
+
+
 @pytest.mark.both_hosts
 def test_sampler_custom_advanced_matches_ksampler(server):
     g = api_graph("easycontrol_canny")
