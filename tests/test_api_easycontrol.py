@@ -295,6 +295,64 @@ def test_fp8_base_stays_close_to_the_default_dtype(server):
     assert 0 < fp8_error <= FP8_TOLERANCE
 
 
+def native_to_diffusers(sd: dict) -> dict:
+    """The test FLUX in diffusers FluxTransformer2DModel names (the inverse of
+    kernels/flux_easycontrol/checkpoint.py's renaming: fused q/k/v and linear1 split, final adaLN halves
+    swapped back)."""
+    from kernels.flux_easycontrol import checkpoint as ck
+    sd, out = dict(sd), {}
+    hidden = sd["img_in.weight"].shape[0]
+
+    def split(native: str, parts):
+        for suffix in ("weight", "bias"):
+            name = f"{native}.{suffix}"
+            if name not in sd:
+                continue
+            t = sd.pop(name)
+            if len(parts) == 1:
+                out[f"{parts[0]}.{suffix}"] = t
+                continue
+            n = t.shape[0]
+            sizes = [n // 3] * 3 if len(parts) == 3 else [hidden] * 3 + [n - 3 * hidden]     # [q; k; v(; mlp)]
+            for p, piece in zip(parts, torch.split(t, sizes, dim=0)):
+                out[f"{p}.{suffix}"] = piece.clone()
+
+    for name in ck.SWAPPED_HALVES:
+        sd[name] = ck._swap_halves(sd[name])
+    for native, parts in ck._TOP_LEVEL.items():
+        split(native, parts)
+    for native_prefix, diffusers_prefix, linears, norms in (
+            ("double_blocks", "transformer_blocks", ck._DOUBLE, ck._DOUBLE_NORMS),
+            ("single_blocks", "single_transformer_blocks", ck._SINGLE, ck._SINGLE_NORMS)):
+        for i in ck._indices(sd, native_prefix):
+            src, dst = f"{native_prefix}.{i}.", f"{diffusers_prefix}.{i}."
+            for native, parts in linears.items():
+                split(src + native, [dst + q for q in parts])
+            for native, diff in norms.items():
+                out[dst + diff] = sd.pop(src + native)
+    assert not sd, sorted(sd)[:5]
+    return out
+
+
+def test_diffusers_layout_flux_through_core_unet_loader(server, models_dir):
+    """The test FLUX saved in diffusers names: core's UNETLoader converts it on load, and the shipped graph
+    gives the comfy-layout file's latent."""
+    from safetensors.torch import load_file, save_file
+    from kernels.flux_easycontrol.checkpoint import diffusers_to_native
+    name = "flux1-dev-diffusers-layout.safetensors"
+    path = models_dir / "diffusion_models" / name
+    if not path.exists():
+        native = load_file(str(models_dir / "diffusion_models" / "flux1-dev.safetensors"))
+        diffusers = native_to_diffusers(native)
+        assert all(torch.equal(native[k], v) for k, v in diffusers_to_native(diffusers).items())   # round trip
+        save_file(diffusers, str(path))
+        del native, diffusers
+    comfy_layout = latent_of(server, run_ok(server, api_graph("easycontrol_canny")))
+    g = api_graph("easycontrol_canny")
+    g[one(g, "UNETLoader")]["inputs"]["unet_name"] = name
+    assert rel(latent_of(server, run_ok(server, g)), comfy_layout) <= 1e-6
+
+
 def _condition_reports(server) -> list:
     return [line for line in Path(server.log_path).read_text().splitlines() if "EasyControl conditions:" in line]
 
