@@ -275,12 +275,12 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     g["92"] = {"class_type": "SaveLatent", "inputs": {"samples": ["91", 0], "filename_prefix": "dit4sr_test/lr"}}
     g["93"] = {"class_type": "BasicScheduler", "inputs": {"model": ks["model"], "scheduler": ks["scheduler"],
                                                           "steps": steps, "denoise": 1.0}}
-    g["94"] = {"class_type": "DiTControlProbe_ShowSigmas", "inputs": {"sigmas": ["93", 0]}}
+    g["94"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": ["93", 0]}}
     history = run_ok(server, g)
     got = latent_of(server, history)
     entry = history["outputs"]["92"]["latents"][0]
     z = load_file(str(server.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
-    sigmas = json.loads(history["outputs"]["94"]["text"][0])
+    sigmas = json.loads(history["outputs"]["94"]["text"][0])["sigmas"]
     assert got.shape == z.shape == (1, 16, 8, 10)
     tiles = TileSettings(tile=8, overlap=2, memory_budget=2048 << 20)
     assert tile_layout(8, 10, tiles).count == 2
@@ -344,9 +344,9 @@ def host_sigmas(server, scheduler: str, steps: int, model_sampling_sd3: bool = F
         model = ["70", 0]
     g["71"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler, "steps": steps,
                                                           "denoise": 1.0}}
-    g["72"] = {"class_type": "DiTControlProbe_ShowSigmas", "inputs": {"sigmas": ["71", 0]}}
+    g["72"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": ["71", 0]}}
     history = run_ok(server, g)
-    return json.loads(history["outputs"]["72"]["text"][0])
+    return json.loads(history["outputs"]["72"]["text"][0])["sigmas"]
 
 
 @pytest.mark.both_hosts

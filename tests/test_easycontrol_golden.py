@@ -5,7 +5,8 @@
 - the KV bank: cached == uncached, rebuilt on every change of what it depends on, dropped after a run,
   switched off on request;
 - ComfyUI v0.33's own `comfy.ldm.flux.model.Flux` (no server) with OUR block functions applied to ITS
-  block modules through core's block-replace hook — the duck-typed design the nodes will use.
+  block modules through core's block-replace hook — the duck-typed design the nodes use — loaded from
+  the comfy-layout file and from the diffusers-layout file through core's own diffusers conversion.
 
 Max error ≤ 1e-4 · max |golden| throughout (the default tolerance).
 """
@@ -279,20 +280,29 @@ def test_cache_switch_off_runs_the_uncached_path(models, io, config, loras, monk
 #             ComfyUI v0.33's own Flux, with our block functions on its block modules
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def core_flux(golden, config):
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def core_flux(request, golden, config):
     """comfy.ldm.flux.model.Flux built from the golden's parameters and loaded strictly, in this process
-    (no server). ComfyUI goes at the END of sys.path so that it cannot shadow this repo's packages."""
+    (no server), from either golden file. The diffusers-layout file goes through the conversion core's
+    UNETLoader applies to a diffusers FLUX transformer (`load_diffusion_model_state_dict` →
+    `model_detection.convert_diffusers_mmdit`, `flux_to_diffusers`: fused qkv, swapped norm_out halves).
+    ComfyUI goes at the END of sys.path so that it cannot shadow this repo's packages."""
     from tests.comfy_host import comfy_dir
     root = str(comfy_dir("0.33"))
     sys.path.append(root)
     from comfy.cli_args import args
     args.cpu = True            # before model_management is imported: no CUDA probing
     import comfy.ldm.flux.model
+    import comfy.model_detection
     import comfy.ops
     import comfy.supported_models
+    sd = read_state_dict(str(golden / LAYOUTS[request.param]))
+    if request.param == "diffusers":
+        assert comfy.model_detection.model_config_from_unet(sd, "") is None     # not native: converted
+        sd = comfy.model_detection.convert_diffusers_mmdit(sd, "")
+        assert sd is not None, "core does not recognise the diffusers FLUX layout"
     # core's own load rule: the file's `*_norm.scale` are its RMSNorms' `.weight`
-    sd = comfy.supported_models.Flux.process_unet_state_dict(None, read_state_dict(str(golden / LAYOUTS["comfy"])))
+    sd = comfy.supported_models.Flux.process_unet_state_dict(None, sd)
     flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **config["comfy_flux_params"])
     flux.load_state_dict(sd, strict=True)
     yield flux.eval()

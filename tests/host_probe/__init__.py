@@ -15,12 +15,19 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   for CI); the shipped workflows keep core's nodes.
 - DiTControlProbe_SD3ConditioningStandIn: the same for SD3's TripleCLIPLoader + CLIPTextEncode (context
   [1, 154, 4096] like CLIP-L + CLIP-G + T5-XXL, pooled_output [1, 2048]), for the DiT4SR API tests.
-- DiTControlProbe_ShowSigmas: a SIGMAS wire as JSON in the history (schedule checks against references).
 - DiTControlProbe_ImageTokens: the token ids of a ControlAR IMAGE_TOKENS wire as JSON in the history (the
   pack has no node that shows tokens; the ControlAR API tests compare them exactly).
+- DiTControlProbe_SigmasReport: a SIGMAS list (e.g. core's BasicScheduler on a MODEL) as JSON text, to compare
+  the shipped sampler/scheduler pair with the reference schedule.
+- DiTControlProbe_EasyControlBankWatch / _EasyControlBankReport: the watch clones an EasyControl MODEL and
+  adds a DIFFUSION_MODEL wrapper that, after every model call, takes weak references to the KV bank's
+  tensors and records the bank's size; the report (run after the sampler's LATENT) tells how many of those
+  tensors are still alive once the sampling run has ended, after gc.
 V1 registration: it must run unchanged on every host the suite uses.
 """
+import gc
 import json
+import weakref
 
 import torch
 
@@ -115,20 +122,6 @@ class SD3ConditioningStandIn:
         return ([[context, {"pooled_output": pooled}]],)
 
 
-class ShowSigmas:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "show"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"sigmas": ("SIGMAS",)}}
-
-    def show(self, sigmas):
-        return {"ui": {"text": [json.dumps([float(s) for s in sigmas.reshape(-1)])]}}
-
-
 class ImageTokens:
     CATEGORY = "DiT Control tests"
     FUNCTION = "report"
@@ -144,8 +137,79 @@ class ImageTokens:
         return {"ui": {"text": [json.dumps({"tokens": t.tokens.tolist(), "rows": t.rows, "cols": t.cols})]}}
 
 
+class SigmasReport:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"sigmas": ("SIGMAS",)}}
+
+    def report(self, sigmas):
+        return {"ui": {"text": [json.dumps({"sigmas": [float(s) for s in sigmas], "dtype": str(sigmas.dtype)})]}}
+
+
+EASYCONTROL_SPEC_KEY = "dit_control_easycontrol"     # nodes/flux_easycontrol_model.py SPEC_KEY
+BANK_WATCHES = {}                                    # tag -> record of one watched model
+
+
+class EasyControlBankWatch:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "watch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "watch"})}}
+
+    def watch(self, model, tag):
+        import comfy.patcher_extension
+        spec = model.model_options["transformer_options"][EASYCONTROL_SPEC_KEY]
+        record = BANK_WATCHES[tag] = {"refs": [], "calls": 0, "peak_bytes": 0, "peak_entries": 0}
+
+        def wrapper(executor, *args, **kwargs):
+            out = executor(*args, **kwargs)
+            bank = spec.easycontrol.bank
+            record["calls"] += 1
+            record["peak_bytes"] = max(record["peak_bytes"], bank.nbytes)
+            record["peak_entries"] = max(record["peak_entries"], len(bank))
+            seen = {id(r()) for r in record["refs"] if r() is not None}
+            for _, entry in bank.entries:
+                for pair in entry.kv.values():
+                    record["refs"] += [weakref.ref(t) for t in pair if id(t) not in seen]
+            return out
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "dit_control_probe", wrapper)
+        return (m,)
+
+
+class EasyControlBankReport:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "tag": ("STRING", {"default": "watch"})}}
+
+    def report(self, samples, tag):
+        record = BANK_WATCHES.pop(tag)
+        gc.collect()
+        alive = [r() for r in record["refs"] if r() is not None]
+        report = {"calls": record["calls"], "peak_bytes": record["peak_bytes"], "peak_entries": record["peak_entries"],
+                  "watched_tensors": len(record["refs"]), "alive_tensors": len(alive),
+                  "alive_bytes": sum(t.numel() * t.element_size() for t in alive)}
+        return {"ui": {"text": [json.dumps(report)]}}
+
+
 NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
                        "DiTControlProbe_SD3ConditioningStandIn": SD3ConditioningStandIn,
-                       "DiTControlProbe_ShowSigmas": ShowSigmas,
                        "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass,
-                       "DiTControlProbe_ImageTokens": ImageTokens}
+                       "DiTControlProbe_ImageTokens": ImageTokens,
+                       "DiTControlProbe_SigmasReport": SigmasReport,
+                       "DiTControlProbe_EasyControlBankWatch": EasyControlBankWatch,
+                       "DiTControlProbe_EasyControlBankReport": EasyControlBankReport}
