@@ -2,9 +2,9 @@
 ControlNet-Transformer (13 copied blocks on the 28-block XL/2) and RelaCtrl (11 RGLC blocks with the
 release's expert counts) — full-size random weights, one run, 512 and 1024 px.
 
-    .venv/bin/python -m tests.benchmarks.bench_pixart_control_step [--sizes 512 1024] [--batch 2] [--repeats 2]
+    .venv/bin/python -m tests.benchmarks.bench_pixart_control_step [--sizes 512 1024] [--batch 2] [--repeats 3]
 
-A step is one forward of the DiT (batch 2 = a CFG step), fp32, after one warm-up forward. The issue's
+A step is one forward of the DiT (batch 2 = a CFG step), fp32, after one warm-up forward each, the three taking turns. The issue's
 goal: RelaCtrl's overhead ≤ 1/3 of the ControlNet-Transformer's.
 """
 from __future__ import annotations
@@ -28,15 +28,19 @@ from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 from tests.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
 
 
-def median_time(fn, repeats):
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each fn, after one warm-up call each. The fns take turns (round robin),
+    so a change of machine load during the run shifts all of them alike instead of one."""
+    times = {name: [] for name in fns}
     with torch.no_grad():
-        fn()                                   # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for fn in fns.values():
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def randomised(module):
@@ -54,7 +58,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
     cfg = pixart_xl2_1024_ms(null_caption=False)
@@ -76,10 +80,12 @@ def main():
         c = torch.randn(1, 4, lat, lat, generator=gen)
         t = torch.full((b,), 500.0)
         y = torch.randn(b, 120, 4096, generator=gen)
-        plain = median_time(lambda: base(x, t, y), args.repeats)
-        with_cn = median_time(lambda: base(x, t, y, control=controlnet.branch(c, strength=1.0)), args.repeats)
-        with_rc = median_time(lambda: base(x, t, y, control=relactrl.branch(c, strength=1.0, seed=0, step=0)),
-                              args.repeats)
+        med = median_times({
+            "base": lambda: base(x, t, y),
+            "controlnet": lambda: base(x, t, y, control=controlnet.branch(c, strength=1.0)),
+            "relactrl": lambda: base(x, t, y, control=relactrl.branch(c, strength=1.0, seed=0, step=0)),
+        }, args.repeats)
+        plain, with_cn, with_rc = med["base"], med["controlnet"], med["relactrl"]
         cn_over, rc_over = with_cn / plain - 1, with_rc / plain - 1
         row = {"base_s": round(plain, 3), "controlnet_s": round(with_cn, 3), "relactrl_s": round(with_rc, 3),
                "controlnet_overhead_pct": round(100 * cn_over, 1), "relactrl_overhead_pct": round(100 * rc_over, 1),
