@@ -34,7 +34,7 @@ from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E40
 from tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
 from tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
 
-STAMP_VERSION = "9"
+STAMP_VERSION = "10"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
