@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from comfy_api.latest import io
 
 import comfy.controlnet

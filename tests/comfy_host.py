@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -189,6 +188,21 @@ class ComfyServer:
     def run(self, graph: dict, timeout: float = 900.0) -> dict:
         """Submit a graph and wait; the history entry (status, outputs, messages)."""
         return self.wait(self.submit(graph), timeout)
+
+    def run_ok(self, graph: dict, timeout: float = 900.0) -> dict:
+        """`run`, asserting that the prompt succeeded (else its error and the server log's tail)."""
+        history = self.run(graph, timeout)
+        err = execution_error(history)
+        assert err is None and history["status"]["status_str"] == "success", \
+            f"{err and err.get('exception_message')}\n{self.log_tail(40)}"
+        return history
+
+    def saved_latent(self, history: dict, node: str = "90"):
+        """The latent a SaveLatent node of a successful prompt wrote (its `latent_tensor`)."""
+        from safetensors.torch import load_file
+        assert history["status"]["status_str"] == "success", execution_error(history)
+        entry = history["outputs"][node]["latents"][0]
+        return load_file(str(self.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
 
     def images(self, history: dict) -> list[bytes]:
         """PNG bytes of every image an output node saved, in node order."""

@@ -36,12 +36,6 @@ def bad_annotators(models_dir):
     return {"broken.pth": "missing", "empty.pth": "is empty"}
 
 
-def run_ok(comfy, graph):
-    h = comfy.run(graph)
-    assert h["status"]["status_str"] == "success", execution_error(h)
-    return h
-
-
 def pngs(comfy, history):
     return [np.asarray(Image.open(io.BytesIO(data))) for data in comfy.images(history)]
 
@@ -96,7 +90,7 @@ def test_hed_soft_edge_matches_kernel_and_keeps_size(comfy, models_dir, square_p
     from kernels.control_image import edges_to_control_rgb
     from kernels.hed import hed_edges, load_hed_file
 
-    (out,) = pngs(comfy, run_ok(comfy, hed_graph()))
+    (out,) = pngs(comfy, comfy.run_ok(hed_graph()))
     assert out.shape == (SQUARE_H, SQUARE_W, 3)
     assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
 
@@ -120,7 +114,7 @@ def test_hed_batch_of_flat_images(comfy):
          "2": {"class_type": "DiTControl_HEDLoader", "inputs": {"hed_name": HED_FILE}},
          "3": {"class_type": "DiTControl_HEDSoftEdge", "inputs": {"hed_model": ["2", 0], "image": ["1", 0]}},
          **save("4", ["3", 0], "hed/flat")}
-    outs = pngs(comfy, run_ok(comfy, g))
+    outs = pngs(comfy, comfy.run_ok(g))
     assert len(outs) == 2 and all(o.shape == (32, 48, 3) for o in outs)
     assert np.array_equal(outs[0], outs[1])
 
@@ -130,7 +124,7 @@ def test_canny_traces_the_square_border(comfy, square_png):
          "2": {"class_type": "DiTControl_CannyEdge",
                "inputs": {"image": ["1", 0], "low_threshold": 100, "high_threshold": 200}},
          **save("3", ["2", 0], "canny/square")}
-    (out,) = pngs(comfy, run_ok(comfy, g))
+    (out,) = pngs(comfy, comfy.run_ok(g))
     assert out.shape == (SQUARE_H, SQUARE_W, 3) and set(np.unique(out)) <= {0, 255}
     on = out[..., 0] > 0
     near = np.zeros_like(on)
@@ -146,7 +140,7 @@ def test_canny_on_flat_image_is_black(comfy):
          "2": {"class_type": "DiTControl_CannyEdge",
                "inputs": {"image": ["1", 0], "low_threshold": 100, "high_threshold": 200}},
          **save("3", ["2", 0], "canny/flat")}
-    outs = pngs(comfy, run_ok(comfy, g))
+    outs = pngs(comfy, comfy.run_ok(g))
     assert len(outs) == 2 and all(o.shape == (24, 40, 3) and not o.any() for o in outs)
 
 
@@ -158,7 +152,7 @@ def test_fit_control_image_gives_requested_size(comfy, square_png, mode):
          "2": {"class_type": "DiTControl_FitControlImage",
                "inputs": {"image": ["1", 0], "width": 64, "height": 64, "mode": mode}},
          **save("3", ["2", 0], f"fit/{mode}")}
-    (out,) = pngs(comfy, run_ok(comfy, g))
+    (out,) = pngs(comfy, comfy.run_ok(g))
     assert out.shape == (64, 64, 3)
     image = torch.from_numpy(square_png).permute(2, 0, 1)[None].float() / 255.0
     expected = fit_control_image(image, 64, 64, mode)[0].permute(1, 2, 0).numpy()
@@ -180,4 +174,4 @@ def test_wrong_hed_file_gives_clear_error_and_server_keeps_serving(comfy, square
     assert err is not None and err["node_type"] == "DiTControl_HEDLoader"
     message = err["exception_message"]
     assert "ControlNetHED.pth" in message and bad_annotators[name] in message, message
-    run_ok(comfy, hed_graph())
+    comfy.run_ok(hed_graph())

@@ -67,13 +67,6 @@ def graph(name: str, size=None, tokens=True, **sampler) -> dict:
     return g
 
 
-def run_ok(server, g) -> dict:
-    history = server.run(g)
-    err = execution_error(history)
-    assert err is None, f"{err and err.get('exception_message')}\n{server.log_tail(40)}"
-    return history
-
-
 def run_error(server, g) -> str:
     history = server.run(g)
     err = execution_error(history)
@@ -94,7 +87,7 @@ def shared_run(server, key: str, g: dict):
     """(tokens, png) of a run several tests compare against, made once per host."""
     key = (server.host, key)
     if key not in _RUNS:
-        history = run_ok(server, g)
+        history = server.run_ok(g)
         (png,) = server.images(history)
         _RUNS[key] = (tokens_of(history), png)
     return _RUNS[key]
@@ -165,12 +158,12 @@ def test_hed_512_workflow(server):
 def test_same_seed_same_tokens_another_seed_differs(server):
     tokens, png = shipped(server, "controlar_canny_mr")
     # previews off: the sampler runs again (another input) and must draw exactly the same tokens
-    again = run_ok(server, graph("controlar_canny_mr", preview_every_rows=0))
+    again = server.run_ok(graph("controlar_canny_mr", preview_every_rows=0))
     assert tokens_of(again) == tokens
     assert server.images(again) == [png]
     # another seed (at 256×256, against the shared seed-42 run of that size)
     ref_tokens, ref_png = small_controlled(server)
-    other = run_ok(server, graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=43))
+    other = server.run_ok(graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=43))
     other_tokens = tokens_of(other)
     assert sum(a != b for a, b in zip(other_tokens[0], ref_tokens[0])) > len(ref_tokens[0]) // 2
     assert server.images(other) != [ref_png]
@@ -178,8 +171,8 @@ def test_same_seed_same_tokens_another_seed_differs(server):
 
 def test_strength_0_gives_exactly_the_uncontrolled_tokens(server):
     small = (256, 256)
-    zero = tokens_of(run_ok(server, graph("controlar_canny_mr", size=small, preview_every_rows=0, strength=0.0)))
-    free = tokens_of(run_ok(server, graph("controlar_canny_mr", size=small, preview_every_rows=0,
+    zero = tokens_of(server.run_ok(graph("controlar_canny_mr", size=small, preview_every_rows=0, strength=0.0)))
+    free = tokens_of(server.run_ok(graph("controlar_canny_mr", size=small, preview_every_rows=0,
                                           control_image=None)))
     full, _ = small_controlled(server)
     assert zero == free
@@ -228,14 +221,14 @@ def kernel_tokens(models_dir: Path, input_dir: Path, width: int, height: int, se
 def test_tokens_equal_the_kernel_pipeline_run_in_process(server, models_dir):
     """The whole node chain (fit, Canny, 14-px resize rule, caption cleaning and left padding, seeding) draws
     exactly the tokens of the kernels run here; 256×192 is non-square on the MR model's 48-wide RoPE grid."""
-    api = tokens_of(run_ok(server, graph("controlar_canny_mr", size=(256, 192), preview_every_rows=0, seed=77)))
+    api = tokens_of(server.run_ok(graph("controlar_canny_mr", size=(256, 192), preview_every_rows=0, seed=77)))
     assert api == kernel_tokens(models_dir, server.base_dir / "input", 256, 192, seed=77)
 
 
 def test_llamagen_base_generates_without_control(server):
     g = graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, control_image=None, cfg=7.5)
     g["1"]["inputs"]["model_name"] = "t2i_XL_stage2_512.pt"
-    tokens = tokens_of(run_ok(server, g))
+    tokens = tokens_of(server.run_ok(g))
     assert len(tokens[0]) == 256
     g = graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0)
     g["1"]["inputs"]["model_name"] = "t2i_XL_stage2_512.pt"
@@ -272,7 +265,7 @@ def test_interrupt_stops_within_a_token_and_the_server_keeps_serving(server):
     assert 0 <= done < 1536, line
     assert stopped < 5.0, stopped                            # one token is milliseconds; the rest would be many s
     # the server keeps serving: the next prompt runs
-    tokens = tokens_of(run_ok(server, graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0,
+    tokens = tokens_of(server.run_ok(graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0,
                                             seed=1234)))
     assert len(tokens[0]) == 256
 
@@ -296,7 +289,7 @@ def test_wrong_files_give_clear_errors_and_the_next_prompt_runs(server):
     assert "the caption is 64 wide" in message and "96-wide FLAN-T5 rows" in message, message
     message = loader_error("broken/overflow_canny_MR.safetensors")
     assert "logits turned NaN/Inf at image token 1 of 256" in message and "overflow" in message, message
-    tokens = tokens_of(run_ok(server, graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=5)))
+    tokens = tokens_of(server.run_ok(graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=5)))
     assert len(tokens[0]) == 256
 
 
@@ -305,7 +298,7 @@ def test_int8_weights_run(server, weight_dtype):
     start = len(server.log_path.read_text(errors="replace"))
     g = graph("controlar_canny_mr", size=(256, 256), preview_every_rows=0, seed=9)
     g["1"]["inputs"]["weight_dtype"] = weight_dtype
-    history = run_ok(server, g)
+    history = server.run_ok(g)
     assert len(tokens_of(history)[0]) == 256 and png_size(server.images(history)[0]) == (256, 256)
     log = server.log_path.read_text(errors="replace")[start:]
     assert "loaded canny_MR.safetensors as ControlAR" in log and "storage int8 weights" in log, log[-2000:]
@@ -315,7 +308,7 @@ def test_int8_weights_run(server, weight_dtype):
 def test_narrow_float_storage_runs(server, weight_dtype):
     g = graph("controlar_canny_mr", size=(128, 128), preview_every_rows=0, seed=3)
     g["1"]["inputs"]["weight_dtype"] = weight_dtype
-    assert len(tokens_of(run_ok(server, g))[0]) == 64
+    assert len(tokens_of(server.run_ok(g))[0]) == 64
 
 
 def previews_over_websocket(server, g: dict, timeout: float = 300.0) -> list:

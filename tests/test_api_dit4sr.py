@@ -69,19 +69,6 @@ def small_graph(**kw) -> dict:
     return g
 
 
-def run_ok(server, g) -> dict:
-    history = server.run(g)
-    err = execution_error(history)
-    assert err is None, f"{err and err.get('exception_message')}\n{server.log_tail(40)}"
-    return history
-
-
-def latent_of(server, history) -> torch.Tensor:
-    from safetensors.torch import load_file
-    entry = history["outputs"]["90"]["latents"][0]
-    return load_file(str(server.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
-
-
 # ---------------------------------------------------------------------------------------------
 #                 Preparation and colour fix (in-process, no server, no ComfyUI import)
 # ---------------------------------------------------------------------------------------------
@@ -205,11 +192,11 @@ def test_shipped_workflow_upscales_a_non_square_image_larger_than_a_tile(server)
     assert tile_layout(shape[2], shape[3], tiles).count == 2           # larger than one tile: tiled
     g = api_graph(**overrides)
     g[one(g, "LoadImage")]["inputs"]["image"] = image
-    history = run_ok(server, g)
+    history = server.run_ok(g)
     (png,) = server.images(history)
     out = Image.open(io.BytesIO(png))
     assert out.size == size
-    lat = latent_of(server, history)
+    lat = server.saved_latent(history)
     assert lat.shape == shape and torch.isfinite(lat).all() and lat.std() > 0.1
     assert log_line in server.log_tail(300)
     # AdaIN colour fix: the result's per-channel means are the upscaled input's (up to the final clamp)
@@ -233,7 +220,7 @@ def test_shipped_workflow_upscales_a_non_square_image_larger_than_a_tile(server)
                                                               "sampler": ["82", 0], "sigmas": ["83", 0],
                                                               "latent_image": ks["latent_image"]}},
     })
-    again = latent_of(server, run_ok(server, custom))
+    again = server.saved_latent(server.run_ok(custom))
     assert torch.equal(again, lat)
 
 
@@ -245,7 +232,7 @@ def test_model_patcher_is_cores_and_its_reloader_rebuilds_it(server):
                "inputs": {"dit_name": "dit4sr_q/transformer/diffusion_pytorch_model.safetensors",
                           "weight_dtype": "default"}},
          "2": {"class_type": "DiTControlProbe_PatcherClass", "inputs": {"model": ["1", 0]}}}
-    report = json.loads(run_ok(server, g)["outputs"]["2"]["text"][0])
+    report = json.loads(server.run_ok(g)["outputs"]["2"]["text"][0])
     assert report["patcher"] == report["core_picks"], report
     assert report["reload_matches"] is (True if report["has_reloader"] else None), report
 
@@ -276,8 +263,8 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     g["93"] = {"class_type": "BasicScheduler", "inputs": {"model": ks["model"], "scheduler": ks["scheduler"],
                                                           "steps": steps, "denoise": 1.0}}
     g["94"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": ["93", 0]}}
-    history = run_ok(server, g)
-    got = latent_of(server, history)
+    history = server.run_ok(g)
+    got = server.saved_latent(history)
     entry = history["outputs"]["92"]["latents"][0]
     z = load_file(str(server.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
     sigmas = json.loads(history["outputs"]["94"]["text"][0])["sigmas"]
@@ -307,11 +294,11 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
 
 def test_weight_dtypes_run_and_stay_close(server):
     """fp16 (the release's base dtype) and int8 storage through the loader: finite, close to the default."""
-    base = latent_of(server, run_ok(server, small_graph()))
+    base = server.saved_latent(server.run_ok(small_graph()))
     for dtype, tol in (("fp16", 2e-2), ("int8", 5e-2)):
         g = small_graph()
         g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["weight_dtype"] = dtype
-        out = latent_of(server, run_ok(server, g))
+        out = server.saved_latent(server.run_ok(g))
         rel = float((out.double() - base.double()).norm() / base.double().norm())
         print(f"weight_dtype {dtype}: relative difference {rel:.2e}")
         assert torch.isfinite(out).all() and rel <= tol, (dtype, rel)
@@ -345,7 +332,7 @@ def host_sigmas(server, scheduler: str, steps: int, model_sampling_sd3: bool = F
     g["71"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler, "steps": steps,
                                                           "denoise": 1.0}}
     g["72"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": ["71", 0]}}
-    history = run_ok(server, g)
+    history = server.run_ok(g)
     return json.loads(history["outputs"]["72"]["text"][0])["sigmas"]
 
 
@@ -388,7 +375,7 @@ def test_bad_transformer_file_gives_a_clear_error_and_the_next_prompt_runs(serve
     for needle in BAD_FILES[name]:
         assert needle in err["exception_message"], err["exception_message"]
     print(f"{name}: {err['exception_message']}")
-    lat = latent_of(server, run_ok(server, small_graph()))
+    lat = server.saved_latent(server.run_ok(small_graph()))
     assert lat.shape == (1, 16, 8, 10)       # 40×32 at ×1, short side 64: 80×64 px
 
 
@@ -415,4 +402,4 @@ def test_wrong_vae_and_missing_lr_conditioning_are_clear_errors(server):
     err = execution_error(server.run(g))
     assert err is not None and err["node_type"] == "KSampler", err
     assert "the LR latent is 80×64 px but the latent being sampled is 64×64 px" in err["exception_message"], err
-    run_ok(server, small_graph())
+    server.run_ok(small_graph())

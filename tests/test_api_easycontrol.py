@@ -68,19 +68,6 @@ def apply_nodes(g):
     return ids(g, "DiTControl_ApplyEasyControl")
 
 
-def run_ok(server, g) -> dict:
-    history = server.run(g)
-    err = execution_error(history)
-    assert err is None, f"{err and err.get('exception_message')}\n{server.log_tail(40)}"
-    return history
-
-
-def latent_of(server, history) -> torch.Tensor:
-    from safetensors.torch import load_file
-    entry = history["outputs"]["90"]["latents"][0]
-    return load_file(str(server.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
-
-
 def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -168,35 +155,35 @@ def test_ui_workflow_is_the_api_workflow_and_a_template(server, name):
 def test_shipped_workflow_runs(server, name):
     from PIL import Image
     g = api_graph(name, tokens=256)
-    history = run_ok(server, g)
+    history = server.run_ok(g)
     png = server.images(history)
     assert len(png) == 1
     img = Image.open(io.BytesIO(png[0]))
     assert img.size == (SIZE, SIZE)
-    lat = latent_of(server, history)
+    lat = server.saved_latent(history)
     assert lat.shape == (1, 16, SIZE // 8, SIZE // 8) and torch.isfinite(lat).all()
 
 
 @pytest.mark.both_hosts
 def test_cached_equals_uncached(server):
     for name in ("easycontrol_canny", "easycontrol_subject_canny"):
-        cached = latent_of(server, run_ok(server, with_cache(api_graph(name), True)))
-        uncached = latent_of(server, run_ok(server, with_cache(api_graph(name), False)))
+        cached = server.saved_latent(server.run_ok(with_cache(api_graph(name), True)))
+        uncached = server.saved_latent(server.run_ok(with_cache(api_graph(name), False)))
         assert rel(cached, uncached) <= 1e-6, name
 
 
 def test_condition_changes_the_result(server):
-    with_cond = latent_of(server, run_ok(server, api_graph("easycontrol_canny")))
+    with_cond = server.saved_latent(server.run_ok(api_graph("easycontrol_canny")))
     g = api_graph("easycontrol_canny")
     g[one(g, "ModelSamplingFlux")]["inputs"]["model"] = [one(g, "UNETLoader"), 0]   # without Apply EasyControl
     for cls in ("LoadImage", "DiTControl_EasyControlLoRALoader", "DiTControl_ApplyEasyControl"):
         del g[one(g, cls)]
-    plain = latent_of(server, run_ok(server, g))
+    plain = server.saved_latent(server.run_ok(g))
     assert rel(with_cond, plain) > 1e-3
     # strength scales the LoRA: another strength, another result
     g = api_graph("easycontrol_canny")
     g[one(g, "DiTControl_ApplyEasyControl")]["inputs"]["strength"] = 0.0
-    assert rel(latent_of(server, run_ok(server, g)), with_cond) > 1e-4
+    assert rel(server.saved_latent(server.run_ok(g)), with_cond) > 1e-4
 
 
 def _bank_reports(server) -> list:
@@ -212,7 +199,7 @@ def test_bank_is_built_once_per_run_and_dropped(server):
         before = len(_bank_reports(server))
         g = with_cache(api_graph("easycontrol_canny", steps=3), cache)
         g[one(g, "KSampler")]["inputs"]["seed"] = 7 if cache else 8
-        run_ok(server, g)
+        server.run_ok(g)
         reports = _bank_reports(server)[before:]
         assert len(reports) == 1 and expect in reports[0], reports
 
@@ -225,7 +212,7 @@ def watched_run(server, cache: bool, tag: str, cond_size: int) -> dict:
     g["95"] = {"class_type": "DiTControlProbe_EasyControlBankWatch", "inputs": {"model": [msf, 0], "tag": tag}}
     g[ks]["inputs"]["model"] = ["95", 0]
     g["96"] = {"class_type": "DiTControlProbe_EasyControlBankReport", "inputs": {"samples": [ks, 0], "tag": tag}}
-    return json.loads(run_ok(server, g)["outputs"]["96"]["text"][0])
+    return json.loads(server.run_ok(g)["outputs"]["96"]["text"][0])
 
 
 @pytest.mark.both_hosts
@@ -250,7 +237,7 @@ def test_bank_tensors_are_freed_after_the_run(server):
 def test_sampler_custom_advanced_matches_ksampler(server):
     g = api_graph("easycontrol_canny")
     ks = g[one(g, "KSampler")]["inputs"]
-    reference = latent_of(server, run_ok(server, g))
+    reference = server.saved_latent(server.run_ok(g))
     custom = api_graph("easycontrol_canny")
     k = one(custom, "KSampler")
     custom.update({
@@ -263,7 +250,7 @@ def test_sampler_custom_advanced_matches_ksampler(server):
                                                               "sampler": ["82", 0], "sigmas": ["83", 0],
                                                               "latent_image": ks["latent_image"]}},
     })
-    assert rel(latent_of(server, run_ok(server, custom)), reference) <= 1e-6
+    assert rel(server.saved_latent(server.run_ok(custom)), reference) <= 1e-6
 
 
 def initial_noise(server, g) -> torch.Tensor:
@@ -272,7 +259,7 @@ def initial_noise(server, g) -> torch.Tensor:
              "2": {"class_type": "DiTControlProbe_SamplerNoise",
                    "inputs": {"samples": ["1", 0], "seed": g[one(g, "KSampler")]["inputs"]["seed"], "draws": 0}},
              "90": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "ec_test/noise"}}}
-    return latent_of(server, run_ok(server, probe))
+    return server.saved_latent(server.run_ok(probe))
 
 
 FP8_TOLERANCE = 0.05     # relative L2 of the sampled update (latent − initial noise), fp8 vs default dtype
@@ -288,7 +275,7 @@ def test_fp8_base_stays_close_to_the_default_dtype(server):
     fp8 = api_graph("easycontrol_canny")
     fp8[one(fp8, "UNETLoader")]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
     noise = initial_noise(server, default)
-    out = {name: latent_of(server, run_ok(server, g)) - noise for name, g in (("default", default), ("fp8", fp8))}
+    out = {name: server.saved_latent(server.run_ok(g)) - noise for name, g in (("default", default), ("fp8", fp8))}
     assert torch.isfinite(out["fp8"]).all()
     fp8_error = rel(out["fp8"], out["default"])
     print(f"fp8 vs default: relative L2 of the sampled update {fp8_error:.4f}")
@@ -347,10 +334,10 @@ def test_diffusers_layout_flux_through_core_unet_loader(server, models_dir):
         assert all(torch.equal(native[k], v) for k, v in diffusers_to_native(diffusers).items())   # round trip
         save_file(diffusers, str(path))
         del native, diffusers
-    comfy_layout = latent_of(server, run_ok(server, api_graph("easycontrol_canny")))
+    comfy_layout = server.saved_latent(server.run_ok(api_graph("easycontrol_canny")))
     g = api_graph("easycontrol_canny")
     g[one(g, "UNETLoader")]["inputs"]["unet_name"] = name
-    assert rel(latent_of(server, run_ok(server, g)), comfy_layout) <= 1e-6
+    assert rel(server.saved_latent(server.run_ok(g)), comfy_layout) <= 1e-6
 
 
 def _condition_reports(server) -> list:
@@ -361,7 +348,7 @@ def test_kind_from_the_file_name_and_prepared_sizes(server):
     before = len(_condition_reports(server))
     g = api_graph("easycontrol_subject_canny", save_latent=False)
     g[one(g, "KSampler")]["inputs"]["seed"] = 3
-    run_ok(server, g)
+    server.run_ok(g)
     last = _condition_reports(server)[before:][-1]
     assert f"subject.safetensors as subject, {COND_SIZE}x{COND_SIZE} px" in last, last
     assert f"canny.safetensors as spatial, {COND_SIZE}x{COND_SIZE} px" in last, last
@@ -375,13 +362,13 @@ def test_cfg_branches(server):
         ks = one(g, "KSampler")
         g["70"] = {"class_type": "DiTControlProbe_FluxConditioningStandIn", "inputs": {"text": "blurry", "tokens": TOKENS}}
         g[ks]["inputs"].update(cfg=3.0, negative=["70", 0])
-        out[cache] = latent_of(server, run_ok(server, g))
+        out[cache] = server.saved_latent(server.run_ok(g))
     assert rel(out[True], out[False]) <= 1e-6
 
 
 def test_two_spatial_conditions_encoded_together(server):
     """Two chained spatial conditions (joint tall encode): runs, cached == uncached, and differs from one."""
-    single = latent_of(server, run_ok(server, api_graph("easycontrol_canny")))
+    single = server.saved_latent(server.run_ok(api_graph("easycontrol_canny")))
     out = {}
     for cache in (True, False):
         g = with_cache(api_graph("easycontrol_canny"), cache)
@@ -390,7 +377,7 @@ def test_two_spatial_conditions_encoded_together(server):
         g["61"] = json.loads(json.dumps(g[first]))
         g["61"]["inputs"].update(model=[first, 0], image=["60", 0])
         g[one(g, "ModelSamplingFlux")]["inputs"]["model"] = ["61", 0]
-        out[cache] = latent_of(server, run_ok(server, g))
+        out[cache] = server.saved_latent(server.run_ok(g))
     assert rel(out[True], out[False]) <= 1e-6
     assert rel(out[True], single) > 1e-4
 
@@ -410,10 +397,10 @@ def test_composes_with_core_lora(server):
             g["50"]["inputs"]["model"] = [apply, 0]
             g[msf]["inputs"]["model"] = ["50", 0]
         return g
-    without = latent_of(server, run_ok(server, api_graph("easycontrol_canny")))
-    before = latent_of(server, run_ok(server, graph("before")))
-    after = latent_of(server, run_ok(server, graph("after")))
-    uncached = latent_of(server, run_ok(server, graph("after", cache=False)))
+    without = server.saved_latent(server.run_ok(api_graph("easycontrol_canny")))
+    before = server.saved_latent(server.run_ok(graph("before")))
+    after = server.saved_latent(server.run_ok(graph("after")))
+    uncached = server.saved_latent(server.run_ok(graph("after", cache=False)))
     assert rel(before, after) <= 1e-6
     assert rel(after, uncached) <= 1e-6
     assert rel(after, without) > 1e-4
@@ -435,9 +422,9 @@ def test_composes_with_reference_latents(server):
                        "inputs": {"conditioning": g[guidance]["inputs"]["conditioning"], "latent": ["42", 0]}}
             g[guidance]["inputs"]["conditioning"] = ["43", 0]
         return g
-    plain = latent_of(server, run_ok(server, graph(ref=False)))
-    cached = latent_of(server, run_ok(server, graph()))
-    uncached = latent_of(server, run_ok(server, graph(cache=False)))
+    plain = server.saved_latent(server.run_ok(graph(ref=False)))
+    cached = server.saved_latent(server.run_ok(graph()))
+    uncached = server.saved_latent(server.run_ok(graph(cache=False)))
     assert rel(cached, uncached) <= 1e-6
     assert rel(cached, plain) > 1e-4
 
@@ -451,8 +438,8 @@ def test_batch_and_non_square(server):
         g = with_cache(api_graph("easycontrol_subject_canny"), cache)
         g[one(g, "EmptySD3LatentImage")]["inputs"].update(width=192, height=128, batch_size=2)
         g[one(g, "ModelSamplingFlux")]["inputs"].update(width=192, height=128)
-        history = run_ok(server, g)
-        out[cache] = latent_of(server, history)
+        history = server.run_ok(g)
+        out[cache] = server.saved_latent(history)
         if cache:
             sizes = [Image.open(io.BytesIO(b)).size for b in server.images(history)]
             assert sizes == [(192, 128)] * 2, sizes
@@ -472,11 +459,11 @@ CHANGES = {
 def test_change_on_the_same_server_matches_cache_off(server, what):
     """A first run fills (and drops) the bank; a changed input on the same server, cache on, gives
     exactly what the changed graph gives with the cache off: no stale bank survives a run."""
-    first = latent_of(server, run_ok(server, api_graph("easycontrol_canny")))
+    first = server.saved_latent(server.run_ok(api_graph("easycontrol_canny")))
     changed = api_graph("easycontrol_canny")
     CHANGES[what](changed)
-    cached = latent_of(server, run_ok(server, changed))
-    uncached = latent_of(server, run_ok(server, with_cache(json.loads(json.dumps(changed)), False)))
+    cached = server.saved_latent(server.run_ok(changed))
+    uncached = server.saved_latent(server.run_ok(with_cache(json.loads(json.dumps(changed)), False)))
     assert rel(cached, uncached) <= 1e-6
     assert rel(cached, first) > 1e-5, f"the changed {what} did not change the result"
 
@@ -486,13 +473,13 @@ def test_changed_prompt_equals_a_fresh_server(server, models_dir, tmp_path):
     """After runs with another prompt on the same server, the changed prompt gives bit for bit what a
     fresh server gives for it."""
     from tests.comfy_host import ComfyServer
-    run_ok(server, api_graph("easycontrol_canny"))
+    server.run_ok(api_graph("easycontrol_canny"))
     changed = api_graph("easycontrol_canny")
     CHANGES["prompt"](changed)
-    same = latent_of(server, run_ok(server, changed))
+    same = server.saved_latent(server.run_ok(changed))
     with ComfyServer(models_dir, base_dir=tmp_path / "fresh", host=server.host, probe=True) as fresh:
         prepare_server(fresh, models_dir)
-        new = latent_of(fresh, run_ok(fresh, changed))
+        new = fresh.saved_latent(fresh.run_ok(changed))
     assert torch.equal(same, new)
 
 
@@ -517,7 +504,7 @@ def test_bad_lora_file_gives_a_clear_error_and_the_next_prompt_runs(server, lora
     assert err is not None and err["node_type"] == "DiTControl_EasyControlLoRALoader", err
     assert BAD_LORAS[lora] in err["exception_message"], err["exception_message"]
     print(f"{lora}: {err['exception_message']}")
-    run_ok(server, api_graph("easycontrol_canny", save_latent=False))
+    server.run_ok(api_graph("easycontrol_canny", save_latent=False))
 
 
 @pytest.mark.both_hosts
@@ -538,7 +525,7 @@ def test_wrong_vae_gives_a_clear_error(server):
     err = execution_error(server.run(g))
     assert err is not None and err["node_type"] == "DiTControl_ApplyEasyControl", err
     assert "needs its own VAE" in err["exception_message"], err["exception_message"]
-    run_ok(server, api_graph("easycontrol_canny", save_latent=False))
+    server.run_ok(api_graph("easycontrol_canny", save_latent=False))
 
 
 @pytest.mark.both_hosts
@@ -550,4 +537,4 @@ def test_pixart_model_gives_a_clear_error(server):
     assert err is not None and err["node_type"] == "DiTControl_ApplyEasyControl", err
     assert "needs a FLUX.1 MODEL" in err["exception_message"], err["exception_message"]
     print(err["exception_message"])
-    run_ok(server, api_graph("easycontrol_canny", save_latent=False))
+    server.run_ok(api_graph("easycontrol_canny", save_latent=False))

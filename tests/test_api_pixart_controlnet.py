@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from kernels.checkpoint_io import read_state_dict
 from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
 from kernels.t5 import load_t5_encoder, read_t5_state_dict
+from tests.api_graphs import add_lcm_control_latents
 from tests.comfy_host import COMFY_DIR, REPO, execution_error
 from tests.make_checkpoints import write_example_inputs
 
@@ -93,21 +93,8 @@ def lcm_latent_graph(strength, start, end):
     for k in ("12", "13", "14"):
         del g[k]
     g["3"]["inputs"]["text"] = PROMPT
-    g["20"] = {"class_type": "DiTControl_LCMScheduler", "inputs": {"model": ["1", 0], "steps": 4, "rule": "diffusers"}}
-    g["21"] = {"class_type": "DiTControl_LCMSampler", "inputs": {}}
-    g["22"] = {"class_type": "SamplerCustom", "inputs": {
-        "model": ["1", 0], "add_noise": True, "noise_seed": SEED, "cfg": 1.0, "positive": ["10", 0],
-        "negative": ["10", 1], "sampler": ["21", 0], "sigmas": ["20", 0], "latent_image": ["11", 0]}}
-    g["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": f"cn/out_{end}"}}
-    # the control latent the ControlNet sees: the VAE encode of the same (already latent-sized) image
-    g["24"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["9", 0]}}
-    g["25"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": f"cn/ctrl_{end}"}}
-    return g
-
-
-def _latent(comfy, history, node):
-    entry = history["outputs"][node]["latents"][0]
-    return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+    return add_lcm_control_latents(g, model="1", apply_controlnet="10", empty_latent="11", control_image="8",
+                                   vae="9", seed=SEED, prefix=f"cn/{end}")
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +134,8 @@ def _rel(a, b):
 def test_control_is_applied_exactly_on_the_steps_in_range(comfy, kernel_models, end, controlled):
     h = comfy.run(lcm_latent_graph(0.8, 0.0, end))
     assert h["status"]["status_str"] == "success", execution_error(h)
-    out = _latent(comfy, h, "23")
-    control_latent = _latent(comfy, h, "25") * SD15_SCALE
+    out = comfy.saved_latent(h, "23")
+    control_latent = comfy.saved_latent(h, "25") * SD15_SCALE
     assert _rel(out, kernel_lcm(comfy, kernel_models, control_latent, 0.8, controlled)) <= 1e-4
     # and not equal to the loop with control on every step / on no step (the check can fail)
     other = (999, 759, 499) if len(controlled) == 4 else (999, 759, 499, 259)

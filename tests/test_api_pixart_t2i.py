@@ -1,5 +1,4 @@
 """PixArt-α text-to-image through a real ComfyUI server's HTTP API, with the shipped workflow JSON."""
-import copy
 import io
 import json
 

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from kernels.checkpoint_io import read_state_dict
 from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from kernels.pixart.relactrl import load_bundled_base, load_relactrl, prepare_relactrl
 from kernels.t5 import load_t5_encoder, read_t5_state_dict
+from tests.api_graphs import add_lcm_control_latents
 from tests.comfy_host import COMFY_DIR, REPO, execution_error
 from tests.make_checkpoints import write_example_inputs
 from tests.make_relactrl_checkpoints import (RELACTRL_FILE, relactrl_state_dict,
@@ -80,12 +80,6 @@ def png(comfy, history):
     return data
 
 
-def _latent(comfy, history, node):
-    assert history["status"]["status_str"] == "success", execution_error(history)
-    entry = history["outputs"][node]["latents"][0]
-    return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
-
-
 def _cached_nodes(history) -> set:
     return {n for kind, data in history["status"].get("messages", []) if kind == "execution_cached"
             for n in data.get("nodes", [])}
@@ -137,10 +131,10 @@ def test_both_cfg_halves_get_the_same_permutations(comfy):
     """Positive = negative: when both halves see the same permutations, cond = uncond and CFG 4.5 gives the
     CFG 1 result (one half only). Were the halves shuffled apart, CFG would add 3.5x their difference —
     and a changed permutation seed moves the latent by far more than the tolerance."""
-    cfg45 = _latent(comfy, comfy.run(small_graph(cfg=4.5, same_negative=True, save_latent="rc/cfg45")), "20")
-    cfg1 = _latent(comfy, comfy.run(small_graph(cfg=1.0, same_negative=True, save_latent="rc/cfg1")), "20")
+    cfg45 = comfy.saved_latent(comfy.run(small_graph(cfg=4.5, same_negative=True, save_latent="rc/cfg45")), "20")
+    cfg1 = comfy.saved_latent(comfy.run(small_graph(cfg=1.0, same_negative=True, save_latent="rc/cfg1")), "20")
     assert _rel(cfg45, cfg1) <= 1e-4
-    reseeded = _latent(comfy, comfy.run(small_graph(cfg=1.0, same_negative=True, seed=9,
+    reseeded = comfy.saved_latent(comfy.run(small_graph(cfg=1.0, same_negative=True, seed=9,
                                                     save_latent="rc/cfg1_seed9")), "20")
     assert _rel(reseeded, cfg1) > 100 * max(_rel(cfg45, cfg1), 1e-6)
 
@@ -152,16 +146,8 @@ def lcm_latent_graph(strength, start, end, seed):
     for k in ("11", "12", "13"):
         del g[k]
     g["3"]["inputs"]["text"] = PROMPT
-    g["20"] = {"class_type": "DiTControl_LCMScheduler", "inputs": {"model": ["1", 0], "steps": 4, "rule": "diffusers"}}
-    g["21"] = {"class_type": "DiTControl_LCMSampler", "inputs": {}}
-    g["22"] = {"class_type": "SamplerCustom", "inputs": {
-        "model": ["1", 0], "add_noise": True, "noise_seed": SEED, "cfg": 1.0, "positive": ["9", 0],
-        "negative": ["9", 1], "sampler": ["21", 0], "sigmas": ["20", 0], "latent_image": ["10", 0]}}
-    g["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": f"rc/out_{end}"}}
-    # the control latent RelaCtrl sees: the VAE encode of the same (already latent-sized) Canny map
-    g["24"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["7", 0], "vae": ["8", 0]}}
-    g["25"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": f"rc/ctrl_{end}"}}
-    return g
+    return add_lcm_control_latents(g, model="1", apply_controlnet="9", empty_latent="10", control_image="7",
+                                   vae="8", seed=SEED, prefix=f"rc/{end}")
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +185,8 @@ def kernel_lcm(comfy, kernel_models, control_latent, strength, controlled_steps,
 def test_control_is_applied_exactly_on_the_steps_in_range_with_step_seeded_permutations(
         comfy, kernel_models, end, controlled):
     h = comfy.run(lcm_latent_graph(0.8, 0.0, end, seed=3))
-    out = _latent(comfy, h, "23")
-    control_latent = _latent(comfy, h, "25") * SD15_SCALE
+    out = comfy.saved_latent(h, "23")
+    control_latent = comfy.saved_latent(h, "25") * SD15_SCALE
     assert _rel(out, kernel_lcm(comfy, kernel_models, control_latent, 0.8, controlled, seed=3)) <= 1e-4
     # the check can fail: other steps controlled, or another permutation seed
     other = (0, 1, 2) if len(controlled) == 4 else (0, 1, 2, 3)

@@ -275,7 +275,6 @@ def test_no_seam_step_on_a_smooth_input():
     x = x.double() + 0.02 * torch.arange(w, dtype=torch.float64)    # a gentle ramp: the tiles' means differ
     boxes = tile_layout(h, w, tiles).boxes
     assert boxes == ((0, 0), (0, 40))
-    offsets = {}
 
     def tile_dependent(xt, lt, k):
         out = []

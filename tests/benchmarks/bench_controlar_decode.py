@@ -34,6 +34,7 @@ from kernels.controlar.pipeline import fast_decode_route  # noqa: E402
 from kernels.controlar.sampling import SamplingSettings, combine_cfg, sample_token  # noqa: E402
 from kernels.int8 import Int8Linear, int8_backend, quantize_model_linears, weight_bytes  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402
+from tests.benchmarks.timing import median_seconds  # noqa: E402
 
 XL = dict(dim=1280, n_layer=36, n_head=20, ffn_hidden=3584, vocab_size=16384, cls_token_num=120, caption_dim=2048,
           block_size=1024)
@@ -60,21 +61,11 @@ def random_model(cfg: GPTConfig, seed: int = 0) -> GPT:
     return model.eval().requires_grad_(False)
 
 
-def median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def copy_bandwidth(gib: float = 1.0) -> float:
     """Bytes/s of a large tensor copy, counting the read and the write."""
     n = int(gib * (1 << 30)) // 4
     src, dst = torch.randn(n), torch.empty(n)
-    t = median(lambda: dst.copy_(src), 5)
+    t = median_seconds(lambda: dst.copy_(src), 5)
     return 2 * n * 4 / t
 
 
@@ -137,7 +128,7 @@ def time_recompute(model: GPT, n_tokens: int) -> float:
     s = cfg.cls_token_num + n_tokens - 1
     h = torch.randn(2, s, cfg.dim)
     with torch.no_grad():
-        return median(lambda: model.forward_hidden(h, torch.arange(s), None), 1)
+        return median_seconds(lambda: model.forward_hidden(h, torch.arange(s), None), 1)
 
 
 def main():

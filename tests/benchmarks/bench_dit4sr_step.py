@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402
+from tests.benchmarks.timing import median_seconds, peak_rss_bytes  # noqa: E402
 
 TEXT_TOKENS = 154
 
@@ -50,24 +50,6 @@ def comfy_ops():
 
 def reset_peak():
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def timed(fn, repeats):
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def build_ours(layers: int):
@@ -113,15 +95,15 @@ def child(args) -> dict:
         model, compute, params = build_native(args.layers)
         x, t, ctx, pooled = inputs(1, 64)
         reset_peak()
-        s = timed(lambda: model(x.to(compute), t, context=ctx.to(compute), y=pooled.to(compute)), args.repeats)
-        return {"step_s": s, "peak_rss": peak_rss(), "params": params}
+        s = median_seconds(lambda: model(x.to(compute), t, context=ctx.to(compute), y=pooled.to(compute)), args.repeats)
+        return {"step_s": s, "peak_rss": peak_rss_bytes(), "params": params}
     model, compute, params = build_ours(args.layers)
     if args.child == "ours-step":
         x, t, ctx, pooled = inputs(1, 64)
         lr = torch.randn_like(x)
         reset_peak()
-        s = timed(lambda: model(x, t, ctx, pooled, lr, tiles=None, dtype=compute), args.repeats)
-        return {"step_s": s, "peak_rss": peak_rss(), "params": params}
+        s = median_seconds(lambda: model(x, t, ctx, pooled, lr, tiles=None, dtype=compute), args.repeats)
+        return {"step_s": s, "peak_rss": peak_rss_bytes(), "params": params}
     # ours-upscale: one model call of a ×4 upscale to `out` px (CFG batch 2, as a KSampler step)
     from kernels.dit4sr.tiling import TileSettings, tile_layout
     lat = args.out // 8
@@ -150,7 +132,7 @@ def child(args) -> dict:
     elapsed = time.perf_counter() - t0
     return {"out_px": args.out, "tiles_total": layout.count if layout else 1, "tiles_run": calls["tiles"],
             "model_calls": calls["n"], "complete": complete, "seconds": elapsed,
-            "s_per_tile": elapsed / max(calls["tiles"], 1), "peak_rss": peak_rss(), "params": params}
+            "s_per_tile": elapsed / max(calls["tiles"], 1), "peak_rss": peak_rss_bytes(), "params": params}
 
 
 def run_child(name, args, **extra) -> dict:

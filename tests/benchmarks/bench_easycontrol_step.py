@@ -131,7 +131,7 @@ class Setup:
         torch.set_num_threads(a.threads)
         comfy = import_comfy()
         ecm = import_node_module()
-        import comfy.patcher_extension
+        importlib.import_module("comfy.patcher_extension")   # the wrappers' registry, used below as comfy.*
         self.dtype = dtype = torch.bfloat16
         self.flux = build_flux(comfy, a.double, a.single, dtype)
         self.weights_rss = rss_gb()

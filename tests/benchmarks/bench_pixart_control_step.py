@@ -10,9 +10,7 @@ goal: RelaCtrl's overhead ≤ 1/3 of the ControlNet-Transformer's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,23 +22,9 @@ from kernels.pixart.controlnet import PixArtControlNet, block_config  # noqa: E4
 from kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
 from kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig  # noqa: E402
 from tests.benchmarks.results import save_results  # noqa: E402
+from tests.benchmarks.timing import round_robin_medians  # noqa: E402
 from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 from tests.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
-
-
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each fn, after one warm-up call each. The fns take turns (round robin),
-    so a change of machine load during the run shifts all of them alike instead of one."""
-    times = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def randomised(module):
@@ -80,7 +64,7 @@ def main():
         c = torch.randn(1, 4, lat, lat, generator=gen)
         t = torch.full((b,), 500.0)
         y = torch.randn(b, 120, 4096, generator=gen)
-        med = median_times({
+        med = round_robin_medians({
             "base": lambda: base(x, t, y),
             "controlnet": lambda: base(x, t, y, control=controlnet.branch(c, strength=1.0)),
             "relactrl": lambda: base(x, t, y, control=relactrl.branch(c, strength=1.0, seed=0, step=0)),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.comfy_host import COMFY_DIR as COMFY, host_name  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
+from tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
 
 from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from kernels.pixart.checkpoint import load_pixart, original_to_diffusers  # noqa: E402

@@ -84,42 +84,33 @@ class PatcherClass:
         return {"ui": {"text": [json.dumps(report)]}}
 
 
-class FluxConditioningStandIn:
+class ConditioningStandIn:
+    """CONDITIONING of a text encoder's shapes, drawn from the text (seeded by its SHA-256)."""
     CATEGORY = "DiT Control tests"
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
+    TOKENS, MAX_TOKENS, CONTEXT_WIDTH, POOLED_WIDTH = 256, 512, 4096, 768
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
-                             "tokens": ("INT", {"default": 256, "min": 1, "max": 512})}}
+                             "tokens": ("INT", {"default": cls.TOKENS, "min": 1, "max": cls.MAX_TOKENS})}}
 
     def encode(self, text, tokens):
         import hashlib
         seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
         gen = torch.Generator().manual_seed(seed)
-        context = torch.randn(1, tokens, 4096, generator=gen)
-        pooled = torch.randn(1, 768, generator=gen)
+        context = torch.randn(1, tokens, self.CONTEXT_WIDTH, generator=gen)
+        pooled = torch.randn(1, self.POOLED_WIDTH, generator=gen)
         return ([[context, {"pooled_output": pooled}]],)
 
 
-class SD3ConditioningStandIn:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING",)
+class FluxConditioningStandIn(ConditioningStandIn):
+    TOKENS, MAX_TOKENS, POOLED_WIDTH = 256, 512, 768          # T5-XXL tokens, CLIP-L pooled
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
-                             "tokens": ("INT", {"default": 154, "min": 1, "max": 1024})}}
 
-    def encode(self, text, tokens):
-        import hashlib
-        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-        gen = torch.Generator().manual_seed(seed)
-        context = torch.randn(1, tokens, 4096, generator=gen)
-        pooled = torch.randn(1, 2048, generator=gen)
-        return ([[context, {"pooled_output": pooled}]],)
+class SD3ConditioningStandIn(ConditioningStandIn):
+    TOKENS, MAX_TOKENS, POOLED_WIDTH = 154, 1024, 2048        # CLIP-L + CLIP-G + T5-XXL tokens, L + G pooled
 
 
 class ImageTokens:

@@ -1,0 +1,20 @@
+"""Graph pieces several API test modules add to a shipped workflow."""
+from __future__ import annotations
+
+
+def add_lcm_control_latents(g: dict, *, model: str, apply_controlnet: str, empty_latent: str, control_image: str,
+                            vae: str, seed: int, prefix: str) -> dict:
+    """Nodes 20-25: a 4-step LCM SamplerCustom (cfg 1) on the Apply ControlNet node's conditioning, saving its
+    latent (node 23), and the control latent the control network sees — the VAE encode of the (already
+    latent-sized) control image — saved as node 25. The kernel-loop references of the per-step control tests
+    are built from these two."""
+    g["20"] = {"class_type": "DiTControl_LCMScheduler", "inputs": {"model": [model, 0], "steps": 4, "rule": "diffusers"}}
+    g["21"] = {"class_type": "DiTControl_LCMSampler", "inputs": {}}
+    g["22"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": [model, 0], "add_noise": True, "noise_seed": seed, "cfg": 1.0, "positive": [apply_controlnet, 0],
+        "negative": [apply_controlnet, 1], "sampler": ["21", 0], "sigmas": ["20", 0],
+        "latent_image": [empty_latent, 0]}}
+    g["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": f"{prefix}/out"}}
+    g["24"] = {"class_type": "VAEEncode", "inputs": {"pixels": [control_image, 0], "vae": [vae, 0]}}
+    g["25"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": f"{prefix}/ctrl"}}
+    return g
