@@ -31,7 +31,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .scenes import COLOURS, POSITION_PHRASE, POSITIONS, SHAPES, SIZES, Scene, Shape, canny_np
+from .scenes import COLOURS, POSITION_PHRASE, POSITIONS, SHAPES, Scene, Shape, canny_np
 
 BLOCK = 8
 GRID = 32                     # blocks per side at 256 px
