@@ -167,8 +167,11 @@ def canny_np(image: np.ndarray) -> np.ndarray:
 def edge_map(image: np.ndarray) -> np.ndarray:
     """Canny edges [H, W] float32 in {0, 1} of an HWC [0, 1] image: our Canny node's math and defaults
     (kernels/canny.py: cv2.Canny on the uint8 RGB frame, thresholds 100 / 200)."""
-    from kernels.canny import canny_edges
-    return canny_edges(image, CANNY_LOW, CANNY_HIGH)[0, 0].numpy()
+    # the same frame conversion and cv2.Canny call as kernels.canny.canny_edges (a test checks they are
+    # equal), without its tensor round trip, which costs ~40× the Canny itself at this size
+    from kernels.canny import _to_uint8_frames
+    frame = _to_uint8_frames(np.asarray(image))[0][0]
+    return cv2.Canny(frame, float(CANNY_LOW), float(CANNY_HIGH)).astype(np.float32) / 255.0
 
 
 def sample(seed: int) -> tuple:
