@@ -102,3 +102,19 @@ def test_curves_reports_and_t5(trained):
     t5 = trained / "models" / "text_encoders" / "t5xxl_fp16.safetensors"
     save_tiny_t5(trained / "default_t5.safetensors", seed=4)     # what make_all installs
     assert t5.read_bytes() == (trained / "default_t5.safetensors").read_bytes()
+
+
+def test_data_cache_holds_the_pixel_vae_latents_of_the_scenes(trained):
+    from tests.training.pixel_vae import encode_model_latent
+    from tests.training.scenes import edge_map, render, training_scene
+    data = torch.load(trained / "data" / "scenes_0_48_edges.pt", weights_only=True)
+    assert data["latents"].shape == data["edges"].shape == (48, 3, 32, 32)
+    tok = train.tokenizer()
+    for i in (0, 17, 47):
+        img = render(training_scene(i))
+        want = encode_model_latent(torch.from_numpy(img).permute(2, 0, 1)[None])[0, :3]
+        assert (data["latents"][i].float() - want).abs().max() < 2e-3          # stored as fp16
+        e = torch.from_numpy(edge_map(img))[None, None].expand(1, 3, -1, -1)
+        assert (data["edges"][i].float() - encode_model_latent(e)[0, :3]).abs().max() < 2e-3
+        ids, mask = train.tokenize(tok, [training_scene(i).caption])
+        assert torch.equal(data["ids"][i].long(), ids[0]) and torch.equal(data["mask"][i], mask[0].bool())
