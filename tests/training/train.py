@@ -60,7 +60,7 @@ from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E40
 # patch 4: 8×8 tokens for a 32×32 latent — the cost that fits a CPU session (see the README draft)
 MICRO_PIXART = dict(hidden_size=144, depth=6, num_heads=2, patch_size=4, sample_size=128, pe_interpolation=2.0,
                     micro_condition=True)
-CONTROL_BLOCKS = 3            # PixArt-δ copies 13 of 28 blocks; half the depth here, feeding base blocks 1…3
+CONTROL_BLOCKS = MICRO_PIXART["depth"] // 2   # PixArt-δ copies 13 of 28 blocks; half the depth here (1…3)
 T5_SEED = 4                   # tests/make_checkpoints.py::make_all's seed of t5xxl_fp16.safetensors
 TOKENS = 48                   # caption tokens (longest caption: 37); masked, so equal to the node's 120
 LATENT = 32                   # 256 px
@@ -629,7 +629,7 @@ class ControlNetStage(Stage):
         self.null = self.base.y_embedder.y_embedding.detach().clone()
         cfg = self.base.config
         self.cfg = cfg
-        blocks = min(CONTROL_BLOCKS, cfg.depth // 2) if cfg.depth != MICRO_PIXART["depth"] else CONTROL_BLOCKS
+        blocks = max(1, cfg.depth // 2)            # CONTROL_BLOCKS for the default depth
         self.net = PixArtControlNet(blocks, block_config(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio))
         with torch.no_grad():
             for k, blk in enumerate(self.net.controlnet):
