@@ -247,6 +247,16 @@ class PromptRejected(RuntimeError):
         self.status, self.body = status, body
 
 
+def assert_documented(object_info: dict, name: str, category: str):
+    """A pack node as users see it in the UI: its category, a real description, a tooltip on every input."""
+    info = object_info[name]
+    assert info["category"] == category, (name, info["category"])
+    assert len(info["description"]) > 40, name
+    for section in ("required", "optional"):
+        for input_name, spec in info["input"].get(section, {}).items():
+            assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
 def execution_error(history: dict) -> dict | None:
     """The execution_error message of a failed prompt, or None."""
     for kind, data in history.get("status", {}).get("messages", []):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.comfy_host import execution_error, load_api_graph
+from tests.comfy_host import assert_documented, execution_error, load_api_graph
 from tests.workflow_format import strip_meta, ui_to_api
 from tests.make_controlar_checkpoints import GPT_FILES, write_controlar_inputs
 
@@ -108,11 +108,7 @@ def small_controlled(server):
 
 def test_nodes_have_descriptions_tooltips_and_own_types(object_info):
     for name in NODES:
-        info = object_info[name]
-        assert info["category"] == "DiT Control/ControlAR" and len(info["description"]) > 40, name
-        for section in ("required", "optional"):
-            for input_name, spec in info["input"].get(section, {}).items():
-                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert_documented(object_info, name, "DiT Control/ControlAR")
     assert object_info["DiTControl_ControlARLoader"]["output"][0] == "CONTROLAR_MODEL"
     assert object_info["DiTControl_VQ16Loader"]["output"] == ["VQ_MODEL"]
     assert object_info["DiTControl_ControlARTextEncode"]["output"] == ["CONTROLAR_CONDITIONING"]

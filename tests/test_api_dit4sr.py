@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_host import execution_error, load_api_graph
+from tests.comfy_host import assert_documented, execution_error, load_api_graph
 from tests.make_dit4sr_checkpoints import write_dit4sr_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,12 +130,7 @@ def test_wavelet_keeps_content_detail_on_reference_low_frequencies():
 def test_nodes_are_registered_with_descriptions_and_tooltips(server):
     info_all = server.get("/object_info")
     for name in OURS:
-        info = info_all[name]
-        assert info["category"] == "DiT Control/DiT4SR", name
-        assert len(info["description"]) > 40, name
-        for section in ("required", "optional"):
-            for input_name, spec in info["input"].get(section, {}).items():
-                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert_documented(info_all, name, "DiT Control/DiT4SR")
     cond = info_all["DiTControl_DiT4SRConditioning"]["input"]["required"]
     assert cond["upscale"][1]["default"] == "4" and cond["tile_overlap"][1]["default"] == 24
     assert cond["tile_size"][1]["default"] == 64 and cond["min_short_side"][1]["default"] == 512

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_host import execution_error, load_api_graph
+from tests.comfy_host import assert_documented, execution_error, load_api_graph
 from tests.make_checkpoints import write_easycontrol_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,12 +120,7 @@ OUR_NODES = ("DiTControl_EasyControlLoRALoader", "DiTControl_ApplyEasyControl")
 def test_nodes_are_registered_with_descriptions_and_tooltips(server):
     info_all = server.get("/object_info")
     for name in OUR_NODES:
-        info = info_all[name]
-        assert info["category"] == "DiT Control/EasyControl", name
-        assert len(info["description"]) > 40, name
-        for section in ("required", "optional"):
-            for input_name, spec in info["input"].get(section, {}).items():
-                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert_documented(info_all, name, "DiT Control/EasyControl")
     apply = info_all["DiTControl_ApplyEasyControl"]["input"]["required"]
     assert apply["condition_size"][1]["default"] == 512 and apply["cache"][1]["default"] is True
     loras = info_all["DiTControl_EasyControlLoRALoader"]["input"]["required"]["lora_name"][1]["options"]

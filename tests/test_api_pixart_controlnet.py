@@ -11,7 +11,7 @@ from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
 from kernels.t5 import load_t5_encoder, read_t5_state_dict
 from tests.api_graphs import add_lcm_control_latents
-from tests.comfy_host import COMFY_DIR, REPO, execution_error
+from tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
 from tests.make_checkpoints import write_example_inputs
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_delta_controlnet.json"
@@ -52,10 +52,7 @@ def png(comfy, history):
 
 def test_nodes_registered(object_info):
     for name in ("DiTControl_PixArtControlNetLoader", "DiTControl_PixArtControlNetCheckpointLoader"):
-        info = object_info[name]
-        assert info["category"].startswith("DiT Control/") and info["description"]
-        for spec in info["input"]["required"].values():
-            assert spec[1].get("tooltip")
+        assert_documented(object_info, name, "DiT Control/PixArt")
     assert "PixArt-XL-2-1024-ControlNet.pth" in \
         object_info["DiTControl_PixArtControlNetLoader"]["input"]["required"]["controlnet_name"][1]["options"]
 

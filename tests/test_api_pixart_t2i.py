@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.comfy_host import REPO, execution_error
+from tests.comfy_host import REPO, assert_documented, execution_error
 from tests.workflow_format import strip_meta, ui_to_api
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_alpha_t2i.json"
@@ -28,12 +28,7 @@ def png_size(data: bytes):
 
 def test_nodes_are_registered_with_descriptions_and_tooltips(object_info):
     for name in OUR_NODES:
-        info = object_info[name]
-        assert info["category"].startswith("DiT Control/"), name
-        assert len(info["description"]) > 40, name
-        for section in ("required", "optional"):
-            for input_name, spec in info["input"].get(section, {}).items():
-                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert_documented(object_info, name, "DiT Control/PixArt")
 
 
 def test_model_dropdowns_list_comfyui_model_folders(object_info):
