@@ -26,6 +26,7 @@ TEST_DIR = "relactrl_test"
 CONTROL_ONLY = f"{TEST_DIR}/relactrl_pixart_canny_1024_controlnet_only.pth"
 SEPARATE_BASE = f"{TEST_DIR}/PixArt-XL-2-1024-MS-relactrl-base.pth"
 BAD_KEYS = f"{TEST_DIR}/relactrl_missing_and_unexpected.pth"
+PLAIN_PIXART = f"{TEST_DIR}/PixArt-XL-2-1024-MS-in-the-controlnet-folder.pth"
 PROMPT = "a red cube on a wooden table"
 SEED, HEIGHT, WIDTH = 77, 128, 256      # 16x8 tokens: the least the 4 pseudo-token segments need, cheap VAE
 SD15_SCALE = 0.18215
@@ -36,6 +37,9 @@ def relactrl_files(models_dir):
     """This module's variants of the tiny RelaCtrl file (make_all made the full one), before the first prompt."""
     save_relactrl_control_only(models_dir / "controlnet" / CONTROL_ONLY)
     save_relactrl_base(models_dir / "diffusion_models" / SEPARATE_BASE)
+    plain = models_dir / "controlnet" / PLAIN_PIXART        # a plain PixArt file picked by mistake
+    if not plain.exists():
+        plain.symlink_to(models_dir / "diffusion_models" / "PixArt-XL-2-1024-MS.pth")
     bad = models_dir / "controlnet" / BAD_KEYS
     if not bad.exists():
         sd = relactrl_state_dict()
@@ -219,6 +223,7 @@ def test_relactrl_loader_takes_the_full_file_too(comfy):
 
 @pytest.mark.parametrize("node,name,needle", [
     ("1", "PixArt-XL-2-1024-ControlNet.pth", "found a PixArt-δ ControlNet-Transformer"),
+    ("30", PLAIN_PIXART, "found a plain PixArt-α transformer"),
     ("1", "broken/not-a-controlnet.safetensors", "expected a RelaCtrl control branch"),
     ("1", "broken/empty.pth", "is empty"),
     ("1", CONTROL_ONLY, "carries no base model"),
