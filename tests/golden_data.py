@@ -32,3 +32,29 @@ def one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def golden_fixtures(family: str):
+    """The module fixtures every family's golden tests start from, for `../shared/golden/<family>`:
+    `one_thread` (autouse), `golden` (the folder), `io` (inputs and outputs), `config`. Use as
+    `one_thread, golden, io, config = golden_fixtures("dit4sr")` at module level."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def one_thread():
+        with one_intra_op_thread():
+            yield
+
+    @pytest.fixture(scope="module")
+    def golden(shared):
+        return shared / "golden" / family
+
+    @pytest.fixture(scope="module")
+    def io(golden):
+        return golden_io(golden)
+
+    @pytest.fixture(scope="module")
+    def config(golden):
+        return golden_config(golden)
+
+    return one_thread, golden, io, config

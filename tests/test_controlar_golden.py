@@ -19,32 +19,14 @@ from kernels.controlar.dinov2 import resize_mode, to_patch14
 from kernels.controlar.gpt import rope_table_2d
 from kernels.controlar.sampling import SamplingSettings, combine_cfg, generate
 from kernels.controlar.text import left_pad
-from tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
+from tests.golden_data import golden_fixtures, relative_error
 
 TOL = 1e-4
 
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_intra_op_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def golden(shared):
-    return shared / "golden" / "controlar"
-
-
-@pytest.fixture(scope="module")
-def config(golden):
-    return golden_config(golden)
-
-
-@pytest.fixture(scope="module")
-def io(golden):
-    return golden_io(golden)
+one_thread, golden, io, config = golden_fixtures("controlar")
 
 
 @pytest.fixture(scope="module")

@@ -20,30 +20,12 @@ import torch
 from kernels.checkpoint_io import read_json_beside, read_state_dict
 from kernels.dit4sr.checkpoint import dead_tensor_names, load_dit4sr, load_dit4sr_file
 from kernels.dit4sr.tiling import TileSettings, gaussian_weights, grid_starts, run_tiled, tile_layout
-from tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
+from tests.golden_data import golden_fixtures, relative_error
 
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_intra_op_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def golden(shared):
-    return shared / "golden" / "dit4sr"
-
-
-@pytest.fixture(scope="module")
-def io(golden):
-    return golden_io(golden)
-
-
-@pytest.fixture(scope="module")
-def config(golden):
-    return golden_config(golden)
+one_thread, golden, io, config = golden_fixtures("dit4sr")
 
 
 @pytest.fixture(scope="module")

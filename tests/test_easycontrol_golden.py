@@ -22,7 +22,7 @@ from kernels.flux_easycontrol.condition import (Condition, EasyControl, conditio
                                                 split_tall_latent, subject_ids)
 from kernels.flux_easycontrol.lora import load_lora
 from kernels.flux_easycontrol.model import grid_ids, pack_latents
-from tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
+from tests.golden_data import golden_fixtures, relative_error
 
 CASES = ("spatial", "subject", "multi")
 LAYOUTS = {"comfy": "flux_tiny_comfy.safetensors", "diffusers": "flux_tiny_diffusers.safetensors"}
@@ -31,25 +31,7 @@ CHAIN = ("kv_v0", "kv_x1", "kv_v1", "kv_x2")
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_intra_op_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def golden(shared):
-    return shared / "golden" / "easycontrol"
-
-
-@pytest.fixture(scope="module")
-def io(golden):
-    return golden_io(golden)
-
-
-@pytest.fixture(scope="module")
-def config(golden):
-    return golden_config(golden)
+one_thread, golden, io, config = golden_fixtures("easycontrol")
 
 
 @pytest.fixture(scope="module")
