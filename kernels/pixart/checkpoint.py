@@ -150,6 +150,15 @@ def variant_name(cfg: PixArtConfig) -> str:
     return f"PixArt-α {size} {cfg.sample_size * 8}px {kind}"
 
 
+def released_base_mismatch(released: Optional[PixArtConfig], base_cfg: PixArtConfig) -> Optional[str]:
+    """Why a control network released with base `released` (None: not known) does not fit `base_cfg`, or None:
+    the trained size and the micro-conditions must match (the control blocks learned that base's features)."""
+    if released is None or (released.sample_size, released.micro_condition) == \
+            (base_cfg.sample_size, base_cfg.micro_condition):
+        return None
+    return f"it was released with a {variant_name(released)} base, the given base is {variant_name(base_cfg)}"
+
+
 def expected_shapes(cfg: PixArtConfig) -> dict:
     """{name: shape} of the model for `cfg` (meta device: costs no memory)."""
     return meta_shapes(lambda: PixArt(cfg))

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .model import BlockContext, ControlFn, PixArt, PixArtBlock, PixArtConfig
-from .checkpoint import block_to_original, detect_layout, load_pixart, prepare_pixart, variant_name
+from .checkpoint import (block_to_original, detect_layout, load_pixart, prepare_pixart, released_base_mismatch,
+                         variant_name)
 
 BASE_PREFIX = "base_model."
 CONTROL_PREFIX = "controlnet."
@@ -354,10 +355,9 @@ def check_base_compatible(controlnet: Union[PixArtControlNet, ControlNetInfo], b
     if blocks + 1 > base_cfg.depth:
         problems.append(f"{blocks} control blocks feed base blocks 1…{blocks} but the base has "
                         f"{base_cfg.depth} blocks")
-    if released is not None and (released.sample_size, released.micro_condition) != \
-            (base_cfg.sample_size, base_cfg.micro_condition):
-        problems.append(f"it was released with a {variant_name(released)} base, the given base is "
-                        f"{variant_name(base_cfg)}")
+    mismatch = released_base_mismatch(released, base_cfg)
+    if mismatch:
+        problems.append(mismatch)
     if problems:
         raise CheckpointError("this PixArt-δ ControlNet does not fit the base model: " + "; ".join(problems))
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
-from .checkpoint import detect_layout, variant_name
+from .checkpoint import detect_layout, released_base_mismatch, variant_name
 from .controlnet import (ADAPTER_PREFIX, BASE_PREFIX, CONTROL_PREFIX, _prepare_bundled_base, _split_full,
                          block_config, load_bundled_base, match_control_latent)
 from .model import BlockContext, PixArt, PixArtConfig, SelfAttention, _cast, _layer_norm, modulate
@@ -514,10 +514,9 @@ def check_relactrl_base_compatible(relactrl: Union[RelaCtrl, RelaCtrlInfo], base
     if max(cfg.placement) + 1 >= base_cfg.depth:
         problems.append(f"its last RGLC block reads base block {max(cfg.placement)} and feeds block "
                         f"{max(cfg.placement) + 1}, but the base has {base_cfg.depth} blocks")
-    if released is not None and (released.sample_size, released.micro_condition) != \
-            (base_cfg.sample_size, base_cfg.micro_condition):
-        problems.append(f"it was released with a {variant_name(released)} base, the given base is "
-                        f"{variant_name(base_cfg)}")
+    mismatch = released_base_mismatch(released, base_cfg)
+    if mismatch:
+        problems.append(mismatch)
     if problems:
         raise CheckpointError("this RelaCtrl does not fit the base model: " + "; ".join(problems))
 
