@@ -9,8 +9,11 @@ from __future__ import annotations
 import inspect
 
 import comfy.k_diffusion.sampling as kd
+import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
+
+from ..kernels.checkpoint_io import release_free_heap
 
 
 def core_patcher_class(disable_dynamic: bool = False):
@@ -57,6 +60,40 @@ def set_inference_dtype(model_config, dtype, manual_cast_dtype, device):
 # k-diffusion's progress range: v0.33 moved it to `comfy.utils.model_trange` (it shows the dynamic-VRAM
 # warm-up); 0.3.75 has `k_diffusion.sampling.trange` (tqdm's).
 model_trange = getattr(comfy.utils, "model_trange", None) or kd.trange
+
+
+def storage_dtypes(state_dict: dict, supported_dtypes, weight_dtype=None, stored_dtype=None):
+    """(storage dtype, manual-cast compute dtype or None) for these weights on this device, as core's own
+    diffusion-model loader picks them. `stored_dtype`: the file's dtype (default: its first tensor's)."""
+    params = sum(v.numel() for v in state_dict.values())
+    stored = stored_dtype or next(iter(state_dict.values())).dtype
+    dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported_dtypes, weight_dtype=stored)
+    return dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), supported_dtypes)
+
+
+def build_patcher(model_config, state_dict: dict, weight_dtype=None, custom_operations=None,
+                  disable_dynamic: bool = False, stored_dtype=None):
+    """A ModelPatcher around `model_config.get_model()`'s kernel, weights from a checked state dict (consumed).
+
+    Built the way core's `load_diffusion_model_state_dict` builds one on the running host: the model, then the
+    patcher of the class core picks (v0.33: dynamic VRAM on NVIDIA), then the weights — assigned when the
+    patcher streams them, copied otherwise."""
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    unet_dtype, manual_cast = storage_dtypes(state_dict, model_config.supported_inference_dtypes, weight_dtype,
+                                             stored_dtype)
+    set_inference_dtype(model_config, unet_dtype, manual_cast, device=load_device)
+    model_config.custom_operations = custom_operations
+    model = model_config.get_model(device=offload_device)
+    patcher = new_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
+    cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    state_dict.clear()  # the caller's tensors go now; after loading only the model holds the weights
+    missing, unexpected = model.diffusion_model.load_state_dict(cast, strict=False, assign=assigns_weights(patcher))
+    # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
+    assert not missing and not unexpected, (missing, unexpected)
+    del cast
+    release_free_heap()   # the float tensors just freed: hand their heap pages back to the OS
+    return patcher
 
 
 def sampler_model_sampling(model):

@@ -20,10 +20,9 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from ..kernels.checkpoint_io import release_free_heap
 from ..kernels.dit4sr.model import DiT4SR, DiT4SRConfig
 from ..kernels.dit4sr.tiling import TileSettings
-from .comfy_compat import assigns_weights, new_model_patcher, set_inference_dtype
+from .comfy_compat import build_patcher
 from .finite_guard import check_step_output
 
 # conditioning keys set by DiT4SR Conditioning
@@ -106,33 +105,10 @@ class DiT4SRConfigComfy(comfy.supported_models.SD3):
         return DiT4SRModel(self, device=device).eval()
 
 
-def storage_dtypes(state_dict: dict, weight_dtype=None):
-    """(storage dtype, manual-cast compute dtype or None), as core's diffusion-model loader picks them; the
-    release's mixed file (F16 base, F32 control) counts as its base dtype."""
-    supported = DiT4SRConfigComfy.supported_inference_dtypes
-    params = sum(v.numel() for v in state_dict.values())
-    stored = state_dict["pos_embed.proj.weight"].dtype
-    dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported, weight_dtype=stored)
-    return dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), supported)
-
-
 def build_model_patcher(kernel_config: DiT4SRConfig, state_dict: dict, weight_dtype=None, custom_operations=None,
                         disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around our kernel from a checked state dict (consumed), built the way core's
-    `load_diffusion_model_state_dict` builds one on the running host (see nodes/pixart_model.py)."""
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    config = DiT4SRConfigComfy({"dit4sr_config": kernel_config})
-    unet_dtype, manual_cast = storage_dtypes(state_dict, weight_dtype)
-    set_inference_dtype(config, unet_dtype, manual_cast, device=load_device)
-    config.custom_operations = custom_operations
-    model = config.get_model(device=offload_device)
-    patcher = new_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
-    cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    state_dict.clear()
-    missing, unexpected = model.diffusion_model.load_state_dict(cast, strict=False, assign=assigns_weights(patcher))
-    # the kernel's loader already checked the layout strictly; this guards the ComfyUI ops wiring
-    assert not missing and not unexpected, (missing, unexpected)
-    del cast
-    release_free_heap()
-    return patcher
+    """A ModelPatcher around our kernel from a checked state dict (consumed); the release's mixed file (F16
+    base, F32 control) counts as its base dtype."""
+    return build_patcher(DiT4SRConfigComfy({"dit4sr_config": kernel_config}), state_dict, weight_dtype,
+                         custom_operations, disable_dynamic,
+                         stored_dtype=state_dict["pos_embed.proj.weight"].dtype)

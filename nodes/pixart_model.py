@@ -12,15 +12,13 @@ import torch
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
-import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.supported_models_base
 
-from ..kernels.checkpoint_io import release_free_heap
 from ..kernels.pixart.model import PixArt, PixArtConfig
 from .finite_guard import check_step_output
-from .comfy_compat import assigns_weights, new_model_patcher, set_inference_dtype
+from .comfy_compat import build_patcher, storage_dtypes as compat_storage_dtypes
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
 CAPTION_MASK_KEY = "pixart_caption_mask"
@@ -87,36 +85,13 @@ class PixArtDiTConfig(comfy.supported_models.PixArtAlpha):
 
 
 def storage_dtypes(state_dict: dict, weight_dtype=None):
-    """(storage dtype, manual-cast compute dtype or None) for these weights on this device, as
-    ComfyUI's own diffusion-model loader picks them; shared by the DiT and ControlNet loaders."""
-    supported = PixArtDiTConfig.supported_inference_dtypes
-    params = sum(v.numel() for v in state_dict.values())
-    stored = next(iter(state_dict.values())).dtype
-    dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported, weight_dtype=stored)
-    return dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), supported)
+    """(storage dtype, manual-cast compute dtype or None) of PixArt weights (the DiT and ControlNet loaders)."""
+    return compat_storage_dtypes(state_dict, PixArtDiTConfig.supported_inference_dtypes, weight_dtype)
 
 
 def build_model_patcher(kernel_config: PixArtConfig, state_dict: dict, weight_dtype=None,
                         custom_operations=None, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed).
+    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed)."""
+    return build_patcher(PixArtDiTConfig({"pixart_config": kernel_config}), state_dict, weight_dtype,
+                         custom_operations, disable_dynamic)
 
-    Built the way core's `load_diffusion_model_state_dict` builds one on the running host: the model,
-    then the patcher of the class core picks (v0.33: dynamic VRAM on NVIDIA), then the weights —
-    assigned when the patcher streams them, copied otherwise."""
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    config = PixArtDiTConfig({"pixart_config": kernel_config})
-    unet_dtype, manual_cast = storage_dtypes(state_dict, weight_dtype)
-    set_inference_dtype(config, unet_dtype, manual_cast, device=load_device)
-    config.custom_operations = custom_operations
-    model = config.get_model(device=offload_device)
-    patcher = new_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
-    diffusion = model.diffusion_model
-    cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    state_dict.clear()  # the caller's tensors go now; after loading only the model holds the weights
-    missing, unexpected = diffusion.load_state_dict(cast, strict=False, assign=assigns_weights(patcher))
-    # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
-    assert not missing and not unexpected, (missing, unexpected)
-    del cast
-    release_free_heap()   # the float tensors just freed: hand their heap pages back to the OS
-    return patcher
