@@ -18,3 +18,35 @@ def add_lcm_control_latents(g: dict, *, model: str, apply_controlnet: str, empty
     g["24"] = {"class_type": "VAEEncode", "inputs": {"pixels": [control_image, 0], "vae": [vae, 0]}}
     g["25"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": f"{prefix}/ctrl"}}
     return g
+
+
+def first_node(g: dict, class_type: str) -> str:
+    """Id of the graph's first node of this class."""
+    return next(k for k, v in g.items() if v["class_type"] == class_type)
+
+
+def at_size(g: dict, size: int) -> dict:
+    """Every EmptyLatentImage and Fit Control Image of the graph set to size × size."""
+    for node in g.values():
+        if node["class_type"] in ("EmptyLatentImage", "DiTControl_FitControlImage"):
+            node["inputs"].update(width=size, height=size)
+    return g
+
+
+def with_prompt(g: dict, caption: str) -> dict:
+    """The positive prompt (the PixArt encode node with a non-empty text in the shipped graph) set to `caption`."""
+    (positive,) = [k for k, v in g.items()
+                   if v["class_type"] == "DiTControl_PixArtT5TextEncode" and v["inputs"]["text"]]
+    g[positive]["inputs"]["text"] = caption
+    return g
+
+
+def canny_instead_of_hed(g: dict) -> dict:
+    """The HED loader and HED Soft Edge node replaced by our Canny Edge node at its defaults (100 / 200): the
+    micro demo ControlNet is trained on Canny maps (no HED weights can be had here; the embedded HED file is
+    random)."""
+    hed, loader = first_node(g, "DiTControl_HEDSoftEdge"), first_node(g, "DiTControl_HEDLoader")
+    g[hed] = {"class_type": "DiTControl_CannyEdge",
+              "inputs": {"image": g[hed]["inputs"]["image"], "low_threshold": 100, "high_threshold": 200}}
+    del g[loader]
+    return g

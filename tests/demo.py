@@ -1,7 +1,11 @@
 """The main job: a headless run of the flagship workflow through a real ComfyUI server, on the embedded
-default checkpoints (tiny/random weights in the real layouts, made by tests/make_checkpoints.py).
+default checkpoints (the micro demo PixArt-δ trained here, tests/training/, installed with the other
+embedded files by tests/make_checkpoints.py).
 
     .venv/bin/python -m tests.demo [workflow name]     -> output/<workflow>.png
+
+The graph runs as shipped, at its 1024 px: the micro model, trained at 256 px, still draws there (PixArt-MS's
+stretched positions; README, "The micro demo model", measures it at 256, 512 and 1024).
 """
 from __future__ import annotations
 

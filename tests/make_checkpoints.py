@@ -2,11 +2,13 @@
 under the real file names, so that the shipped workflow JSON runs unchanged.
 
 No weights can be downloaded here: every file is made by our own code from fixed seeds.
-- diffusion_models/PixArt-XL-2-512x512.pth, PixArt-XL-2-1024-MS.pth: tiny PixArt-α, original .pth layout
-  (`state_dict` wrapper, stale `pos_embed`, learned null caption `y_embedder.y_embedding`);
-- diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/: tiny PixArt in the diffusers layout + config.json;
-- text_encoders/t5xxl_fp16.safetensors: a tiny T5-v1.1 encoder in HF/ComfyUI key names (fp16);
-- vae/sd-vae-ft-ema.safetensors: a FULL-SIZE SD VAE (kl-f8) with random weights, in the layout core VAELoader reads;
+- the PixArt files — diffusion_models/PixArt-XL-2-512x512.pth, PixArt-XL-2-1024-MS.pth (original .pth layout:
+  `state_dict` wrapper, stale `pos_embed`, learned null caption), PixArt-LCM-XL-2-1024-MS/transformer/
+  (diffusers layout + config.json), controlnet/PixArt-XL-2-1024-ControlNet.pth — are the micro demo model
+  trained here (tests/training/weights/, installed by tests/training/install.py) with the pixel VAE as
+  vae/sd-vae-ft-ema.safetensors; without the committed weights, random tiny files and a FULL-SIZE random SD VAE;
+- text_encoders/t5xxl_fp16.safetensors: the tiny T5-v1.1 encoder (HF/ComfyUI key names, fp16) with hand-set
+  positional attention (save_context_t5), the one the micro model's captions were encoded with;
 - annotators/ControlNetHED.pth: the FULL-SIZE HED annotator (ControlNetHED_Apache2) with random weights, fp16.
 - diffusion_models/flux1-dev.safetensors: FLUX.1-dev layout (ComfyUI/BFL names), full width 3072, 1 double +
   1 single block, bf16 — core's UNETLoader detects and loads it (EasyControl API tests);
@@ -33,8 +35,9 @@ if str(REPO) not in sys.path:
 from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 from tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
 from tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
+from tests.training.install import available as micro_model_available, install_micro_model  # noqa: E402
 
-STAMP_VERSION = "10"
+STAMP_VERSION = "11"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -119,6 +122,64 @@ def save_tiny_t5(path: Path, seed: int, **config):
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage: store the tied embedding once, as ComfyUI's files do
     sd.pop("encoder.embed_tokens.weight", None)
+    safetensors.torch.save_file(sd, str(path))
+
+
+# the embedded T5's two heads attend by position alone (q = k = 0, the relative bias decides): head 0 to the
+# LEFT_CONTEXT words before each token, head 1 to the RIGHT_CONTEXT words after it, with a strong bias
+LEFT_CONTEXT, RIGHT_CONTEXT, CONTEXT_BIAS, CONTEXT_GAIN = 6, 2, 10.0, 1.5
+
+
+def save_context_t5(path: Path, seed: int):
+    """The embedded tiny T5 (TINY_T5 config, HF key names, fp16): random token embeddings, as a random T5's,
+    but attention set by hand so that each token's output also carries its neighbours' words.
+
+    Why: a caption names several colours ("a big red circle ... on a blue background"); a random 2-layer T5
+    mixes so little context into a token that the micro demo model could not tell the background's colour
+    from a shape's (a third of its wrong backgrounds were a shape's colour). Here q = k = 0, so each head's
+    attention is its relative-position bias alone: head 0 averages the LEFT_CONTEXT tokens before a token
+    (a position word then carries the shape and colour it belongs to), head 1 the RIGHT_CONTEXT after it (a
+    colour carries its "circle" or "background"); both blocks do it (T5 shares block 0's bias), so context
+    reaches twice as far. Values and outputs are random orthonormal maps (gain CONTEXT_GAIN) into the
+    residual stream; the feed-forwards are zero; norms are 1. The T5 kernel and loaders see a T5 like any."""
+    from kernels.t5 import T5Config, T5Encoder, relative_position_bucket
+    import safetensors.torch
+    gen = torch.Generator().manual_seed(seed)
+    cfg = T5Config(**TINY_T5)
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    sd = {}
+    rel = torch.arange(-64, 65)
+    buckets = relative_position_bucket(rel, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+    table = torch.full((cfg.relative_attention_num_buckets, cfg.num_heads), -CONTEXT_BIAS)
+    for r, b in zip(rel.tolist(), buckets.tolist()):
+        if -LEFT_CONTEXT <= r <= -1:
+            table[b, 0] = CONTEXT_BIAS
+        if 1 <= r <= RIGHT_CONTEXT:
+            table[b, 1] = CONTEXT_BIAS
+
+    def orthonormal(rows, cols):
+        q = torch.linalg.qr(torch.randn(max(rows, cols), max(rows, cols), generator=gen)).Q
+        return q[:rows, :cols]
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        if name in ("shared.weight", "encoder.embed_tokens.weight"):
+            sd[name] = torch.randn(shape, generator=gen)
+        elif "layer_norm" in name:
+            sd[name] = torch.ones(shape)
+        elif "relative_attention_bias" in name:
+            sd[name] = table.clone()
+        elif name.endswith(("SelfAttention.q.weight", "SelfAttention.k.weight", "DenseReluDense.wo.weight")):
+            sd[name] = torch.zeros(shape)
+        elif name.endswith("SelfAttention.v.weight"):
+            sd[name] = orthonormal(*shape)
+        elif name.endswith("SelfAttention.o.weight"):
+            sd[name] = CONTEXT_GAIN * orthonormal(*shape)
+        else:                                           # wi_0, wi_1: unused behind wo = 0
+            sd[name] = torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+    sd.pop("encoder.embed_tokens.weight", None)        # tied to shared.weight, stored once as ComfyUI does
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, str(path))
 
 
@@ -220,33 +281,50 @@ def save_random_hed(path: Path, seed: int):
     torch.save({k: v.to(torch.float16) for k, v in sd.items()}, path)
 
 
+def _example_control_scene():
+    from tests.training.scenes import Scene, Shape
+    return Scene("yellow", (Shape("circle", "red", "big", "top left"), Shape("square", "blue", "big", "bottom right")))
+
+
+EXAMPLE_CONTROL_SCENE = _example_control_scene()
+
+
+def stamp_version() -> str:
+    """The cache stamp: the file makers' version and whether the micro demo model is installed."""
+    return STAMP_VERSION + ("+micro" if micro_model_available() else "+random")
+
+
 def make_all(models_dir: Path) -> Path:
     models_dir = Path(models_dir)
     stamp = models_dir / ".stamp"
-    if stamp.exists() and stamp.read_text() == STAMP_VERSION:
+    if stamp.exists() and stamp.read_text() == stamp_version():
         return models_dir
     dm = models_dir / "diffusion_models"
-    save_pixart_pth(dm / "PixArt-XL-2-512x512.pth",
-                    PixArtConfig(sample_size=64, pe_interpolation=1.0, micro_condition=False, **TINY_PIXART), seed=1)
-    save_pixart_pth(dm / "PixArt-XL-2-1024-MS.pth",
-                    PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True, **TINY_PIXART), seed=2)
-    save_pixart_diffusers(dm / "PixArt-LCM-XL-2-1024-MS" / "transformer",
-                          PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
-                                       null_caption=False, **TINY_PIXART), seed=3)
-    save_tiny_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", seed=4)
+    save_context_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", seed=4)
     shard_t5(models_dir / "text_encoders" / "t5xxl_fp16.safetensors", models_dir / "text_encoders" / "t5-v1_1-xxl")
-    save_random_sd_vae(models_dir / "vae" / "sd-vae-ft-ema.safetensors", seed=5)
     save_random_hed(models_dir / "annotators" / "ControlNetHED.pth", seed=6)
-    save_pixart_controlnet_pth(models_dir / "controlnet" / "PixArt-XL-2-1024-ControlNet.pth",
-                               PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
-                                            **{**TINY_PIXART, "depth": 4}), num_blocks=2, seed=7)
+    # the micro demo model trained here (tests/training/) where it is committed, else random tiny files
+    if not install_micro_model(models_dir):
+        save_pixart_pth(dm / "PixArt-XL-2-512x512.pth",
+                        PixArtConfig(sample_size=64, pe_interpolation=1.0, micro_condition=False, **TINY_PIXART),
+                        seed=1)
+        save_pixart_pth(dm / "PixArt-XL-2-1024-MS.pth",
+                        PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True, **TINY_PIXART),
+                        seed=2)
+        save_pixart_diffusers(dm / "PixArt-LCM-XL-2-1024-MS" / "transformer",
+                              PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
+                                           null_caption=False, **TINY_PIXART), seed=3)
+        save_random_sd_vae(models_dir / "vae" / "sd-vae-ft-ema.safetensors", seed=5)
+        save_pixart_controlnet_pth(models_dir / "controlnet" / "PixArt-XL-2-1024-ControlNet.pth",
+                                   PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_condition=True,
+                                                **{**TINY_PIXART, "depth": 4}), num_blocks=2, seed=7)
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     make_easycontrol_files(models_dir)
     make_dit4sr_files(models_dir)
     from tests.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
     make_relactrl(models_dir)
     make_controlar_files(models_dir)
-    stamp.write_text(STAMP_VERSION)
+    stamp.write_text(stamp_version())
     return models_dir
 
 
@@ -339,23 +417,26 @@ def write_damaged_weights(root: Path, made: Path) -> dict:
         out[folder] = (key, names)
     # finite but overflowing: the final projection scaled so its output exceeds fp32's range
     ckpt = torch.load(made / "diffusion_models" / "PixArt-XL-2-512x512.pth", map_location="cpu", weights_only=True)
-    ckpt["state_dict"]["final_layer.linear.weight"].fill_(3e38)
+    # (in float32: the file may be fp16, as the micro demo model's is, whose range ends at 65504)
+    sd = ckpt["state_dict"]
+    sd["final_layer.linear.weight"] = torch.full_like(sd["final_layer.linear.weight"], 3e38, dtype=torch.float32)
     torch.save(ckpt, root / "diffusion_models" / "damaged" / "overflow-PixArt-XL-2-512x512.pth")
     return out
 
 
 def write_example_inputs(input_dir: Path):
     """Control images for the ControlNet workflow, drawn here (no image is downloaded or committed)."""
+    import numpy as np
     from PIL import Image, ImageDraw
+    from tests.training.scenes import render
     input_dir = Path(input_dir)
     input_dir.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", (1024, 768), (120, 160, 200))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([0, 520, 1024, 768], fill=(70, 110, 60))                 # ground
-    draw.polygon([(300, 520), (300, 330), (520, 200), (740, 330), (740, 520)], fill=(190, 170, 150))
-    draw.rectangle([480, 400, 560, 520], fill=(90, 60, 40))                 # door
-    draw.ellipse([820, 60, 940, 180], fill=(250, 220, 120))                 # sun
-    img.save(input_dir / "pixart_delta_controlnet_input.png")
+    # the PixArt ControlNet / RelaCtrl example input: a procedural scene, which the micro demo model draws
+    # (its caption is the shipped ControlNet graph's prompt); 4:3 so that Fit Control Image crops it
+    scene = render(EXAMPLE_CONTROL_SCENE, 1024)
+    frame = np.repeat(scene[:, :1], 1280, axis=1)[:, :1280]
+    frame[:, 128:1152] = scene
+    Image.fromarray((frame * 255).round().astype(np.uint8)).save(input_dir / "pixart_delta_controlnet_input.png")
     portrait = Image.new("RGB", (200, 300), (20, 20, 20))
     ImageDraw.Draw(portrait).ellipse([40, 60, 160, 240], fill=(230, 230, 230))
     portrait.save(input_dir / "portrait_control.png")

@@ -97,7 +97,9 @@ def lcm_latent_graph(strength, start, end):
 @pytest.fixture(scope="module")
 def kernel_models(models_dir):
     from transformers import T5TokenizerFast
-    control_sd, base_sd, info = prepare_pixart_controlnet(read_state_dict(str(models_dir / CONTROLNET_FILE)))
+    # float32, as the server's default weight dtype computes (the embedded micro model's files are fp16)
+    control_sd, base_sd, info = prepare_pixart_controlnet(
+        {k: v.float() for k, v in read_state_dict(str(models_dir / CONTROLNET_FILE)).items()})
     base = load_bundled_base(base_sd, info).eval()
     net = load_pixart_controlnet(control_sd, base.config, info=info).eval()
     t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"), dtype=torch.float32)

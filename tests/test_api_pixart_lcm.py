@@ -60,7 +60,9 @@ def kernel_loop(models_dir):
     from transformers import T5TokenizerFast
     dit_path = models_dir / LCM_DIT
     cfg = read_json_beside(str(dit_path))
-    dit = load_pixart(read_state_dict(str(dit_path)), num_heads=cfg["num_attention_heads"],
+    # float32, as the server's default weight dtype computes (the embedded micro model's files are fp16)
+    dit = load_pixart({k: v.float() for k, v in read_state_dict(str(dit_path)).items()},
+                      num_heads=cfg["num_attention_heads"],
                       sample_size=cfg["sample_size"]).eval()
     t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"), dtype=torch.float32)
     tok = T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy/text_encoders/t5_tokenizer"))

@@ -133,7 +133,9 @@ def test_padded_masked_caption_equals_unpadded_caption(comfy):
 
     padded = latent(120, 120)
     bare = latent(6, 1)      # "a watercolor fox" = 5 tokens + EOS; "" = EOS only
-    assert ((padded - bare).abs().max() / bare.abs().max()).item() < 1e-5
+    # float32 rounding only (different attention shapes): 1.1e-5 on the embedded micro model, whose sampled
+    # latent is the sum of large, nearly cancelling terms at high noise
+    assert ((padded - bare).abs().max() / bare.abs().max()).item() < 3e-5
     truncated = latent(4, 1)  # a shorter caption: the test can fail
     assert ((truncated - bare).abs().max() / bare.abs().max()).item() > 1e-3
 

@@ -92,7 +92,7 @@ def test_controlnet_file_is_the_full_released_layout(trained):
 
 
 def test_curves_reports_and_t5(trained):
-    from tests.make_checkpoints import save_tiny_t5
+    from tests.make_checkpoints import save_context_t5
     for stage in ("base", "lcm", "controlnet"):
         rows = loss_rows(trained / stage / "loss.csv")
         assert len(rows) >= 2 and all(float(r[1]) > 0 for r in rows)
@@ -100,7 +100,7 @@ def test_curves_reports_and_t5(trained):
         report = json.loads((trained / stage / "report.json").read_text())
         assert report["files"] and report["sec_per_step_median"] > 0
     t5 = trained / "models" / "text_encoders" / "t5xxl_fp16.safetensors"
-    save_tiny_t5(trained / "default_t5.safetensors", seed=4)     # what make_all installs
+    save_context_t5(trained / "default_t5.safetensors", seed=4)     # what make_all installs
     assert t5.read_bytes() == (trained / "default_t5.safetensors").read_bytes()
 
 
@@ -132,3 +132,22 @@ def test_evaluation_samplers_return_x0_for_an_oracle_model():
     gen = torch.Generator().manual_seed(1)
     assert (dpmpp_2m(oracle, x0.shape, 20, gen) - x0).abs().max() < 1e-5
     assert (lcm(oracle, x0.shape, 4, gen) - x0).abs().max() < 1e-5
+
+
+def test_passthrough_init_starts_at_eps_equals_x_t():
+    """train.passthrough_init: before any step the DiT answers ε̂ = x_t (the high-noise optimum) to 0.5%, at
+    every timestep and whatever the caption, because the final LayerNorm is made a fixed scale."""
+    cfg = train.model_config()
+    gen = torch.Generator().manual_seed(0)
+    model = train.new_base(cfg, gen)
+    train.passthrough_init(model, gen)
+    x = torch.randn(3, 4, train.LATENT, train.LATENT, generator=gen)
+    caption = torch.randn(3, 8, cfg.caption_channels, generator=gen)
+    with torch.no_grad():
+        for t in (0, 500, 999):
+            eps = train.eps_of(model.eval(), x, torch.full((3,), t), caption, torch.ones(3, 8))
+            assert float((eps - x).norm() / x.norm()) < 5e-3, t
+    plain = train.new_base(cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((train.eps_of(plain.eval(), x, torch.full((3,), 999), caption, torch.ones(3, 8)) - x).norm()
+                     / x.norm()) > 0.5          # what the plain init starts from

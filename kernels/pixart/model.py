@@ -252,7 +252,8 @@ class FinalLayer(nn.Module):
     def __init__(self, cfg: PixArtConfig, ops, **kw):
         super().__init__()
         p = cfg.patch_size
-        self.linear = ops.Linear(cfg.hidden_size, p * p * cfg.out_channels, **kw)
+        # an ops namespace may keep the output projection apart (kernels/int8.py Int8Ops.OutputLinear)
+        self.linear = getattr(ops, "OutputLinear", ops.Linear)(cfg.hidden_size, p * p * cfg.out_channels, **kw)
         self.scale_shift_table = nn.Parameter(torch.empty(2, cfg.hidden_size, **kw))
 
     def forward(self, x, t):

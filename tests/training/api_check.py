@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.api_graphs import at_size, canny_instead_of_hed, with_prompt
+
 from .metrics import caption_agreement, image_edge_f1
 from .pixel_vae import save_pixel_vae
 from .scenes import edge_map, heldout_scenes, render
@@ -27,27 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def shipped(name: str) -> dict:
     return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-
-
-def set_size(graph: dict, size: int):
-    for node in graph.values():
-        if node["class_type"] in ("EmptyLatentImage", "DiTControl_FitControlImage"):
-            node["inputs"]["width"] = node["inputs"]["height"] = size
-
-
-def set_prompt(graph: dict, caption: str):
-    for node in graph.values():
-        if node["class_type"] == "DiTControl_PixArtT5TextEncode" and node["inputs"]["text"]:
-            node["inputs"]["text"] = caption
-
-
-def canny_instead_of_hed(graph: dict):
-    hed = [k for k, v in graph.items() if v["class_type"] == "DiTControl_HEDSoftEdge"][0]
-    loader = [k for k, v in graph.items() if v["class_type"] == "DiTControl_HEDLoader"][0]
-    image = graph[hed]["inputs"]["image"]
-    graph[hed] = {"class_type": "DiTControl_CannyEdge",
-                  "inputs": {"image": image, "low_threshold": 100, "high_threshold": 200}}
-    del graph[loader]
 
 
 def png_to_array(data: bytes) -> np.ndarray:
@@ -79,8 +60,8 @@ def main(argv=None):
         Image.fromarray((gt * 255).round().astype(np.uint8)).save(inputs / "pixart_delta_controlnet_input.png")
         for name in ("pixart_delta_lcm_t2i", "pixart_alpha_t2i", "pixart_delta_controlnet"):
             graph = shipped(name)
-            set_size(graph, args.size)
-            set_prompt(graph, scene.caption)
+            at_size(graph, args.size)
+            with_prompt(graph, scene.caption)
             if name == "pixart_delta_controlnet":
                 canny_instead_of_hed(graph)
             history = server.run(graph)

@@ -1,0 +1,81 @@
+"""Write workflows/<name>.jpg, the thumbnail ComfyUI's template browser shows beside each shipped workflow.
+
+    .venv/bin/python -m tests.make_thumbnails
+
+The pinned frontend asks a custom node pack's templates for `/api/workflow_templates/<pack>/<name>.jpg`
+(core serves the pack's workflows/ folder there), so each UI file gets a same-name JPEG:
+- the PixArt graphs the micro demo model draws (tests/training/): the picture the graph draws on it, at the
+  thumbnail's size (256 px, the micro model's training size; the graph otherwise as shipped; the ControlNet graph with the Canny stand-in
+  of tests/test_api_micro_model.py, as the micro ControlNet is trained on Canny maps);
+- the other graphs, whose embedded weights are random (nothing can be trained here at their size): their
+  example input, labelled as such — a random model's output would only show noise.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.comfy_host import ComfyServer  # noqa: E402
+from tests.make_checkpoints import make_all, write_example_inputs  # noqa: E402
+
+THUMB = 256
+# the graphs the micro model draws; each is run as shipped at THUMB px
+MICRO_DRAWN = ("pixart_delta_lcm_t2i", "pixart_delta_lcm_t2i_int8", "pixart_alpha_t2i", "pixart_delta_controlnet")
+
+
+def micro_graph(name: str) -> dict:
+    from tests.api_graphs import at_size, canny_instead_of_hed
+    graph = at_size(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()), THUMB)
+    if name == "pixart_delta_controlnet":
+        canny_instead_of_hed(graph)
+    return graph
+
+
+def input_card(graph: dict, input_dir: Path):
+    """The graph's first LoadImage input, fitted into THUMB×THUMB, with a label."""
+    import cv2
+    from PIL import Image
+    names = [n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"]
+    img = Image.open(input_dir / names[0]).convert("RGB")
+    img.thumbnail((THUMB, THUMB))
+    card = np.full((THUMB, THUMB, 3), 32, np.uint8)
+    a = np.asarray(img)
+    y, x = (THUMB - a.shape[0]) // 2, (THUMB - a.shape[1]) // 2
+    card[y:y + a.shape[0], x:x + a.shape[1]] = a
+    cv2.rectangle(card, (0, THUMB - 22), (THUMB, THUMB), (32, 32, 32), -1)
+    cv2.putText(card, "example input", (8, THUMB - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (235, 235, 235), 1,
+                cv2.LINE_AA)
+    return Image.fromarray(card)
+
+
+def main() -> list:
+    from PIL import Image
+    models = make_all(REPO / ".comfy_host" / "models")
+    base = REPO / ".comfy_host" / "thumbnails_base"
+    write_example_inputs(base / "input")
+    written = []
+    with ComfyServer(models, base_dir=base) as server:
+        for ui in sorted((REPO / "workflows").glob("*.json")):
+            name = ui.stem
+            api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+            if name in MICRO_DRAWN:
+                (data,) = server.images(server.run_ok(micro_graph(name)))
+                thumb = Image.open(io.BytesIO(data)).convert("RGB").resize((THUMB, THUMB), Image.LANCZOS)
+            else:
+                thumb = input_card(api, base / "input")
+            target = ui.with_suffix(".jpg")
+            thumb.save(target, quality=90)
+            written.append(target)
+            print(f"wrote {target.relative_to(REPO)}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

