@@ -14,7 +14,7 @@ ComfyUI's folder layout, under the file names the shipped workflows and our load
               `state_dict`, stale `pos_embed`, learned null caption `y_embedder.y_embedding`);
 - lcm:        diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/diffusion_pytorch_model.safetensors + config.json;
 - controlnet: controlnet/PixArt-XL-2-1024-ControlNet.pth (full layout: `base_model.*` + `controlnet.*`);
-- text_encoders/t5xxl_fp16.safetensors: the frozen random tiny T5 the captions were encoded with (the same
+- text_encoders/t5xxl_fp16.safetensors: the frozen tiny T5 (random embeddings, hand-set positional attention: make_checkpoints.save_context_t5) the captions are encoded with (the same
   seed and config as tests/make_checkpoints.py's, so it equals the embedded default file).
 
 Model and data (see tests/training/scenes.py, pixel_vae.py):
