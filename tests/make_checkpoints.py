@@ -110,18 +110,20 @@ def random_t5_tensor(name: str, shape: tuple, cfg, gen: torch.Generator) -> torc
 def save_tiny_t5(path: Path, seed: int, **config):
     """HF T5EncoderModel key names, fp16 like ComfyUI's t5xxl_fp16.safetensors; `config` overrides TINY_T5."""
     from kernels.t5 import T5Config, T5Encoder
-    import safetensors.torch
     gen = torch.Generator().manual_seed(seed)
     cfg = T5Config(**{**TINY_T5, **config})
     with torch.device("meta"):
         model = T5Encoder(cfg)
     sd = {name: random_t5_tensor(name, tuple(t.shape), cfg, gen) for name, t in model.state_dict().items()}
-    if "encoder.embed_tokens.weight" in sd and "shared.weight" in sd:
-        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+    save_t5_file(sd, path)
+
+
+def save_t5_file(sd: dict, path: Path):
+    """Write a T5 encoder state dict as ComfyUI's t5xxl_fp16.safetensors is: fp16, and the embedding tied to
+    `shared.weight` stored once (safetensors refuses shared storage)."""
+    import safetensors.torch
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared storage: store the tied embedding once, as ComfyUI's files do
-    sd.pop("encoder.embed_tokens.weight", None)
     safetensors.torch.save_file(sd, str(path))
 
 
@@ -143,7 +145,6 @@ def save_context_t5(path: Path, seed: int):
     reaches twice as far. Values and outputs are random orthonormal maps (gain CONTEXT_GAIN) into the
     residual stream; the feed-forwards are zero; norms are 1. The T5 kernel and loaders see a T5 like any."""
     from kernels.t5 import T5Config, T5Encoder, relative_position_bucket
-    import safetensors.torch
     gen = torch.Generator().manual_seed(seed)
     cfg = T5Config(**TINY_T5)
     with torch.device("meta"):
@@ -177,10 +178,7 @@ def save_context_t5(path: Path, seed: int):
             sd[name] = CONTEXT_GAIN * orthonormal(*shape)
         else:                                           # wi_0, wi_1: unused behind wo = 0
             sd[name] = torch.randn(shape, generator=gen) * shape[-1] ** -0.5
-    sd.pop("encoder.embed_tokens.weight", None)        # tied to shared.weight, stored once as ComfyUI does
-    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(sd, str(path))
+    save_t5_file(sd, path)
 
 
 def save_random_sd_vae(path: Path, seed: int):
