@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:
 from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 from tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
 from tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
-from tests.training.install import available as micro_model_available, install_micro_model  # noqa: E402
+from tests.training.install import available as micro_model_available, digest as micro_model_digest  # noqa: E402
+from tests.training.install import install_micro_model  # noqa: E402
 
 STAMP_VERSION = "11"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
@@ -288,8 +289,8 @@ EXAMPLE_CONTROL_SCENE = _example_control_scene()
 
 
 def stamp_version() -> str:
-    """The cache stamp: the file makers' version and whether the micro demo model is installed."""
-    return STAMP_VERSION + ("+micro" if micro_model_available() else "+random")
+    """The cache stamp: the file makers' version and which micro demo model is installed (or random files)."""
+    return STAMP_VERSION + (f"+micro-{micro_model_digest()}" if micro_model_available() else "+random")
 
 
 def make_all(models_dir: Path) -> Path:

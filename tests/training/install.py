@@ -36,6 +36,15 @@ def available() -> bool:
                                                  LCM / "config.json", CONTROLNET))
 
 
+def digest() -> str:
+    """A short content hash of the committed weights: the models cache is remade when they change."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in (BASE, LCM / "diffusion_pytorch_model.safetensors", LCM / "config.json", CONTROLNET):
+        h.update((WEIGHTS / p).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def non_ms_state_dict(ms: dict) -> dict:
     """The 512 (non-MS) file of the same network: size embedders dropped (they must be exactly zero in
     output, else the two files would differ) and the stale pos_embed of a 64-latent grid."""

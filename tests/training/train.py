@@ -78,8 +78,11 @@ LCM_SKIP = 20                 # DDIM skipping solver over the 50-step grid 19, 3
 #   learned it only slowly.
 LOSS_WEIGHT_CAPS = ((0, 50.0), (4000, 5.0))      # (from step, cap)
 HIGH_NOISE_FROM = 800
-CONTROLNET_EMPTY_PROMPT = 0.5   # share of ControlNet training captions replaced by "" (see ControlNetStage)
+# ControlNet training prompts (see ControlNetStage): shares of the caption without its places (the control
+# map gives the layout: what the tests prompt with) and of the empty prompt; the rest keep the full caption
+CONTROLNET_PROMPTS = {"without_places": 0.5, "empty": 0.25}
 X0_LOSS_SCALE = 0.004
+DECAY_TO = 0.1                  # a stage's final lr as a share of its lr (StageDefaults.decay_from)
 
 
 @dataclass
@@ -89,15 +92,18 @@ class StageDefaults:
     lr: float
     ckpt_every: int
     ema: float
+    decay_from: int = 0       # from this step the lr falls linearly to DECAY_TO of itself at the last step
 
 
 STAGES = {
     # what the committed model was trained with (README, "The micro demo model"; idle machine, 2 cores:
-    # base 0.17 s/step, 40 min; lcm and controlnet side by side on one core each). A rerun with a larger
-    # --steps continues from the checkpoint (constant lr after warm-up).
-    "base": StageDefaults(steps=14000, batch=32, lr=3e-4, ckpt_every=200, ema=0.999),
+    # base 0.17 s/step; lcm and controlnet side by side on one core each). A rerun with a larger --steps
+    # continues from the checkpoint. The committed base had two runs of this stage: these defaults with
+    # `--jitter 1` (24 000 steps, shapes shifted in their cells), then `--steps 31000 --lr 1e-4 --decay-from 0`
+    # on centred shapes (scenes.JITTER, why there).
+    "base": StageDefaults(steps=24000, batch=32, lr=3e-4, ckpt_every=200, ema=0.999, decay_from=14000),
     "lcm": StageDefaults(steps=1500, batch=32, lr=1e-4, ckpt_every=100, ema=0.95),
-    "controlnet": StageDefaults(steps=2000, batch=32, lr=2e-4, ckpt_every=200, ema=0.999),
+    "controlnet": StageDefaults(steps=6500, batch=32, lr=2e-4, ckpt_every=200, ema=0.999),
 }
 
 
@@ -150,7 +156,9 @@ def build_dataset(out: Path, count: int, with_edges: bool, seed0: int = 0) -> di
     """Scenes seed0 … seed0+count-1 as model-space latents (fp16, 3 channels), token ids and masks, and
     (with_edges) the pixel-VAE latents of their Canny maps; cached in DIR/data/."""
     from tests.training.scenes import edge_map, render, training_scene
-    cache = out / "data" / f"scenes_{seed0}_{count}{'_edges' if with_edges else ''}.pt"
+    from tests.training import scenes
+    jitter = "" if scenes.JITTER == 0 else f"_jitter{scenes.JITTER:g}"
+    cache = out / "data" / f"scenes_{seed0}_{count}{'_edges' if with_edges else ''}{jitter}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
     tok = tokenizer()
@@ -486,6 +494,7 @@ class Stage:
         self.lr = args.lr or defaults.lr
         self.ckpt_every = args.ckpt_every or defaults.ckpt_every
         self.ema_decay = defaults.ema
+        self.decay_from = args.decay_from if args.decay_from >= 0 else defaults.decay_from
         self.cfg = model_config(args.hidden, args.depth, args.patch)
         self.t5 = load_t5(ensure_t5(self.out))
         self.ac = ddpm_alphas_cumprod(dtype=torch.float64)
@@ -546,7 +555,10 @@ class Stage:
 
     def lr_at(self, step):
         warm = min(100, self.steps // 10 + 1)
-        return self.lr * min(1.0, (step + 1) / warm)
+        lr = self.lr * min(1.0, (step + 1) / warm)
+        if 0 < self.decay_from <= step:
+            lr *= 1 - (1 - DECAY_TO) * (step - self.decay_from) / max(self.steps - self.decay_from, 1)
+        return lr
 
     def run(self):
         self.step = 0
@@ -747,8 +759,13 @@ class ControlNetStage(Stage):
                 if k == 0:
                     torch.nn.init.zeros_(blk.before_proj.weight)
                     torch.nn.init.zeros_(blk.before_proj.bias)
-        ids, mask = tokenize(tokenizer(), [""])
+        tok = tokenizer()
+        ids, mask = tokenize(tok, [""])
         self.empty_ids, self.empty_mask = ids[0].to(self.data["ids"].dtype), mask[0].bool()
+        # the same scenes' captions without their places, row for row with the data cache
+        from tests.training.scenes import training_scene
+        ids, mask = tokenize(tok, [training_scene(i).caption_without_places for i in range(len(self.data["ids"]))])
+        self.data["ids_without_places"], self.data["mask_without_places"] = ids.to(self.data["ids"].dtype), mask.bool()
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
 
     def modules(self):
@@ -763,12 +780,16 @@ class ControlNetStage(Stage):
         n = x0.shape[0]
         t = self.split_noise_levels(n)
         xt, noise = self.noised(x0, t)
-        # dropped captions become the empty prompt: a caption of these scenes fixes the layout by itself, so
-        # with captions only the ControlNet had next to nothing to learn (edge F1 0.49 at strength 0 and 0.51 at
-        # 1 after 2000 steps); with "" it must draw the scene from the edges
-        drop = torch.rand(n, generator=self.gen) < CONTROLNET_EMPTY_PROMPT
-        ids, mask = b["ids"].clone(), b["mask"].clone()
-        ids[drop], mask[drop] = self.empty_ids, self.empty_mask
+        # prompts: a caption of these scenes fixes the layout by itself, so with full captions only the ControlNet
+        # had next to nothing to learn (edge F1 0.49 at strength 0 and 0.51 at 1 after 2000 steps); with "" the
+        # base has no colours to draw, and drew low-contrast shapes (F1 ~0.1). Mostly the caption without its
+        # places, so the layout must come from the edges and the colours from the prompt.
+        u = torch.rand(n, generator=self.gen)
+        unplaced = u < CONTROLNET_PROMPTS["without_places"]
+        empty = (u >= CONTROLNET_PROMPTS["without_places"]) & (u < sum(CONTROLNET_PROMPTS.values()))
+        ids = torch.where(unplaced[:, None], b["ids_without_places"], b["ids"])
+        mask = torch.where(unplaced[:, None], b["mask_without_places"], b["mask"])
+        ids[empty], mask[empty] = self.empty_ids, self.empty_mask
         y = caption_batch(self.t5, ids, mask, None, None)
         eps = eps_of(self.base, xt, t, y, mask, control=self.net.branch(control))
         return self.split_loss(eps, noise, t, LOSS_WEIGHT_CAPS[-1][1])
@@ -791,8 +812,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--decay-from", type=int, default=-1,
+                   help="step from which the lr falls linearly to DECAY_TO (default: the stage's; 0: constant)")
     p.add_argument("--scenes", type=int, default=20000, help="training scenes (seeds 0…N-1), cached in OUT/data")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--jitter", type=float, default=None,
+                   help="scenes.JITTER for this run's data (default: scenes.py's; the first 24000 base steps had 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe", type=int, default=0, help="timing probe: run this many steps, save nothing")
@@ -803,6 +828,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.jitter is not None:
+        from tests.training import scenes
+        scenes.JITTER = args.jitter
+        scenes.heldout_scenes.cache_clear()
+        scenes.heldout_captions.cache_clear()
     return STAGE_CLASSES[args.stage](args, STAGES[args.stage]).run()
 
 
