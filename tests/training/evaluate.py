@@ -7,7 +7,7 @@ captions and ControlNet++'s edge F1, with the samplers of the shipped workflows 
   `simple` scheduler), CFG 4.5 against the learned null caption — the pixart_alpha_t2i workflow's sampler;
 - lcm: 4 LCM steps (kernels/pixart/lcm.py, diffusers rule), cfg 1 — the main job's sampler;
 - controlnet: the base sampler with the ControlNet at strengths 0 / 0.5 / 1 on each held-out scene's
-  Canny map;
+  Canny map, prompted with the scene's caption without places (as the ControlNet workflow and its tests);
 - empty caption: the same samplers on "" (chance level expected).
 Images are decoded with the pixel VAE's exact map (an 8× nearest upsample) and scored with
 tests/training/metrics.py. Writes DIR/eval.json and DIR/eval_<stage>.png (a grid of the first samples).
@@ -187,7 +187,8 @@ def evaluate(out: Path, stages, count: int = 64, seed: int = 0, batch: int = 16,
         lat = torch.cat([encode_model_latent(torch.from_numpy(e)[None, None].expand(1, 3, -1, -1))
                          for e in controls])
         for strength in (0.0, 0.5, 1.0):
-            imgs = run("dpm", models["controlnet"], captions, f"controlnet_{strength}", lat, strength)
+            imgs = run("dpm", models["controlnet"], [s.caption_without_places for s in scenes],
+                       f"controlnet_{strength}", lat, strength)
             report[f"controlnet_edge_f1_strength_{strength}"] = float(
                 np.mean([image_edge_f1(i, c) for i, c in zip(imgs, controls)]))
     report["size"] = size
