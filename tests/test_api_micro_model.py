@@ -32,14 +32,14 @@ CAPTIONS = [s.caption for s in heldout_scenes()[:16]]
 CONTROL_SCENES = list(heldout_scenes()[16:22])
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # What the committed model is held to: a little under what it measured through these graphs (README, "The
-# micro demo model", where the numbers are). Issue 15 asks for 0.9 caption agreement and an edge F1 >= 0.6;
-# the model does not reach them yet, and these bounds rise as it is trained further.
-MIN_LCM_AGREEMENT = 0.65              # measured 0.73
-MIN_BASE_AGREEMENT = 0.72             # measured 0.80
-MAX_EMPTY_AGREEMENT = 0.15            # measured 0.02; chance: another scene's picture scores 0.04
-MAX_F1_AT_ZERO_STRENGTH = 0.25        # measured 0.04 (the issue's bound)
-MIN_F1_AT_FULL_STRENGTH = 0.35        # measured 0.42 (issue 15: 0.6)
-MIN_F1_GAIN = 4.0                     # F1 at strength 1 (and over the last half of the steps) over F1 at 0; 9.6×
+# micro demo model", where the numbers are); the base is held to issue 15's 0.9. Not met yet: 0.9 for the
+# LCM graph and an edge F1 >= 0.6 at strength 1; these bounds rise as the model is trained further.
+MIN_LCM_AGREEMENT = 0.72              # measured 0.80
+MIN_BASE_AGREEMENT = 0.9              # measured 0.95 (issue 15's bar)
+MAX_EMPTY_AGREEMENT = 0.15            # measured 0.00; chance: another scene's picture scores 0.04
+MAX_F1_AT_ZERO_STRENGTH = 0.25        # measured 0.06 (the issue's bound)
+MIN_F1_AT_FULL_STRENGTH = 0.42        # measured 0.50 (issue 15: 0.6)
+MIN_F1_GAIN = 4.0                     # F1 at strength 1 (and over the last half of the steps) over F1 at 0; 9×
 MEASURED = {}                         # printed at the end of the module (pytest -s), for the README
 
 
@@ -138,22 +138,22 @@ def mean_f1(comfy, control_inputs, strength=1.0, start=0.0, end=1.0) -> float:
 
 
 def test_edge_f1_rises_with_strength(comfy, control_inputs):
-    """The ControlNet draws its edges: at strength 0 the prompt without places gives a plain picture with few
-    edges; at strength 1 the control map's layout is drawn, F1 several times higher and the highest of the
-    sweep. (Not held yet: issue 15's F1 >= 0.6 at strength 1, and monotone over the whole range: below 0.75
-    the committed ControlNet barely shows, F1 0.01-0.06 against 0.04 at 0.)"""
+    """The ControlNet draws its edges: at strength 0 the prompt without places draws its shapes where the base
+    puts them, with few edges where the control map has them; the F1 rises with every step of strength
+    (measured 0.06 / 0.09 / 0.23 / 0.44 / 0.50) to several times that at 1. (Not held yet: issue 15's F1 >= 0.6
+    at strength 1.)"""
     f1 = [mean_f1(comfy, control_inputs, strength=s) for s in STRENGTHS]
     MEASURED["edge_f1_by_strength"] = dict(zip(STRENGTHS, f1))
     assert f1[0] <= MAX_F1_AT_ZERO_STRENGTH, f1
     assert f1[-1] >= MIN_F1_AT_FULL_STRENGTH, f1
     assert f1[-1] >= MIN_F1_GAIN * max(f1[0], 1e-3), f1
-    assert f1[-1] == max(f1), f1
+    assert all(b > a for a, b in zip(f1, f1[1:])), f"not monotone in strength: {f1}"
 
 
 def test_start_and_end_percent_do_what_they_say(comfy, control_inputs):
     """Control over part of the steps gives part of the edges, an empty range is no control bit for bit. The
-    committed ControlNet acts late: its prompt (no places) draws a plain background early on, and the control
-    adds the shapes over the low-noise half (measured: 0.32 for steps 0.5-1, 0.03 for 0-0.5, 0.42 for all)."""
+    committed ControlNet acts mostly late: the control over the low-noise half moves the base's shapes onto the
+    control's edges (measured: 0.41 for steps 0.5-1, 0.15 for 0-0.5, 0.50 for all, 0.06 without)."""
     early = mean_f1(comfy, control_inputs, start=0.0, end=0.5)
     late = mean_f1(comfy, control_inputs, start=0.5, end=1.0)
     none = mean_f1(comfy, control_inputs, strength=0.0)

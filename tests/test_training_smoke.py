@@ -151,3 +151,14 @@ def test_passthrough_init_starts_at_eps_equals_x_t():
     with torch.no_grad():
         assert float((train.eps_of(plain.eval(), x, torch.full((3,), 999), caption, torch.ones(3, 8)) - x).norm()
                      / x.norm()) > 0.5          # what the plain init starts from
+
+
+def test_init_from_continues_committed_weights(tmp_path, trained):
+    """--init-from starts a base / ControlNet run from a models folder's files (a fine-tune): with a negligible
+    learning rate one step gives the same tensors back (fp16), and the place-free caption share draws prompts."""
+    run(tmp_path, "base", 1, "--init-from", str(trained / "models"), "--lr", "1e-12")
+    run(tmp_path, "controlnet", 1, "--init-from", str(trained / "models"), "--lr", "1e-12")
+    for rel in ("diffusion_models/PixArt-XL-2-1024-MS.pth", "controlnet/PixArt-XL-2-1024-ControlNet.pth"):
+        a, b = (read_state_dict(str(d / "models" / rel)) for d in (tmp_path, trained))
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-3) for k in a), rel

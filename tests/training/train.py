@@ -81,6 +81,10 @@ HIGH_NOISE_FROM = 800
 # ControlNet training prompts (see ControlNetStage): shares of the caption without its places (the control
 # map gives the layout: what the tests prompt with) and of the empty prompt; the rest keep the full caption
 CONTROLNET_PROMPTS = {"without_places": 0.5, "empty": 0.25}
+# the base's share of captions without their places (shapes anywhere): with places only, the base drew a bare
+# background for "a red circle on a blue background", the prompt a user writes first and the ControlNet's
+# (whose control at half strength then had no shape to steer: edge F1 0.01 at 0.5, 0.42 at 1)
+BASE_PROMPTS_WITHOUT_PLACES = 0.2
 X0_LOSS_SCALE = 0.004
 DECAY_TO = 0.1                  # a stage's final lr as a share of its lr (StageDefaults.decay_from)
 
@@ -98,9 +102,11 @@ class StageDefaults:
 STAGES = {
     # what the committed model was trained with (README, "The micro demo model"; idle machine, 2 cores:
     # base 0.17 s/step; lcm and controlnet side by side on one core each). A rerun with a larger --steps
-    # continues from the checkpoint. The committed base had two runs of this stage: these defaults with
-    # `--jitter 1` (24 000 steps, shapes shifted in their cells), then `--steps 31000 --lr 1e-4 --decay-from 0`
-    # on centred shapes (scenes.JITTER, why there).
+    # continues from the checkpoint. The committed base had three runs of this stage: these defaults with
+    # `--jitter 1 --without-places 0` (24 000 steps, shapes shifted in their cells), then `--steps 31000 --lr 1e-4
+    # --decay-from 0 --without-places 0` on centred shapes (scenes.JITTER, why there), then a fine-tune into a new
+    # folder, `--init-from <first>/models --steps 6000 --lr 2e-4 --decay-from 1000`, with captions without places
+    # (BASE_PROMPTS_WITHOUT_PLACES); the ControlNet continued the one trained on the second run's base the same way.
     "base": StageDefaults(steps=24000, batch=32, lr=3e-4, ckpt_every=200, ema=0.999, decay_from=14000),
     "lcm": StageDefaults(steps=1500, batch=32, lr=1e-4, ckpt_every=100, ema=0.95),
     "controlnet": StageDefaults(steps=6500, batch=32, lr=2e-4, ckpt_every=200, ema=0.999),
@@ -503,6 +509,27 @@ class Stage:
         self.data = build_dataset(self.out, args.scenes, with_edges=True)    # one cache for every stage
         self.rows = []
 
+    def add_captions_without_places(self, tok):
+        """Token ids and masks of the same scenes' captions without their places, row for row with the data
+        cache (its scenes are training_scene(0 … N-1))."""
+        from tests.training.scenes import training_scene
+        ids, mask = tokenize(tok, [training_scene(i).caption_without_places for i in range(len(self.data["ids"]))])
+        self.data["ids_without_places"], self.data["mask_without_places"] = ids.to(self.data["ids"].dtype), mask.bool()
+
+    def prompts(self, b, without_places: float, empty: float = 0.0):
+        """(ids, mask) of a batch with a share of rows prompted without places and a share with ""."""
+        if not without_places and not empty:
+            return b["ids"], b["mask"]                  # (no draw: the random stream of the earlier runs)
+        n = b["ids"].shape[0]
+        u = torch.rand(n, generator=self.gen)
+        unplaced = u < without_places
+        ids = torch.where(unplaced[:, None], b["ids_without_places"], b["ids"])
+        mask = torch.where(unplaced[:, None], b["mask_without_places"], b["mask"])
+        if empty:
+            blank = (u >= without_places) & (u < without_places + empty)
+            ids[blank], mask[blank] = self.empty_ids, self.empty_mask
+        return ids, mask
+
     # batches
     def next_batch(self):
         idx = torch.from_numpy(self.order.integers(0, len(self.data["latents"]), size=self.batch))
@@ -643,12 +670,16 @@ class BaseStage(Stage):
 
     def setup(self):
         gen = torch.Generator().manual_seed(self.args.seed + 1)
-        base = new_base(self.cfg, gen)
-        if not self.args.no_passthrough:
-            passthrough_init(base, gen)
+        if self.args.init_from:
+            base = load_base_pth(Path(self.args.init_from))   # continue from committed weights (fp16 -> fp32)
+        else:
+            base = new_base(self.cfg, gen)
+            if not self.args.no_passthrough:
+                passthrough_init(base, gen)
         self.net = Trainable(base)
         frozen_micro_conditions(self.net.base)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.add_captions_without_places(tokenizer())
 
     def modules(self):
         return {"net": self.net, "ema": self.ema}
@@ -662,8 +693,10 @@ class BaseStage(Stage):
         t = self.split_noise_levels(n)
         xt, noise = self.noised(x0, t)
         drop = torch.rand(n, generator=self.gen) < self.args.caption_dropout
-        y = caption_batch(self.t5, b["ids"], b["mask"], drop, self.net.null)
-        eps = eps_of(self.net.base, xt, t, y, b["mask"])
+        share = BASE_PROMPTS_WITHOUT_PLACES if self.args.without_places is None else self.args.without_places
+        ids, mask = self.prompts(b, share)
+        y = caption_batch(self.t5, ids, mask, drop, self.net.null)
+        eps = eps_of(self.net.base, xt, t, y, mask)
         return self.split_loss(eps, noise, t, loss_weight_cap(self.step))
 
     def after_step(self):
@@ -759,13 +792,15 @@ class ControlNetStage(Stage):
                 if k == 0:
                     torch.nn.init.zeros_(blk.before_proj.weight)
                     torch.nn.init.zeros_(blk.before_proj.bias)
+        if self.args.init_from:
+            # continue from a committed ControlNet (its `controlnet.*` tensors are this module's state dict)
+            ckpt = torch.load(Path(self.args.init_from) / "controlnet" / "PixArt-XL-2-1024-ControlNet.pth",
+                              map_location="cpu", weights_only=True)["state_dict"]
+            self.net.load_state_dict({k: v.float() for k, v in ckpt.items() if k.startswith("controlnet.")})
         tok = tokenizer()
         ids, mask = tokenize(tok, [""])
         self.empty_ids, self.empty_mask = ids[0].to(self.data["ids"].dtype), mask[0].bool()
-        # the same scenes' captions without their places, row for row with the data cache
-        from tests.training.scenes import training_scene
-        ids, mask = tokenize(tok, [training_scene(i).caption_without_places for i in range(len(self.data["ids"]))])
-        self.data["ids_without_places"], self.data["mask_without_places"] = ids.to(self.data["ids"].dtype), mask.bool()
+        self.add_captions_without_places(tok)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
 
     def modules(self):
@@ -784,12 +819,7 @@ class ControlNetStage(Stage):
         # had next to nothing to learn (edge F1 0.49 at strength 0 and 0.51 at 1 after 2000 steps); with "" the
         # base has no colours to draw, and drew low-contrast shapes (F1 ~0.1). Mostly the caption without its
         # places, so the layout must come from the edges and the colours from the prompt.
-        u = torch.rand(n, generator=self.gen)
-        unplaced = u < CONTROLNET_PROMPTS["without_places"]
-        empty = (u >= CONTROLNET_PROMPTS["without_places"]) & (u < sum(CONTROLNET_PROMPTS.values()))
-        ids = torch.where(unplaced[:, None], b["ids_without_places"], b["ids"])
-        mask = torch.where(unplaced[:, None], b["mask_without_places"], b["mask"])
-        ids[empty], mask[empty] = self.empty_ids, self.empty_mask
+        ids, mask = self.prompts(b, CONTROLNET_PROMPTS["without_places"], CONTROLNET_PROMPTS["empty"])
         y = caption_batch(self.t5, ids, mask, None, None)
         eps = eps_of(self.base, xt, t, y, mask, control=self.net.branch(control))
         return self.split_loss(eps, noise, t, LOSS_WEIGHT_CAPS[-1][1])
@@ -818,6 +848,12 @@ def main(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--jitter", type=float, default=None,
                    help="scenes.JITTER for this run's data (default: scenes.py's; the first 24000 base steps had 1)")
+    p.add_argument("--init-from", default="",
+                   help="models folder to start base / controlnet from (a fine-tune: its steps, lr schedule and "
+                        "loss-weight caps start again at step 0)")
+    p.add_argument("--without-places", type=float, default=None,
+                   help=f"base: share of captions without places (default {BASE_PROMPTS_WITHOUT_PLACES}; "
+                        "the first two base runs had 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe", type=int, default=0, help="timing probe: run this many steps, save nothing")
