@@ -93,7 +93,10 @@ def test_graph_equals_kernel_lcm_loop(comfy, kernel_loop, steps, rule):
     ours = saved_latent(comfy, h)
     ref = kernel_loop(comfy, steps, rule)
     assert ours.shape == ref.shape == (1, 4, HEIGHT // 8, WIDTH // 8)
-    assert _rel(ours, ref) <= 1e-4
+    # fp32 against fp32 (other attention kernels): the micro model's passthrough constant (norm 240 ahead of
+    # the final LayerNorm) amplifies round-off to 1.1e-4 on the session-7 weights; a wrong rule, noise or
+    # caption differs by O(1) (test_rules_differ_at_four_steps)
+    assert _rel(ours, ref) <= 2e-4
 
 
 def test_rules_differ_at_four_steps(comfy, kernel_loop):
