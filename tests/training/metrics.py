@@ -142,21 +142,14 @@ TEMPLATE_REACH = 2                     # blocks either side of the blob's centre
 def _templates() -> tuple:
     """((kind, size, [P, P] block coverage)...) of every kind and size at every TEMPLATE_SHIFT sub-block
     phase, on a P = 16-block canvas with the shape's centre at block 8 (+ phase)."""
-    from .scenes import SIZES, SUPERSAMPLE, shape_polygon
-    side, s = 16 * BLOCK, SUPERSAMPLE
+    from .scenes import SIZES, kind_coverage
+    side = 16 * BLOCK
     out = []
     for kind in SHAPES:
         for size, diameter in SIZES.items():
             for py in range(0, BLOCK, TEMPLATE_SHIFT):
                 for px in range(0, BLOCK, TEMPLATE_SHIFT):
-                    canvas = np.zeros((side * s, side * s), np.uint8)
-                    cx, cy = (side / 2 + px) * s, (side / 2 + py) * s
-                    if kind == "circle":
-                        cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(diameter * s / 2)), 255, -1)
-                    else:
-                        pts = np.round(shape_polygon(kind, cx, cy, diameter * s)).astype(np.int32)
-                        cv2.fillPoly(canvas, [pts], 255)
-                    cov = cv2.resize(canvas, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+                    cov = kind_coverage(kind, side / 2 + px, side / 2 + py, diameter, side)
                     out.append((kind, size, cov.reshape(16, BLOCK, 16, BLOCK).mean(axis=(1, 3))))
     return tuple(out)
 

@@ -154,15 +154,19 @@ def shape_polygon(kind: str, cx: float, cy: float, diameter: float) -> np.ndarra
 
 def shape_mask(shape: Shape, size: int = SIZE) -> np.ndarray:
     """Anti-aliased coverage [size, size] float32 in [0, 1]."""
+    cx, cy = cell_centre(shape.position, size)
+    return kind_coverage(shape.kind, cx + shape.dx, cy + shape.dy, SIZES[shape.size] * size / SIZE, size)
+
+
+def kind_coverage(kind: str, cx: float, cy: float, diameter: float, size: int) -> np.ndarray:
+    """Anti-aliased coverage [size, size] of one shape of `kind` centred at (cx, cy) px (SUPERSAMPLE× drawn)."""
     s = SUPERSAMPLE
     canvas = np.zeros((size * s, size * s), np.uint8)
-    cx, cy = cell_centre(shape.position, size)
-    cx, cy = (cx + shape.dx) * s, (cy + shape.dy) * s
-    d = SIZES[shape.size] * s * size / SIZE
-    if shape.kind == "circle":
+    cx, cy, d = cx * s, cy * s, diameter * s
+    if kind == "circle":
         cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(d / 2)), 255, -1)
     else:
-        cv2.fillPoly(canvas, [np.round(shape_polygon(shape.kind, cx, cy, d)).astype(np.int32)], 255)
+        cv2.fillPoly(canvas, [np.round(shape_polygon(kind, cx, cy, d)).astype(np.int32)], 255)
     return cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
 
 
