@@ -679,7 +679,10 @@ class BaseStage(Stage):
         self.net = Trainable(base)
         frozen_micro_conditions(self.net.base)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.add_captions_without_places(tokenizer())
+        self.without_places = (BASE_PROMPTS_WITHOUT_PLACES if self.args.without_places is None
+                               else self.args.without_places)
+        if self.without_places:
+            self.add_captions_without_places(tokenizer())
 
     def modules(self):
         return {"net": self.net, "ema": self.ema}
@@ -693,8 +696,7 @@ class BaseStage(Stage):
         t = self.split_noise_levels(n)
         xt, noise = self.noised(x0, t)
         drop = torch.rand(n, generator=self.gen) < self.args.caption_dropout
-        share = BASE_PROMPTS_WITHOUT_PLACES if self.args.without_places is None else self.args.without_places
-        ids, mask = self.prompts(b, share)
+        ids, mask = self.prompts(b, self.without_places)
         y = caption_batch(self.t5, ids, mask, drop, self.net.null)
         eps = eps_of(self.net.base, xt, t, y, mask)
         return self.split_loss(eps, noise, t, loss_weight_cap(self.step))
