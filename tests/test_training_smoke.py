@@ -154,11 +154,14 @@ def test_passthrough_init_starts_at_eps_equals_x_t():
 
 
 def test_init_from_continues_committed_weights(tmp_path, trained):
-    """--init-from starts a base / ControlNet run from a models folder's files (a fine-tune): with a negligible
-    learning rate one step gives the same tensors back (fp16), and the place-free caption share draws prompts."""
+    """--init-from starts a base / LCM / ControlNet run from a models folder's files (a fine-tune): with a
+    negligible learning rate one step gives the same tensors back (fp16), and the place-free caption share draws
+    prompts. (The LCM's teacher is this run's base, the one just written: the same tensors.)"""
     run(tmp_path, "base", 1, "--init-from", str(trained / "models"), "--lr", "1e-12")
+    run(tmp_path, "lcm", 1, "--init-from", str(trained / "models"), "--lr", "1e-12")
     run(tmp_path, "controlnet", 1, "--init-from", str(trained / "models"), "--lr", "1e-12")
-    for rel in ("diffusion_models/PixArt-XL-2-1024-MS.pth", "controlnet/PixArt-XL-2-1024-ControlNet.pth"):
+    for rel in ("diffusion_models/PixArt-XL-2-1024-MS.pth", "controlnet/PixArt-XL-2-1024-ControlNet.pth",
+                "diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/diffusion_pytorch_model.safetensors"):
         a, b = (read_state_dict(str(d / "models" / rel)) for d in (tmp_path, trained))
         assert a.keys() == b.keys()
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-3) for k in a), rel

@@ -65,6 +65,7 @@ TOKENS = 48                   # caption tokens (longest caption: 37); masked, so
 LATENT = 32                   # 256 px
 CFG_DISTILLED = 4.5           # PixArt-δ LCM: cond + w·(cond − uncond), w = 4.5 (= CFG 5.5)
 HUBER_C = 1e-3
+LCM_SAMPLED_TIMESTEPS = (999, 759, 499, 259)   # the LCM Scheduler's 4 steps (diffusers rule)
 LCM_SKIP = 20                 # DDIM skipping solver over the 50-step grid 19, 39, …, 999
 # The base's loss, from what the earlier runs showed (README, "The micro demo model"):
 # - half of each batch: t uniform, ε loss weighted min(1 + 1/SNR, cap) (the "SNR+1" x0 weighting,
@@ -463,6 +464,18 @@ def save_controlnet_files(base: PixArt, controlnet, models: Path) -> list:
     return [path]
 
 
+def load_lcm_transformer(models: Path) -> PixArt:
+    """A distilled LCM back from its diffusers-layout file (+ config.json), through our strict loader (float32)."""
+    from kernels.checkpoint_io import read_json_beside, read_state_dict
+    from kernels.pixart.checkpoint import load_pixart
+    path = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer" / \
+        "diffusion_pytorch_model.safetensors"
+    cfg = read_json_beside(str(path))
+    return load_pixart({k: v.float() for k, v in read_state_dict(str(path)).items()},
+                       num_heads=cfg["num_attention_heads"], sample_size=cfg["sample_size"],
+                       dtype=torch.float32).eval()
+
+
 def load_base_pth(models: Path) -> PixArt:
     """The trained base back from its released file, through our strict loader (float32)."""
     from kernels.pixart.checkpoint import load_pixart
@@ -721,9 +734,12 @@ class LCMStage(Stage):
             raise SystemExit("stage lcm needs the base: run --stage base first (same --out)")
         self.teacher = load_base_pth(models).requires_grad_(False)
         self.null = self.teacher.y_embedder.y_embedding.detach().clone()
-        self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        # the student starts from the base, or continues a distilled LCM (--init-from: its committed files);
+        # the EMA target starts as the student
+        start = load_lcm_transformer(Path(self.args.init_from)) if self.args.init_from else self.teacher
+        self.student = copy.deepcopy(start).requires_grad_(True)
         frozen_micro_conditions(self.student)
-        self.target = copy.deepcopy(self.teacher).requires_grad_(False)
+        self.target = copy.deepcopy(start).requires_grad_(False)
         self.grid = torch.tensor(lcm_grid())
 
     def modules(self):
@@ -744,6 +760,11 @@ class LCMStage(Stage):
         x0 = full_latent(b["latents"])
         n = x0.shape[0]
         t = self.grid[torch.randint(0, len(self.grid), (n,), generator=self.gen)]
+        if self.args.sampled_share:
+            # a share of the rows at the timesteps the 4-step graph samples: its last step returns the student's
+            # x0 at t = 259 unchanged, so the error there is what the picture shows
+            at = torch.tensor(LCM_SAMPLED_TIMESTEPS)[torch.randint(0, 4, (n,), generator=self.gen)]
+            t = torch.where(torch.rand(n, generator=self.gen) < self.args.sampled_share, at, t)
         s = t - LCM_SKIP                                                  # -1 for t = 19: the data end
         xt, _ = self.noised(x0, t)
         y = caption_batch(self.t5, b["ids"], b["mask"], None, None)
@@ -752,7 +773,7 @@ class LCMStage(Stage):
             e = eps_of(self.teacher, torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, null]),
                        torch.cat([b["mask"], b["mask"]]))
             ec, eu = e.chunk(2)
-            eps = ec + CFG_DISTILLED * (ec - eu)
+            eps = ec + self.args.guidance * (ec - eu)
             a_t = self.ac[t].float()[:, None, None, None]
             x0_hat = (xt - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             a_s = torch.where(s >= 0, self.ac[s.clamp(min=0)], torch.ones_like(s, dtype=torch.float64))
@@ -851,11 +872,15 @@ def main(argv=None):
     p.add_argument("--jitter", type=float, default=None,
                    help="scenes.JITTER for this run's data (default: scenes.py's; the first 24000 base steps had 1)")
     p.add_argument("--init-from", default="",
-                   help="models folder to start base / controlnet from (a fine-tune: its steps, lr schedule and "
+                   help="models folder to start base / lcm student / controlnet from (a fine-tune: its steps, lr schedule and "
                         "loss-weight caps start again at step 0)")
     p.add_argument("--without-places", type=float, default=None,
                    help=f"base: share of captions without places (default {BASE_PROMPTS_WITHOUT_PLACES}; "
                         "the first two base runs had 0)")
+    p.add_argument("--guidance", type=float, default=CFG_DISTILLED,
+                   help=f"lcm: the teacher's guidance w, cond + w·(cond − uncond) (default PixArt-δ's {CFG_DISTILLED})")
+    p.add_argument("--sampled-share", type=float, default=0.0,
+                   help="lcm: share of rows at the 4-step schedule's timesteps instead of the uniform grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--probe", type=int, default=0, help="timing probe: run this many steps, save nothing")
