@@ -32,14 +32,14 @@ CAPTIONS = [s.caption for s in heldout_scenes()[:16]]
 CONTROL_SCENES = list(heldout_scenes()[16:22])
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # What the committed model is held to: a little under what it measured through these graphs (README, "The
-# micro demo model", where the numbers are); the base is held to issue 15's 0.9, the LCM a little under it (it
-# measures 0.91: a pair of attributes' margin, and the other CPU's kernels round differently). Not met yet: an
-# edge F1 >= 0.6 at strength 1; these bounds rise as the model is trained further.
+# micro demo model", where the numbers are); the base is held to issue 15's 0.9; the LCM and the ControlNet,
+# which meet the issue's bars by small margins (0.91 for 0.9, F1 0.62 for 0.6), a little under them: a pair of
+# attributes or one scene's edges, and the other CPU's kernels round differently.
 MIN_LCM_AGREEMENT = 0.88              # measured 0.91 (issue 15: 0.9)
 MIN_BASE_AGREEMENT = 0.9              # measured 0.95 (issue 15's bar)
 MAX_EMPTY_AGREEMENT = 0.15            # measured 0.00; chance: another scene's picture scores 0.04
 MAX_F1_AT_ZERO_STRENGTH = 0.25        # measured 0.06 (the issue's bound)
-MIN_F1_AT_FULL_STRENGTH = 0.48        # measured 0.56 (issue 15: 0.6)
+MIN_F1_AT_FULL_STRENGTH = 0.57        # measured 0.62 (issue 15: 0.6)
 MIN_F1_GAIN = 4.0                     # F1 at strength 1 (and over the last half of the steps) over F1 at 0; 9×
 MEASURED = {}                         # printed at the end of the module (pytest -s), for the README
 

@@ -113,7 +113,8 @@ STAGES = {
     # --decay-from 0 --without-places 0` on centred shapes (scenes.JITTER, why there), then a fine-tune into a new
     # folder, `--init-from <first>/models --steps 6000 --lr 2e-4 --decay-from 1000`, with captions without places
     # (BASE_PROMPTS_WITHOUT_PLACES); the ControlNet continued the one trained on the second run's base the same way,
-    # twice (6000 steps, then 10 000 with --decay-from 4000). The LCM: these defaults on the fine-tuned base.
+    # three times (6000 steps; 10 000 with --decay-from 4000; 4200 steps of `--steps 8000 --decay-from 3000`,
+    # stopped there and exported). The LCM: these defaults on the fine-tuned base.
     "base": StageDefaults(steps=24000, batch=32, lr=3e-4, ckpt_every=200, ema=0.999, decay_from=14000),
     "lcm": StageDefaults(steps=500, batch=32, lr=1e-4, ckpt_every=100, ema=0.95),
     "controlnet": StageDefaults(steps=6500, batch=32, lr=2e-4, ckpt_every=200, ema=0.999),
