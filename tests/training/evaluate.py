@@ -28,7 +28,7 @@ from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from .metrics import caption_agreement, image_edge_f1
 from .pixel_vae import decode_model_latent, encode_model_latent
 from .scenes import edge_map, heldout_scenes, render
-from .train import LATENT, TOKENS, ensure_t5, load_t5, tokenize, tokenizer, write_png
+from .train import LATENT, TOKENS, ensure_t5, load_lcm_transformer, load_t5, tokenize, tokenizer, write_png
 
 AC = ddpm_alphas_cumprod(dtype=torch.float64)
 SIGMAS = ((1 - AC) / AC).sqrt()                       # k-diffusion σ of each training timestep
@@ -105,7 +105,7 @@ def grid_png(path: Path, images: list, cols: int = 8):
 
 
 def load_models(out: Path):
-    from kernels.checkpoint_io import read_json_beside, read_state_dict
+    from kernels.checkpoint_io import read_state_dict
     from kernels.pixart.checkpoint import load_pixart
     from kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
     models = out / "models"
@@ -116,9 +116,7 @@ def load_models(out: Path):
     lcm_path = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer" / \
         "diffusion_pytorch_model.safetensors"
     if lcm_path.exists():
-        cfg = read_json_beside(str(lcm_path))
-        got["lcm"] = load_pixart({k: v.float() for k, v in read_state_dict(str(lcm_path)).items()},
-                                 num_heads=cfg["num_attention_heads"], sample_size=cfg["sample_size"]).eval()
+        got["lcm"] = load_lcm_transformer(models)
     cn_path = models / "controlnet" / "PixArt-XL-2-1024-ControlNet.pth"
     if cn_path.exists():
         control, base_sd, info = prepare_pixart_controlnet(
