@@ -214,7 +214,6 @@ class ComfyServer:
                 out.append(self.get(f"/view?{query}"))
         return out
 
-
     def sampler_noise(self, width: int, height: int, seed: int, draws: int):
         """(initial noise, [step noise, ...]) that this host's samplers draw for a 4-channel latent of an
         image of this size and this seed, read through the probe pack: the references of our exactness

@@ -1,5 +1,10 @@
-"""Shared test set-up: the repo root on sys.path (kernels/ is importable on its own), paths to ../shared,
-the tiny models, and the real ComfyUI servers.
+"""Shared test set-up: the pack imported as ComfyUI imports it, paths to ../shared, the tiny models, and the
+real ComfyUI servers.
+
+Imports: the repository is the package `dit_control` (`.ci/setup` links it into the venv); tests import
+`dit_control.kernels...` and `dit_control.tests...`, never a top-level `kernels` — Hugging Face ships a
+package of that name which transformers, diffusers and bitsandbytes import. The repository root is never
+on sys.path: `python -m pytest` run from it puts it there, so it is taken off before any test imports.
 
 Hosts: every test that talks to a server runs on the host DIT_CONTROL_COMFY_HOST names (default v0.33,
 the release users run). Tests marked `both_hosts` — each shipped workflow through the API, the exactness
@@ -13,8 +18,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# `python -m pytest` prepends the working directory ('' or its path); from the repository root that would
+# make our kernels/ shadow Hugging Face's `kernels` for every later import in this process
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
+try:
+    import dit_control
+except ImportError as exc:
+    raise ImportError("the package dit_control is not importable: run `bash .ci/setup`, which links this "
+                      "checkout into .venv as dit_control") from exc
+if Path(dit_control.__file__).resolve().parent != REPO:
+    raise ImportError(f"dit_control is {Path(dit_control.__file__).resolve().parent}, not this checkout {REPO}: "
+                      "run `bash .ci/setup` here")
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +41,8 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The tiny checkpoints (made once, cached in .comfy_host/models) plus deliberately broken files."""
-    from tests.make_checkpoints import (make_all, write_bad_checkpoints, write_bad_controlnets, write_damaged_weights,
-                                        write_easycontrol_bad_files)
+    from dit_control.tests.make_checkpoints import (make_all, write_bad_checkpoints, write_bad_controlnets,
+                                                    write_damaged_weights, write_easycontrol_bad_files)
     made = make_all(REPO / ".comfy_host" / "models")
     root = tmp_path_factory.mktemp("models")
     for folder in made.iterdir():
@@ -47,7 +62,7 @@ def pytest_configure(config):
 
 
 def server_hosts(both: bool) -> list:
-    from tests.comfy_host import FLOOR_HOST, host_name
+    from dit_control.tests.comfy_host import FLOOR_HOST, host_name
     hosts = [host_name()]
     if both and FLOOR_HOST not in hosts:
         hosts.append(FLOOR_HOST)
@@ -64,7 +79,7 @@ def pytest_generate_tests(metafunc):
 def comfy(request, models_dir, tmp_path_factory):
     """One real ComfyUI server with this pack (and the test-only probe pack) per host, shared by the API
     tests of a session."""
-    from tests.comfy_host import ComfyServer
+    from dit_control.tests.comfy_host import ComfyServer
     host = request.param
     base = tmp_path_factory.mktemp(f"comfy_base_{host}")
     with ComfyServer(models_dir, base_dir=base, host=host, probe=True) as server:

@@ -2,7 +2,7 @@
 default checkpoints (the micro demo PixArt-δ trained here, tests/training/, installed with the other
 embedded files by tests/make_checkpoints.py).
 
-    .venv/bin/python -m tests.demo [workflow name]     -> output/<workflow>.png
+    .venv/bin/python tests/demo.py [workflow name]     -> output/<workflow>.png
 
 The graph runs as shipped, at its 1024 px: the micro model, trained at 256 px, still draws there (PixArt-MS's
 stretched positions; README, "The micro demo model", measures it at 256, 512 and 1024).
@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.comfy_host import ComfyServer, execution_error, load_api_graph  # noqa: E402
-from tests.make_checkpoints import make_all  # noqa: E402
+from dit_control.tests.comfy_host import ComfyServer, execution_error, load_api_graph  # noqa: E402
+from dit_control.tests.make_checkpoints import make_all  # noqa: E402
 
 FLAGSHIP = "pixart_delta_lcm_t2i"
 

@@ -18,7 +18,7 @@ No weights can be downloaded here: every file is made by our own code from fixed
 - controlar/ (canny_MR, hed, LlamaGen base, VQ-16) and text_encoders/flan-t5-xl/: tiny ControlAR files in the
   released layouts, made by tests/make_controlar_checkpoints.py.
 
-Usage: python -m tests.make_checkpoints [models_dir]   (default .comfy_host/models; cached by a stamp)
+Usage: python tests/make_checkpoints.py [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
 from __future__ import annotations
 
@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
-from tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
-from tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
-from tests.training.install import available as micro_model_available, digest as micro_model_digest  # noqa: E402
-from tests.training.install import install_micro_model  # noqa: E402
+from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
+from dit_control.tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
+from dit_control.tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
+from dit_control.tests.training.install import (available as micro_model_available, digest as micro_model_digest)  # noqa: E402
+from dit_control.tests.training.install import install_micro_model  # noqa: E402
 
 STAMP_VERSION = "11"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
@@ -75,7 +73,7 @@ def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
 
 def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
     """The diffusers transformer layout: renamed keys, split q/k/v, no pos_embed / null caption."""
-    from kernels.pixart.checkpoint import original_to_diffusers
+    from dit_control.kernels.pixart.checkpoint import original_to_diffusers
     import safetensors.torch
     out = original_to_diffusers(random_pixart_state_dict(cfg, seed))
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +108,7 @@ def random_t5_tensor(name: str, shape: tuple, cfg, gen: torch.Generator) -> torc
 
 def save_tiny_t5(path: Path, seed: int, **config):
     """HF T5EncoderModel key names, fp16 like ComfyUI's t5xxl_fp16.safetensors; `config` overrides TINY_T5."""
-    from kernels.t5 import T5Config, T5Encoder
+    from dit_control.kernels.t5 import T5Config, T5Encoder
     gen = torch.Generator().manual_seed(seed)
     cfg = T5Config(**{**TINY_T5, **config})
     with torch.device("meta"):
@@ -145,7 +143,7 @@ def save_context_t5(path: Path, seed: int):
     colour carries its "circle" or "background"); both blocks do it (T5 shares block 0's bias), so context
     reaches twice as far. Values and outputs are random orthonormal maps (gain CONTEXT_GAIN) into the
     residual stream; the feed-forwards are zero; norms are 1. The T5 kernel and loaders see a T5 like any."""
-    from kernels.t5 import T5Config, T5Encoder, relative_position_bucket
+    from dit_control.kernels.t5 import T5Config, T5Encoder, relative_position_bucket
     gen = torch.Generator().manual_seed(seed)
     cfg = T5Config(**TINY_T5)
     with torch.device("meta"):
@@ -264,7 +262,7 @@ def save_random_hed(path: Path, seed: int):
     side projections are scaled down so the averaged logits stay O(1): edges land in roughly 0.25..0.98
     and an outline gives higher values than flat areas, so the maps are neither saturated nor constant.
     """
-    from kernels.hed import hed_expected_shapes
+    from dit_control.kernels.hed import hed_expected_shapes
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for name, shape in hed_expected_shapes().items():
@@ -281,7 +279,7 @@ def save_random_hed(path: Path, seed: int):
 
 
 def _example_control_scene():
-    from tests.training.scenes import Scene, Shape
+    from dit_control.tests.training.scenes import Scene, Shape
     return Scene("yellow", (Shape("circle", "red", "big", "top left"), Shape("square", "blue", "big", "bottom right")))
 
 
@@ -320,12 +318,11 @@ def make_all(models_dir: Path) -> Path:
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     make_easycontrol_files(models_dir)
     make_dit4sr_files(models_dir)
-    from tests.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
+    from dit_control.tests.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
     make_relactrl(models_dir)
     make_controlar_files(models_dir)
     stamp.write_text(stamp_version())
     return models_dir
-
 
 
 def write_bad_checkpoints(folder: Path, made: Path):
@@ -348,7 +345,7 @@ def write_bad_checkpoints(folder: Path, made: Path):
 
 def save_pixart_controlnet_pth(path: Path, base_cfg: PixArtConfig, num_blocks: int, seed: int):
     """The released full ControlNet layout: `base_model.*` (a PixArt .pth) + `controlnet.*`, under state_dict."""
-    from kernels.pixart.controlnet import PixArtControlNet, block_config
+    from dit_control.kernels.pixart.controlnet import PixArtControlNet, block_config
     base = random_pixart_pth_state_dict(base_cfg, seed)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.device("meta"):
@@ -427,7 +424,7 @@ def write_example_inputs(input_dir: Path):
     """Control images for the ControlNet workflow, drawn here (no image is downloaded or committed)."""
     import numpy as np
     from PIL import Image, ImageDraw
-    from tests.training.scenes import render
+    from dit_control.tests.training.scenes import render
     input_dir = Path(input_dir)
     input_dir.mkdir(parents=True, exist_ok=True)
     # the PixArt ControlNet / RelaCtrl example input: a procedural scene, which the micro demo model draws
@@ -517,8 +514,8 @@ def save_easycontrol_flux(path: Path, seed: int):
     """FLUX.1-dev layout in ComfyUI/BFL native names (what `flux1-dev.safetensors` holds), full width,
     1 + 1 blocks, random bf16 weights; core's UNETLoader detects it as FLUX (dev: guidance_in present)."""
     import safetensors.torch
-    from kernels.flux_easycontrol.checkpoint import expected_shapes
-    from kernels.flux_easycontrol.model import FluxConfig
+    from dit_control.kernels.flux_easycontrol.checkpoint import expected_shapes
+    from dit_control.kernels.flux_easycontrol.model import FluxConfig
     sd = _random_like(expected_shapes(FluxConfig(**EASYCONTROL_FLUX)), seed, gain=0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, str(path))
@@ -529,7 +526,7 @@ def save_easycontrol_lora(path: Path, seed: int, rank: int = EASYCONTROL_LORA_RA
     """An EasyControl condition LoRA in the released names for EASYCONTROL_FLUX's block counts (or the
     ones given: 19 + 38 is the released FLUX.1-dev layout), bf16."""
     import safetensors.torch
-    from kernels.flux_easycontrol.lora import EasyControlLoRAConfig, expected_shapes
+    from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRAConfig, expected_shapes
     cfg = EasyControlLoRAConfig(hidden_size=EASYCONTROL_FLUX["hidden_size"], rank=rank,
                                 double_blocks=double_blocks or EASYCONTROL_FLUX["depth"],
                                 single_blocks=single_blocks or EASYCONTROL_FLUX["depth_single_blocks"])

@@ -34,8 +34,8 @@ FLAN_T5_FOLDER = "flan-t5-xl"
 
 
 def gpt_config(block_size: int, control: bool = True):
-    from kernels.controlar.dinov2 import Dinov2Config
-    from kernels.controlar.gpt import GPTConfig
+    from dit_control.kernels.controlar.dinov2 import Dinov2Config
+    from dit_control.kernels.controlar.gpt import GPTConfig
     return GPTConfig(**TINY_GPT, block_size=block_size, control=Dinov2Config(**TINY_DINOV2) if control else None)
 
 
@@ -71,7 +71,7 @@ def random_state_dict(build, seed: int) -> dict:
 def save_controlar_gpt(path: Path, block_size: int, seed: int):
     """The released ControlAR T2I file: flat .safetensors, no prefix, buffers included, no freqs_cis/kv_cache."""
     import safetensors.torch
-    from kernels.controlar.gpt import GPT
+    from dit_control.kernels.controlar.gpt import GPT
     cfg = gpt_config(block_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(random_state_dict(lambda: GPT(cfg), seed), str(path))
@@ -79,7 +79,7 @@ def save_controlar_gpt(path: Path, block_size: int, seed: int):
 
 def save_llamagen_base(path: Path, seed: int):
     """LlamaGen's t2i_XL_stage2_512.pt layout: `{"model": state_dict}`, no control parts."""
-    from kernels.controlar.gpt import GPT
+    from dit_control.kernels.controlar.gpt import GPT
     cfg = gpt_config(BASE_BLOCK, control=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": random_state_dict(lambda: GPT(cfg), seed)}, path)
@@ -87,7 +87,7 @@ def save_llamagen_base(path: Path, seed: int):
 
 def save_vq16(path: Path, seed: int):
     """vq_ds16_t2i.pt layout: `{"model": state_dict}` with encoder, decoder, quantizer and `codebook_used`."""
-    from kernels.controlar.vq import VQConfig, VQModel
+    from dit_control.kernels.controlar.vq import VQConfig, VQModel
     cfg = VQConfig(**TINY_VQ)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": random_state_dict(lambda: VQModel(cfg), seed)}, path)
@@ -95,7 +95,7 @@ def save_vq16(path: Path, seed: int):
 
 def save_flan_t5(folder: Path, seed: int):
     """A tiny FLAN-T5 encoder as HF shards (model-0000i-of-00002.safetensors + model.safetensors.index.json)."""
-    from tests.make_checkpoints import save_tiny_t5, shard_t5
+    from dit_control.tests.make_checkpoints import save_tiny_t5, shard_t5
     single = folder.parent / f".{folder.name}-single.safetensors"
     save_tiny_t5(single, seed=seed, **TINY_FLAN_T5)
     shard_t5(single, folder)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.dit4sr.checkpoint import DEAD_TENSOR_PARTS
-from kernels.dit4sr.model import DiT4SR, DiT4SRConfig
+from dit_control.kernels.dit4sr.checkpoint import DEAD_TENSOR_PARTS
+from dit_control.kernels.dit4sr.model import DiT4SR, DiT4SRConfig
 
 TINY_DIT4SR = dict(num_layers=4, num_heads=2, head_dim=32, ff_inner_dim=256, dual_attention_layers=(0, 1),
                    pos_embed_max_size=96, joint_attention_dim=4096, pooled_projection_dim=2048, sample_size=128)
@@ -112,7 +112,7 @@ def save_sd35_base(path: Path, cfg: DiT4SRConfig, seed: int):
 def save_random_sd3_vae(path: Path, seed: int):
     """Full-size SD3 VAE, random weights: the same kl-f8 16-channel architecture as FLUX's `ae`."""
     import safetensors.torch
-    from tests.make_checkpoints import _random_like, flux_vae_shapes
+    from dit_control.tests.make_checkpoints import _random_like, flux_vae_shapes
     sd = _random_like(flux_vae_shapes(), seed, dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.to(torch.float16) for k, v in sd.items()}, str(path))

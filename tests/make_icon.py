@@ -11,7 +11,7 @@ arithmetic, so the pixels are the same on every machine and numpy version (no si
 differs by ulps).
 Pillow only encodes the PNG, without any time stamp or text chunk: the same bytes on every run.
 
-Usage: python -m tests.make_icon [out.png]   (default: workflows/icon.png, the committed file)
+Usage: python tests/make_icon.py [out.png]   (default: workflows/icon.png, the committed file)
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ control shows). Idempotent: an existing file is left alone.
 `save_relactrl_control_only` / `save_relactrl_base` split the same weights into the other accepted set-up
 (a control-only file + a separate base), for the loader tests.
 
-Usage: python -m tests.make_relactrl_checkpoints [models_dir]   (default .comfy_host/models)
+Usage: python tests/make_relactrl_checkpoints.py [models_dir]   (default .comfy_host/models)
 """
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from kernels.pixart.model import PixArtConfig  # noqa: E402
-from tests.make_checkpoints import TINY_PIXART, random_pixart_pth_state_dict  # noqa: E402
+from dit_control.kernels.pixart.model import PixArtConfig  # noqa: E402
+from dit_control.tests.make_checkpoints import TINY_PIXART, random_pixart_pth_state_dict  # noqa: E402
 
 RELACTRL_FILE = "relactrl_pixart_canny_1024.pth"
 RELACTRL_EXPERTS = (6, 2, 6, 4, 2, 2, 4, 4, 6, 6, 6)     # G_k of the release
@@ -38,7 +36,7 @@ TINY_RELACTRL_BASE = PixArtConfig(sample_size=128, pe_interpolation=2.0, micro_c
 
 def relactrl_state_dict(seed: int = RELACTRL_SEED, base_cfg: PixArtConfig = TINY_RELACTRL_BASE) -> dict:
     """The full released naming: base_model.* (with the stale pos_embed) + controlnet.*."""
-    from kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig
+    from dit_control.kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig
     d = base_cfg.hidden_size
     widths = tuple(tuple([d // g] * g) for g in RELACTRL_EXPERTS)
     with torch.device("meta"):

@@ -1,6 +1,6 @@
 """Write workflows/<name>.jpg, the thumbnail ComfyUI's template browser shows beside each shipped workflow.
 
-    .venv/bin/python -m tests.make_thumbnails
+    .venv/bin/python tests/make_thumbnails.py
 
 The pinned frontend asks a custom node pack's templates for `/api/workflow_templates/<pack>/<name>.jpg`
 (core serves the pack's workflows/ folder there), so each UI file gets a same-name JPEG:
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.comfy_host import ComfyServer  # noqa: E402
-from tests.make_checkpoints import make_all, write_example_inputs  # noqa: E402
+from dit_control.tests.comfy_host import ComfyServer  # noqa: E402
+from dit_control.tests.make_checkpoints import make_all, write_example_inputs  # noqa: E402
 
 THUMB = 256
 # the graphs the micro model draws; each is run as shipped at THUMB px
@@ -31,7 +29,7 @@ MICRO_DRAWN = ("pixart_delta_lcm_t2i", "pixart_delta_lcm_t2i_int8", "pixart_alph
 
 
 def micro_graph(name: str) -> dict:
-    from tests.api_graphs import at_size, canny_instead_of_hed
+    from dit_control.tests.api_graphs import at_size, canny_instead_of_hed
     graph = at_size(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()), THUMB)
     if name == "pixart_delta_controlnet":
         canny_instead_of_hed(graph)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfy_host import assert_documented, execution_error
+from dit_control.tests.comfy_host import assert_documented, execution_error
 
 OUR_NODES = ("DiTControl_HEDLoader", "DiTControl_HEDSoftEdge", "DiTControl_CannyEdge",
              "DiTControl_FitControlImage")
@@ -83,8 +83,8 @@ def test_hed_dropdown_lists_annotators_folder(comfy, bad_annotators):
 
 @pytest.mark.both_hosts
 def test_hed_soft_edge_matches_kernel_and_keeps_size(comfy, models_dir, square_png):
-    from kernels.control_image import edges_to_control_rgb
-    from kernels.hed import hed_edges, load_hed_file
+    from dit_control.kernels.control_image import edges_to_control_rgb
+    from dit_control.kernels.hed import hed_edges, load_hed_file
 
     (out,) = pngs(comfy, comfy.run_ok(hed_graph()))
     assert out.shape == (SQUARE_H, SQUARE_W, 3)
@@ -142,7 +142,7 @@ def test_canny_on_flat_image_is_black(comfy):
 
 @pytest.mark.parametrize("mode", ["center_crop", "resize", "pixart_app"])
 def test_fit_control_image_gives_requested_size(comfy, square_png, mode):
-    from kernels.control_image import fit_control_image
+    from dit_control.kernels.control_image import fit_control_image
 
     g = {**load_square(),
          "2": {"class_type": "DiTControl_FitControlImage",

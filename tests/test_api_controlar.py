@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.comfy_host import assert_documented, execution_error, load_api_graph
-from tests.workflow_format import strip_meta, ui_to_api
-from tests.make_controlar_checkpoints import GPT_FILES, write_controlar_inputs
+from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
+from dit_control.tests.workflow_format import strip_meta, ui_to_api
+from dit_control.tests.make_controlar_checkpoints import GPT_FILES, write_controlar_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER = "DiTControl_ControlARSampler"
@@ -183,14 +183,14 @@ def kernel_tokens(models_dir: Path, input_dir: Path, width: int, height: int, se
     import torch
     from transformers import T5TokenizerFast
 
-    from kernels.canny import canny_edges
-    from kernels.control_image import edges_to_control_rgb, fit_control_image
-    from kernels.controlar.checkpoint import load_gpt_file
-    from kernels.controlar.dinov2 import resize_mode
-    from kernels.controlar.sampling import SamplingSettings, generate
-    from kernels.controlar.text import encode_caption
-    from kernels.t5 import load_t5_encoder_file
-    from tests.comfy_host import COMFY_DIR
+    from dit_control.kernels.canny import canny_edges
+    from dit_control.kernels.control_image import edges_to_control_rgb, fit_control_image
+    from dit_control.kernels.controlar.checkpoint import load_gpt_file
+    from dit_control.kernels.controlar.dinov2 import resize_mode
+    from dit_control.kernels.controlar.sampling import SamplingSettings, generate
+    from dit_control.kernels.controlar.text import encode_caption
+    from dit_control.kernels.t5 import load_t5_encoder_file
+    from dit_control.tests.comfy_host import COMFY_DIR
 
     g = load_api_graph(REPO / "workflows" / "api" / "controlar_canny_mr.json")
     s = g[one(g, SAMPLER)]["inputs"]

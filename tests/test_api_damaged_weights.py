@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.comfy_host import REPO, execution_error
-from tests.make_checkpoints import DAMAGED_SOURCES
+from dit_control.tests.comfy_host import REPO, execution_error
+from dit_control.tests.make_checkpoints import DAMAGED_SOURCES
 
 T2I = REPO / "workflows" / "api" / "pixart_alpha_t2i.json"
 CONTROLNET = REPO / "workflows" / "api" / "pixart_delta_controlnet.json"

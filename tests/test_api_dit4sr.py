@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_host import assert_documented, execution_error, load_api_graph
-from tests.make_dit4sr_checkpoints import write_dit4sr_inputs
+from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
+from dit_control.tests.make_dit4sr_checkpoints import write_dit4sr_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "dit4sr_upscale_x4"
@@ -81,13 +81,13 @@ def small_graph(**kw) -> dict:
     ((301, 257), 2, (600, 512)),      # ×2 → 602×514 → multiple of 8
 ])
 def test_processed_size_follows_the_reference(size, upscale, expected):
-    from kernels.dit4sr.preprocess import processed_size
+    from dit_control.kernels.dit4sr.preprocess import processed_size
     assert processed_size(*size, upscale)[0] == expected
 
 
 def test_upscaled_image_is_pil_bicubic_of_the_8_bit_image():
     from PIL import Image
-    from kernels.dit4sr.preprocess import _from_pil, _to_pil, upscale_image
+    from dit_control.kernels.dit4sr.preprocess import _from_pil, _to_pil, upscale_image
     img = torch.rand(1, 33, 45, 3)
     out = upscale_image(img, 4)
     pil = _to_pil(img[0])
@@ -97,7 +97,7 @@ def test_upscaled_image_is_pil_bicubic_of_the_8_bit_image():
 
 
 def test_adain_matches_the_reference_formula():
-    from kernels.dit4sr.colour_fix import colour_fix
+    from dit_control.kernels.dit4sr.colour_fix import colour_fix
     content, style = torch.rand(2, 3, 20, 24) * 0.5 + 0.2, torch.rand(2, 3, 20, 24) * 0.3 + 0.4
     out = colour_fix(content, style, "adain")
     for b in range(2):
@@ -112,7 +112,7 @@ def test_adain_matches_the_reference_formula():
 
 
 def test_wavelet_keeps_content_detail_on_reference_low_frequencies():
-    from kernels.dit4sr.colour_fix import colour_fix, wavelet_decomposition
+    from dit_control.kernels.dit4sr.colour_fix import colour_fix, wavelet_decomposition
     content, style = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
     high, low = wavelet_decomposition(content)
     assert torch.allclose(high + low, content, atol=1e-6)          # a decomposition: the parts sum to the image
@@ -140,8 +140,8 @@ def test_nodes_are_registered_with_descriptions_and_tooltips(server):
 
 
 def test_ui_workflow_is_the_api_workflow_with_the_reference_settings(server):
-    from kernels.dit4sr.preprocess import PROCESS_SIZE
-    from tests.workflow_format import strip_meta, ui_to_api
+    from dit_control.kernels.dit4sr.preprocess import PROCESS_SIZE
+    from dit_control.tests.workflow_format import strip_meta, ui_to_api
     ui = json.loads((REPO / "workflows" / f"{NAME}.json").read_text())
     api = load_api_graph(REPO / "workflows" / "api" / f"{NAME}.json")
     assert ui_to_api(ui, server.get("/object_info")) == strip_meta(api)
@@ -179,9 +179,9 @@ def test_shipped_workflow_upscales_a_non_square_image_larger_than_a_tile(server)
     then the same seed again through SamplerCustomAdvanced gives the same latent bit for bit."""
     import numpy as np
     from PIL import Image
-    from kernels.dit4sr.preprocess import upscale_image
-    from kernels.dit4sr.tiling import TileSettings, tile_layout
-    from tests.comfy_host import FLOOR_HOST
+    from dit_control.kernels.dit4sr.preprocess import upscale_image
+    from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
+    from dit_control.tests.comfy_host import FLOOR_HOST
     image, overrides, size, shape, log_line = SHIPPED_RUNS["floor" if server.host == FLOOR_HOST else "default"]
     tiles = TileSettings(tile=overrides.get("tile_size", 64), overlap=overrides.get("tile_overlap", 24))
     assert tile_layout(shape[2], shape[3], tiles).count == 2           # larger than one tile: tiled
@@ -246,8 +246,8 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     upscaled image in SD3's latent format `(z − 0.0609)·1.5305`, pooled text as the AdaLN input — equals the
     KSampler result (σ from the host's 'normal' schedule)."""
     from safetensors.torch import load_file
-    from kernels.dit4sr.checkpoint import load_dit4sr_file
-    from kernels.dit4sr.tiling import TileSettings, tile_layout
+    from dit_control.kernels.dit4sr.checkpoint import load_dit4sr_file
+    from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
     steps, seed = 3, 5
     g = small_graph(steps=steps, tile_size=8, tile_overlap=2)
     ks = g[one(g, "KSampler")]["inputs"]

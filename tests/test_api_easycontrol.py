@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_host import assert_documented, execution_error, load_api_graph
-from tests.make_checkpoints import write_easycontrol_inputs
+from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
+from dit_control.tests.make_checkpoints import write_easycontrol_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = ("easycontrol_canny", "easycontrol_subject", "easycontrol_subject_canny")
@@ -84,7 +84,7 @@ def with_cache(g, cache: bool):
 
 def prep_functions() -> dict:
     """The pure image-preparation functions (kernels/flux_easycontrol/condition_image.py)."""
-    from kernels.flux_easycontrol import condition_image
+    from dit_control.kernels.flux_easycontrol import condition_image
     return vars(condition_image)
 
 
@@ -129,7 +129,7 @@ def test_nodes_are_registered_with_descriptions_and_tooltips(server):
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_is_the_api_workflow_and_a_template(server, name):
-    from tests.workflow_format import strip_meta, ui_to_api
+    from dit_control.tests.workflow_format import strip_meta, ui_to_api
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     api = load_api_graph(REPO / "workflows" / "api" / f"{name}.json")
     assert ui_to_api(ui, server.get("/object_info")) == strip_meta(api)
@@ -281,7 +281,7 @@ def native_to_diffusers(sd: dict) -> dict:
     """The test FLUX in diffusers FluxTransformer2DModel names (the inverse of
     kernels/flux_easycontrol/checkpoint.py's renaming: fused q/k/v and linear1 split, final adaLN halves
     swapped back)."""
-    from kernels.flux_easycontrol import checkpoint as ck
+    from dit_control.kernels.flux_easycontrol import checkpoint as ck
     sd, out = dict(sd), {}
     hidden = sd["img_in.weight"].shape[0]
 
@@ -320,7 +320,7 @@ def test_diffusers_layout_flux_through_core_unet_loader(server, models_dir):
     """The test FLUX saved in diffusers names: core's UNETLoader converts it on load, and the shipped graph
     gives the comfy-layout file's latent."""
     from safetensors.torch import load_file, save_file
-    from kernels.flux_easycontrol.checkpoint import diffusers_to_native
+    from dit_control.kernels.flux_easycontrol.checkpoint import diffusers_to_native
     name = "flux1-dev-diffusers-layout.safetensors"
     path = models_dir / "diffusion_models" / name
     if not path.exists():
@@ -463,11 +463,10 @@ def test_change_on_the_same_server_matches_cache_off(server, what):
     assert rel(cached, first) > 1e-5, f"the changed {what} did not change the result"
 
 
-
 def test_changed_prompt_equals_a_fresh_server(server, models_dir, tmp_path):
     """After runs with another prompt on the same server, the changed prompt gives bit for bit what a
     fresh server gives for it."""
-    from tests.comfy_host import ComfyServer
+    from dit_control.tests.comfy_host import ComfyServer
     server.run_ok(api_graph("easycontrol_canny"))
     changed = api_graph("easycontrol_canny")
     CHANGES["prompt"](changed)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.comfy_host import HOSTS, execution_error
+from dit_control.tests.comfy_host import HOSTS, execution_error
 
 DIT = "PixArt-XL-2-512x512.pth"
 CORE_LOADABLE = "comfy-native-pixart-depth1.safetensors"   # a PixArt file core's own UNETLoader reads

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_graphs import at_size, canny_instead_of_hed, first_node as first, with_prompt
-from tests.comfy_host import REPO
-from tests.training.install import available as micro_model_available
-from tests.training.metrics import caption_agreement, image_edge_f1
-from tests.training.scenes import SIZE, edge_map, heldout_scenes, render
+from dit_control.tests.api_graphs import at_size, canny_instead_of_hed, first_node as first, with_prompt
+from dit_control.tests.comfy_host import REPO
+from dit_control.tests.training.install import available as micro_model_available
+from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
+from dit_control.tests.training.scenes import SIZE, edge_map, heldout_scenes, render
 
 CAPTIONS = [s.caption for s in heldout_scenes()[:16]]
 CONTROL_SCENES = list(heldout_scenes()[16:22])
@@ -69,8 +69,8 @@ def adherence(comfy, workflow: str, captions: list, scored_against: list) -> flo
 
 def test_the_micro_model_is_the_embedded_default(models_dir):
     assert micro_model_available(), "tests/training/weights/ is missing: the micro demo model is not committed"
-    from tests.training.install import BASE
-    from tests.training.install import WEIGHTS
+    from dit_control.tests.training.install import BASE
+    from dit_control.tests.training.install import WEIGHTS
     assert (models_dir / BASE).resolve().read_bytes() == (WEIGHTS / BASE).read_bytes()
 
 

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kernels.checkpoint_io import read_json_beside, read_state_dict
-from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
-from kernels.pixart.checkpoint import load_pixart
-from kernels.t5 import load_t5_encoder, read_t5_state_dict
-from tests.comfy_host import COMFY_DIR, REPO, execution_error
+from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
+from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
+from dit_control.kernels.pixart.checkpoint import load_pixart
+from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
+from dit_control.tests.comfy_host import COMFY_DIR, REPO, execution_error
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_delta_lcm_t2i.json"
 LCM_DIT = "diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/diffusion_pytorch_model.safetensors"

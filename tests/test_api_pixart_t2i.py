@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from tests.comfy_host import REPO, assert_documented, execution_error
-from tests.workflow_format import strip_meta, ui_to_api
+from dit_control.tests.comfy_host import REPO, assert_documented, execution_error
+from dit_control.tests.workflow_format import strip_meta, ui_to_api
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_alpha_t2i.json"
 OUR_NODES = ("DiTControl_PixArtDiTLoader", "DiTControl_PixArtT5Loader", "DiTControl_PixArtT5TextEncode",

@@ -14,16 +14,14 @@ in the released naming.
 import pytest
 import torch
 
-from kernels.controlar.checkpoint import load_gpt_file, load_vq_file
-from kernels.controlar.dinov2 import resize_mode, to_patch14
-from kernels.controlar.gpt import rope_table_2d
-from kernels.controlar.sampling import SamplingSettings, combine_cfg, generate
-from kernels.controlar.text import left_pad
-from tests.golden_data import golden_fixtures, relative_error
+from dit_control.kernels.controlar.checkpoint import load_gpt_file, load_vq_file
+from dit_control.kernels.controlar.dinov2 import resize_mode, to_patch14
+from dit_control.kernels.controlar.gpt import rope_table_2d
+from dit_control.kernels.controlar.sampling import SamplingSettings, combine_cfg, generate
+from dit_control.kernels.controlar.text import left_pad
+from dit_control.tests.golden_data import golden_fixtures, relative_error
 
 TOL = 1e-4
-
-
 
 
 one_thread, golden, io, config = golden_fixtures("controlar")
@@ -217,8 +215,8 @@ def test_callback_can_interrupt(gpt, io, control):
 def test_c2i_controlar_runs_end_to_end():
     """The C2I layout (no published weights, no golden): a tiny GPT + ViT adapter runs prefill, decode and CFG
     with the null class; shapes and determinism only."""
-    from kernels.controlar.dinov2 import Dinov2Config
-    from kernels.controlar.gpt import GPT, GPTConfig
+    from dit_control.kernels.controlar.dinov2 import Dinov2Config
+    from dit_control.kernels.controlar.gpt import GPT, GPTConfig
     vit = Dinov2Config(hidden_size=32, num_layers=1, num_heads=2, mlp_hidden=64, patch_size=16, num_positions=17,
                        kind="vit", layer_norm_eps=1e-12)
     cfg = GPTConfig(dim=48, n_layer=3, n_head=2, ffn_hidden=128, vocab_size=64, model_type="c2i", cls_token_num=1,
@@ -240,7 +238,7 @@ def test_c2i_controlar_runs_end_to_end():
 
 def test_pipeline_text_to_image(gpt, vq, io, config):
     """The one-call API the nodes use: control image -> tokens -> image, same as the reference end to end."""
-    from kernels.controlar.pipeline import check_size, text_to_image
+    from dit_control.kernels.controlar.pipeline import check_size, text_to_image
     model, _ = gpt
     s, seed = settings(config, "sampling")
     tokens, image = text_to_image(model, vq[0], io["caption_emb"], io["emb_mask"], io["control_image"], "canny", s,

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from kernels.checkpoint_io import CheckpointError
-from kernels.dit4sr.checkpoint import (DEAD_TENSOR_PARTS, dead_tensor_names, expected_shapes, load_dit4sr_file,
-                                       prepare_dit4sr)
-from kernels.dit4sr.model import DiT4SR
+from dit_control.kernels.checkpoint_io import CheckpointError
+from dit_control.kernels.dit4sr.checkpoint import (DEAD_TENSOR_PARTS, dead_tensor_names, expected_shapes,
+                                                   load_dit4sr_file, prepare_dit4sr)
+from dit_control.kernels.dit4sr.model import DiT4SR
 
 
 def manifest(shared, folder, name):

@@ -15,20 +15,18 @@ import sys
 import pytest
 import torch
 
-from kernels.checkpoint_io import read_state_dict
-from kernels.flux_easycontrol import blocks, condition
-from kernels.flux_easycontrol.checkpoint import load_flux
-from kernels.flux_easycontrol.condition import (Condition, EasyControl, condition_attention_mask, spatial_ids,
-                                                split_tall_latent, subject_ids)
-from kernels.flux_easycontrol.lora import load_lora
-from kernels.flux_easycontrol.model import grid_ids, pack_latents
-from tests.golden_data import golden_fixtures, relative_error
+from dit_control.kernels.checkpoint_io import read_state_dict
+from dit_control.kernels.flux_easycontrol import blocks, condition
+from dit_control.kernels.flux_easycontrol.checkpoint import load_flux
+from dit_control.kernels.flux_easycontrol.condition import (Condition, EasyControl, condition_attention_mask,
+                                                            spatial_ids, split_tall_latent, subject_ids)
+from dit_control.kernels.flux_easycontrol.lora import load_lora
+from dit_control.kernels.flux_easycontrol.model import grid_ids, pack_latents
+from dit_control.tests.golden_data import golden_fixtures, relative_error
 
 CASES = ("spatial", "subject", "multi")
 LAYOUTS = {"comfy": "flux_tiny_comfy.safetensors", "diffusers": "flux_tiny_diffusers.safetensors"}
 CHAIN = ("kv_v0", "kv_x1", "kv_v1", "kv_x2")
-
-
 
 
 one_thread, golden, io, config = golden_fixtures("easycontrol")
@@ -269,7 +267,7 @@ def core_flux(request, golden, config):
     UNETLoader applies to a diffusers FLUX transformer (`load_diffusion_model_state_dict` →
     `model_detection.convert_diffusers_mmdit`, `flux_to_diffusers`: fused qkv, swapped norm_out halves).
     ComfyUI goes at the END of sys.path so that it cannot shadow this repo's packages."""
-    from tests.comfy_host import comfy_dir
+    from dit_control.tests.comfy_host import comfy_dir
     root = str(comfy_dir("0.33"))
     sys.path.append(root)
     from comfy.cli_args import args

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from kernels.checkpoint_io import CheckpointError
-from kernels.flux_easycontrol.checkpoint import (SWAPPED_HALVES, diffusers_to_native, expected_shapes, load_flux,
-                                                 prepare_flux)
-from kernels.flux_easycontrol.condition import Condition, EasyControl
-from kernels.flux_easycontrol.lora import EasyControlLoRAConfig, load_lora, prepare_lora
-from kernels.flux_easycontrol.lora import expected_shapes as lora_shapes
-from kernels.flux_easycontrol.model import Flux
+from dit_control.kernels.checkpoint_io import CheckpointError
+from dit_control.kernels.flux_easycontrol.checkpoint import (SWAPPED_HALVES, diffusers_to_native, expected_shapes,
+                                                             load_flux, prepare_flux)
+from dit_control.kernels.flux_easycontrol.condition import Condition, EasyControl
+from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRAConfig, load_lora, prepare_lora
+from dit_control.kernels.flux_easycontrol.lora import expected_shapes as lora_shapes
+from dit_control.kernels.flux_easycontrol.model import Flux
 
 LORA_NAMES = ("Ghibli", "canny", "depth", "hedsketch", "inpainting", "pose", "seg", "subject")
 
@@ -132,7 +132,7 @@ def test_released_lora_loads_strictly_and_fits_flux1_dev(shared, flux_config, na
 
 
 def test_lora_for_another_flux_is_refused(shared, flux_config):
-    from kernels.checkpoint_io import read_state_dict
+    from dit_control.kernels.checkpoint_io import read_state_dict
     tiny = load_lora(read_state_dict(str(shared / "golden/easycontrol/lora_spatial.safetensors")))
     with torch.device("meta"):
         model = Flux(flux_config)

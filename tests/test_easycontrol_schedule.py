@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_host import comfy_dir, execution_error, load_api_graph
+from dit_control.tests.comfy_host import comfy_dir, execution_error, load_api_graph
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = ("easycontrol_canny", "easycontrol_subject", "easycontrol_subject_canny")

@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from tests.comfy_host import DEFAULT_HOST, REPO, execution_error
-from tests.frontend_page import FrontendPage
-from tests.make_checkpoints import write_example_inputs
-from tests.workflow_format import _inputs, strip_meta
+from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, execution_error
+from dit_control.tests.frontend_page import FrontendPage
+from dit_control.tests.make_checkpoints import write_example_inputs
+from dit_control.tests.workflow_format import _inputs, strip_meta
 
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 SCREENSHOTS = REPO / "output" / "frontend"

@@ -1,18 +1,15 @@
 """HED annotator layout, loading, strictness and post-processing; Canny; control-image fitting."""
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
 
-from kernels.canny import canny_edges
-from kernels.control_image import edges_to_control_rgb, fit_control_image
-from kernels.hed import (HEDCheckpointError, HEDNetwork, hed_edges, hed_expected_shapes, load_hed,
-                         read_hed_file)
+from dit_control.kernels.canny import canny_edges
+from dit_control.kernels.control_image import edges_to_control_rgb, fit_control_image
+from dit_control.kernels.hed import (HEDCheckpointError, HEDNetwork, hed_edges, hed_expected_shapes, load_hed,
+                                                 read_hed_file)
 
 # Layout of ControlNetHED.pth (lllyasviel/Annotators), read from PixArt-alpha/PixArt-alpha@cac2fd3b
 # diffusion/model/hed.py: ControlNetHED_Apache2 = norm [1,3,1,1] + block1..5 = DoubleConvBlock

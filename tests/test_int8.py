@@ -1,16 +1,13 @@
 """kernels/int8.py: accuracy of each route, memory, float/int8 state-dict loading, shape fallbacks."""
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import int8
-from kernels.int8 import Int8Linear, Int8Ops, int8_ops, quantize_model_linears, weight_bytes
+from dit_control.kernels import int8
+from dit_control.kernels.int8 import Int8Linear, Int8Ops, int8_ops, quantize_model_linears, weight_bytes
 
 ROUTES = int8.available_routes("cpu")
 DTYPES = [torch.float32, torch.bfloat16]

@@ -1,16 +1,14 @@
 """kernels/pixart/lcm.py against specs/lcm.md and against diffusers' LCMScheduler (0.42.1, a test dependency)."""
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import math
 
 import pytest
 import torch
 
-from kernels.pixart.lcm import (ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_sample, lcm_sample_kdiffusion,
-                         lcm_schedule, lcm_sigmas, lcm_step, lcm_timesteps, sigma_to_timestep)
+from dit_control.kernels.pixart.lcm import (ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_sample,
+                                            lcm_sample_kdiffusion, lcm_schedule, lcm_sigmas, lcm_step, lcm_timesteps,
+                                            sigma_to_timestep)
 
 # specs/lcm.md, "Timestep rules".
 EVEN = {1: [999], 2: [999, 499], 3: [999, 679, 339], 4: [999, 759, 499, 259],

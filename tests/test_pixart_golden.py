@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.checkpoint_io import read_state_dict
-from kernels.pixart.checkpoint import load_pixart
+from dit_control.kernels.checkpoint_io import read_state_dict
+from dit_control.kernels.pixart.checkpoint import load_pixart
 
 
 def _relative_error(ours, golden):
@@ -44,7 +44,7 @@ def test_pixart_512_golden(shared, weights):
 
 def test_non_ms_positional_table_equals_stored_one(shared):
     """The non-MS original adds its stored init table; we recompute it: it must be the same table."""
-    from kernels.pixart.model import pos_embed_2d
+    from dit_control.kernels.pixart.model import pos_embed_2d
     sd = read_state_dict(str(shared / "golden/pixart_512/weights_orig.safetensors"))
     table = pos_embed_2d(96, 8, 8, base_size=8, interpolation=1.0)
     assert torch.allclose(table, sd["pos_embed"][0], atol=1e-6)

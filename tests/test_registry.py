@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import make_icon
+from dit_control.tests import make_icon
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_VENV = REPO / ".comfy_host" / "comfy-cli-venv"
@@ -144,7 +144,7 @@ def test_validate_fails_a_broken_scratch_copy(comfy_cli, tmp_path, name):
 
 
 def test_icon_is_what_the_script_draws():
-    assert make_icon.ICON_PATH.is_file(), f"run `.venv/bin/python -m tests.make_icon` to draw {make_icon.ICON_REL}"
+    assert make_icon.ICON_PATH.is_file(), f"run `.venv/bin/python tests/make_icon.py` to draw {make_icon.ICON_REL}"
     with Image.open(make_icon.ICON_PATH) as im:
         assert im.format == "PNG" and im.mode == "RGBA", (im.format, im.mode)
         # the registry: square, at most 400 x 400 px
@@ -153,7 +153,7 @@ def test_icon_is_what_the_script_draws():
     drawn = make_icon.draw()
     diff = np.argwhere(np.any(committed != drawn, axis=-1))
     assert diff.size == 0, (f"{len(diff)} pixels differ from tests/make_icon.py's drawing (first at y, x ="
-                            f" {tuple(int(v) for v in diff[0])}): re-run `.venv/bin/python -m tests.make_icon`")
+                            f" {tuple(int(v) for v in diff[0])}): re-run `.venv/bin/python tests/make_icon.py`")
     # deterministic bytes, and no stray chunk (time stamp, text) in what the script writes
     a, b = make_icon.png_bytes(drawn), make_icon.png_bytes(make_icon.draw())
     assert a == b

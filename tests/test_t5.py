@@ -3,15 +3,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from kernels.t5 import (T5CheckpointError, T5Config, T5Encoder, infer_t5_config, load_t5_encoder,
-                        load_t5_encoder_file, read_t5_state_dict, relative_position_bucket)
+from dit_control.kernels.t5 import (T5CheckpointError, T5Config, T5Encoder, infer_t5_config, load_t5_encoder,
+                                                load_t5_encoder_file, read_t5_state_dict, relative_position_bucket)
 
 transformers = pytest.importorskip("transformers")
 
@@ -257,7 +256,7 @@ def test_file_loader_streams_every_layout_to_the_same_model(tmp_path, layout, hf
 
 
 def test_streamed_int8_encoder_keeps_cosine_and_a_quarter_of_the_bytes(tmp_path, hf_model, hf_sd, inputs):
-    from kernels.int8 import Int8Linear, Int8Ops, weight_bytes
+    from dit_control.kernels.int8 import Int8Linear, Int8Ops, weight_bytes
     ids, mask = inputs
     path = write_layout(tmp_path, "hf_sharded_safetensors", hf_model, hf_sd)
     model, _ = load_t5_encoder_file(path, operations=Int8Ops, dtype=torch.float32)
@@ -283,11 +282,10 @@ def test_streaming_loader_names_a_truncated_shard(tmp_path, hf_model, hf_sd):
 
 
 _PEAK_SCRIPT = """
-import gc, sys, torch
-sys.path.insert(0, {repo!r})
-from kernels.checkpoint_io import release_free_heap
-from kernels.int8 import Int8Ops
-from kernels.t5 import load_t5_encoder_file
+import gc, torch
+from dit_control.kernels.checkpoint_io import release_free_heap
+from dit_control.kernels.int8 import Int8Ops
+from dit_control.kernels.t5 import load_t5_encoder_file
 def status(field):
     return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) / 1024
 # a first load pays the process's one-time costs (kernel libraries, thread pools); then measure a second
@@ -315,8 +313,7 @@ def test_int8_streaming_load_never_holds_the_float_weights(tmp_path):
     save_file(sd, path)
     fp32_mb = path.stat().st_size / 2**20
     del sd
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT.format(repo=str(Path(__file__).parents[1]),
-                                                                     path=str(path))],
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT.format(path=str(path))],
                          capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.split()[-2:])
     grew = after - before
@@ -328,7 +325,7 @@ def test_int8_streaming_load_never_holds_the_float_weights(tmp_path):
 @pytest.mark.parametrize("layout", ["comfy_single_file", "hf_sharded_safetensors", "diffusers_text_encoder",
                                     "hf_sharded_bin"])
 def test_stored_dtype_is_read_without_loading(tmp_path, layout, hf_model, hf_sd):
-    from kernels.t5 import t5_stored_dtype
+    from dit_control.kernels.t5 import t5_stored_dtype
     half = {k: v.half() for k, v in hf_sd.items()}
     if layout == "comfy_single_file":
         save_file(half, tmp_path / "t5.safetensors")

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.tiled_decode import edge_ramp, tile_spans, tiled_decode
+from dit_control.kernels.tiled_decode import edge_ramp, tile_spans, tiled_decode
 
 
 @pytest.mark.parametrize("size, tile, overlap", [(128, 64, 16), (100, 64, 16), (64, 64, 16), (40, 64, 8),

@@ -5,15 +5,15 @@ import sys
 import pytest
 import torch
 
-from kernels.tiled_decode import tiled_decode
-from tests.training.pixel_vae import (SD15_SCALE, decode_model_latent, encode_model_latent, save_pixel_vae)
+from dit_control.kernels.tiled_decode import tiled_decode
+from dit_control.tests.training.pixel_vae import (SD15_SCALE, decode_model_latent, encode_model_latent, save_pixel_vae)
 
 
 @pytest.fixture(scope="module")
 def core_vae(tmp_path_factory):
     """comfy.sd.VAE from the saved file, exactly as core's VAELoader does (load_torch_file -> VAE(sd=...)).
     ComfyUI goes at the END of sys.path so that it cannot shadow this repo's packages."""
-    from tests.comfy_host import comfy_dir
+    from dit_control.tests.comfy_host import comfy_dir
     root = str(comfy_dir("0.33"))
     sys.path.append(root)
     from comfy.cli_args import args

@@ -3,11 +3,11 @@ classifier agrees with ground truth and not with noise, blank or other scenes; e
 import numpy as np
 import pytest
 
-from kernels.canny import canny_edges
-from tests.training.metrics import (DEFAULT_RADIUS, _blocks, caption_agreement, edge_f1, image_edge_f1,
-                                    parse_caption, read_scene_attributes)
-from tests.training.scenes import (COLOURS, POSITIONS, SHAPES, Scene, Shape, edge_map, heldout_captions,
-                                   heldout_scenes, render, sample, training_scene)
+from dit_control.kernels.canny import canny_edges
+from dit_control.tests.training.metrics import (DEFAULT_RADIUS, _blocks, caption_agreement, edge_f1, image_edge_f1,
+                                                            parse_caption, read_scene_attributes)
+from dit_control.tests.training.scenes import (COLOURS, POSITIONS, SHAPES, Scene, Shape, edge_map, heldout_captions,
+                                                           heldout_scenes, render, sample, training_scene)
 
 N = 120
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from kernels.checkpoint_io import read_json_beside, read_state_dict
-from kernels.pixart.checkpoint import load_pixart, prepare_pixart
-from kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
-from tests.training import train
+from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
+from dit_control.kernels.pixart.checkpoint import load_pixart, prepare_pixart
+from dit_control.kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
+from dit_control.tests.training import train
 
 SMALL = ["--scenes", "48", "--batch", "4", "--seed", "3"]
 
@@ -92,7 +92,7 @@ def test_controlnet_file_is_the_full_released_layout(trained):
 
 
 def test_curves_reports_and_t5(trained):
-    from tests.make_checkpoints import save_context_t5
+    from dit_control.tests.make_checkpoints import save_context_t5
     for stage in ("base", "lcm", "controlnet"):
         rows = loss_rows(trained / stage / "loss.csv")
         assert len(rows) >= 2 and all(float(r[1]) > 0 for r in rows)
@@ -105,8 +105,8 @@ def test_curves_reports_and_t5(trained):
 
 
 def test_data_cache_holds_the_pixel_vae_latents_of_the_scenes(trained):
-    from tests.training.pixel_vae import encode_model_latent
-    from tests.training.scenes import edge_map, render, training_scene
+    from dit_control.tests.training.pixel_vae import encode_model_latent
+    from dit_control.tests.training.scenes import edge_map, render, training_scene
     data = torch.load(trained / "data" / "scenes_0_48_edges.pt", weights_only=True)
     assert data["latents"].shape == data["edges"].shape == (48, 3, 32, 32)
     tok = train.tokenizer()
@@ -123,7 +123,7 @@ def test_data_cache_holds_the_pixel_vae_latents_of_the_scenes(trained):
 def test_evaluation_samplers_return_x0_for_an_oracle_model():
     """evaluate.py's DPM-Solver++(2M) and LCM loops on an ε that knows the answer give the answer back."""
     import math
-    from tests.training.evaluate import AC, dpmpp_2m, lcm
+    from dit_control.tests.training.evaluate import AC, dpmpp_2m, lcm
     x0 = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def oracle(x, t):

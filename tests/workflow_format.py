@@ -1,13 +1,12 @@
 """Convert example workflows between ComfyUI's API format (headless, /prompt) and its UI format
 (drag and drop), using a server's /object_info for input order and types.
 
-`python -m tests.workflow_format` rewrites every workflows/<name>.json (UI) from workflows/api/<name>.json,
+`python tests/workflow_format.py` rewrites every workflows/<name>.json (UI) from workflows/api/<name>.json,
 with a running throw-away server; tests check that each UI file converts back to its API graph.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,9 +209,8 @@ def strip_meta(api: dict) -> dict:
 
 
 def main():
-    sys.path.insert(0, str(REPO))
-    from tests.comfy_host import ComfyServer
-    from tests.make_checkpoints import make_all
+    from dit_control.tests.comfy_host import ComfyServer
+    from dit_control.tests.make_checkpoints import make_all
     models = make_all(REPO / ".comfy_host" / "models")
     with ComfyServer(models) as server:
         object_info = server.get("/object_info")

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tiling import TileSettings, run_tiled
+from .tiling import TileSettings, run_tiled, tile_layout
 
 # The cross-stream conv factor of the initial release (the weights were trained with it).
 CONTROL_CONV_FACTOR = 1.2
@@ -404,7 +404,8 @@ class DiT4SR(nn.Module):
                 dtype=None, **_unused):
         """Tiled as the reference pipeline tiles (tiling.py) unless `tiles` is None: a latent that fits in one
         tile runs in a single pass, a larger one in square tiles blended with Gaussian weights."""
-        if tiles is None:
+        if tiles is None or tile_layout(x.shape[-2], x.shape[-1], tiles) is None:
+            # exactly the untiled call (same tensors, same batch): tiling on or off is the same computation
             return self.forward_single(x, timesteps, context, pooled, lr_latent, dtype)
         b = x.shape[0]
         timesteps = timesteps.reshape(-1)

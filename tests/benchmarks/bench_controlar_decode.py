@@ -1,7 +1,7 @@
 """Benchmark: ControlAR's token decode on the full-size GPT-XL + DINOv2-S (random weights, the released layout),
 512×512 (1024 tokens, T = 120 caption rows), CFG 4 (batch 2), fp32, int8 (exact route) and int8_fast, one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_controlar_decode [--steps 24] [--smoke]
+    .venv/bin/python tests/benchmarks/bench_controlar_decode.py [--steps 24] [--smoke]
 
 - Decode step: one image token fed at a late position (the cache filled to 1024 tokens) through the kernel's
   `decode` + the sampler's CFG/top-k/multinomial; the median of --steps back-to-back steps after a warm-up.
@@ -19,22 +19,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from kernels.controlar.dinov2 import Dinov2Config  # noqa: E402
-from kernels.controlar.gpt import GPT, GPTConfig  # noqa: E402
-from kernels.controlar.pipeline import fast_decode_route  # noqa: E402
-from kernels.controlar.sampling import SamplingSettings, combine_cfg, sample_token  # noqa: E402
-from kernels.int8 import Int8Linear, int8_backend, quantize_model_linears, weight_bytes  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.benchmarks.timing import median_seconds  # noqa: E402
+from dit_control.kernels.controlar.dinov2 import Dinov2Config  # noqa: E402
+from dit_control.kernels.controlar.gpt import GPT, GPTConfig  # noqa: E402
+from dit_control.kernels.controlar.pipeline import fast_decode_route  # noqa: E402
+from dit_control.kernels.controlar.sampling import SamplingSettings, combine_cfg, sample_token  # noqa: E402
+from dit_control.kernels.int8 import Int8Linear, int8_backend, quantize_model_linears, weight_bytes  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.benchmarks.timing import median_seconds  # noqa: E402
 
 XL = dict(dim=1280, n_layer=36, n_head=20, ffn_hidden=3584, vocab_size=16384, cls_token_num=120, caption_dim=2048,
           block_size=1024)

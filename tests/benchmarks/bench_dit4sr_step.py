@@ -1,7 +1,7 @@
 """Benchmark: DiT4SR's step cost and memory, full size (2.9 B parameters, random weights in the released layout,
 F16 storage as released), one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_dit4sr_step [--repeats 1] [--parts step,upscale,memory]
+    .venv/bin/python tests/benchmarks/bench_dit.py4sr_step [--repeats 1] [--parts step,upscale,memory]
 
 - step: one model call on one 512 px tile (latent 64², batch 1, 154 text tokens like core's SD3 encoders for a
   short prompt) — our DiT4SR vs ComfyUI's native SD3.5-medium MMDiT (comfy.ldm...mmdit, random weights, same
@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402
-from tests.benchmarks.timing import median_seconds, peak_rss_bytes  # noqa: E402
+from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402
+from dit_control.tests.benchmarks.timing import median_seconds, peak_rss_bytes  # noqa: E402
 
 TEXT_TOKENS = 154
 
@@ -53,9 +52,9 @@ def reset_peak():
 
 
 def build_ours(layers: int):
-    from kernels.dit4sr.checkpoint import load_dit4sr
-    from kernels.dit4sr.model import DiT4SRConfig
-    from tests.make_dit4sr_checkpoints import dit4sr_state_dict
+    from dit_control.kernels.dit4sr.checkpoint import load_dit4sr
+    from dit_control.kernels.dit4sr.model import DiT4SRConfig
+    from dit_control.tests.make_dit4sr_checkpoints import dit4sr_state_dict
     ops, compute = comfy_ops()
     cfg = DiT4SRConfig(num_layers=layers, dual_attention_layers=tuple(range(min(13, layers - 1))))
     sd = dit4sr_state_dict(cfg, seed=0)
@@ -105,7 +104,7 @@ def child(args) -> dict:
         s = median_seconds(lambda: model(x, t, ctx, pooled, lr, tiles=None, dtype=compute), args.repeats)
         return {"step_s": s, "peak_rss": peak_rss_bytes(), "params": params}
     # ours-upscale: one model call of a ×4 upscale to `out` px (CFG batch 2, as a KSampler step)
-    from kernels.dit4sr.tiling import TileSettings, tile_layout
+    from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
     lat = args.out // 8
     x, t, ctx, pooled = inputs(2, lat)
     lr = torch.randn_like(x)
@@ -136,7 +135,7 @@ def child(args) -> dict:
 
 
 def run_child(name, args, **extra) -> dict:
-    cmd = [sys.executable, "-m", "tests.benchmarks.bench_dit4sr_step", "--child", name, "--layers", str(args.layers),
+    cmd = [sys.executable, __file__, "--child", name, "--layers", str(args.layers),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -161,7 +160,7 @@ def main():
     if args.child:
         print(json.dumps(child(args)))
         return
-    from tests.benchmarks.results import save_results
+    from dit_control.tests.benchmarks.results import save_results
     parts = args.parts.split(",")
     results = {"layers": args.layers, "smoke": args.layers != 24, "text_tokens": TEXT_TOKENS,
                "storage": "F16 (control tensors cast from F32), comfy manual_cast ops", "threads": args.threads}

@@ -1,6 +1,6 @@
 """Benchmark: the per-step cost of EasyControl on core's FLUX.1 blocks, full width, one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_easycontrol_step [--double 2 --single 4 --size 1024 --cond 512]
+    .venv/bin/python tests/benchmarks/bench_easycontrol_step.py [--double 2 --single 4 --size 1024 --cond 512]
 
 ComfyUI v0.33's own `comfy.ldm.flux.model.Flux`, full width (3072, 24 heads × 128, RoPE axes 16/56/56,
 MLP ratio 4, guidance embedder), fewer blocks than FLUX.1-dev's 19 + 38 (default 2 double + 4 single),
@@ -46,10 +46,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.comfy_host import comfy_dir  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.comfy_host import comfy_dir  # noqa: E402
 
 WIDTH, HEADS, AXES = 3072, 24, (16, 56, 56)
 FULL_DOUBLE, FULL_SINGLE = 19, 38
@@ -110,7 +109,7 @@ def build_flux(comfy, double: int, single: int, dtype):
 
 
 def build_lora(comfy, double: int, single: int):
-    from kernels.flux_easycontrol.lora import EasyControlLoRAConfig, expected_shapes, load_lora
+    from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRAConfig, expected_shapes, load_lora
     cfg = EasyControlLoRAConfig(hidden_size=WIDTH, rank=LORA_RANK, double_blocks=double, single_blocks=single)
     gen = torch.Generator().manual_seed(1)
     sd = {k: (torch.randn(s, generator=gen) / s[1] ** 0.5).to(torch.bfloat16) for k, s in expected_shapes(cfg).items()}
@@ -263,7 +262,7 @@ def main():
                                                                          a.size, a.cond), "another configuration"
         memory = {**earlier["memory"], "measured_in": str(a.memory_from.name)}
     for mode in () if memory else ("plain", "cached", "uncached"):
-        cmd = [sys.executable, "-m", "tests.benchmarks.bench_easycontrol_step", "--mode", mode]
+        cmd = [sys.executable, __file__, "--mode", mode]
         for k in ("double", "single", "size", "cond", "threads"):
             cmd += [f"--{k}", str(getattr(a, k))]
         out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout

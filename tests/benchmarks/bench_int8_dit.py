@@ -10,7 +10,7 @@ Rows:
 - bf16 arithmetic: bf16 weights and maths (fast only where the CPU has native bf16).
 - int8 <route>: our Int8Linear on every linear layer, for each route that runs here.
 
-    .venv/bin/python -m tests.benchmarks.bench_int8_dit [--repeats 3] [--size 512] [--batch 1]
+    .venv/bin/python tests/benchmarks/bench_int.py8_dit [--repeats 3] [--size 512] [--batch 1]
 
 Writes bench_results/int8_dit.json.
 """
@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from kernels import int8  # noqa: E402
-from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
-from kernels.pixart.checkpoint import load_pixart  # noqa: E402
-from tests.benchmarks.bench_pixart_forward import comfy_policy, timed  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
+from dit_control.kernels import int8  # noqa: E402
+from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
+from dit_control.kernels.pixart.checkpoint import load_pixart  # noqa: E402
+from dit_control.tests.benchmarks.bench_pixart_forward import comfy_policy, timed  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 
 def rel_err(a, b):

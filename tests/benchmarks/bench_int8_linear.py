@@ -12,17 +12,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import int8
+from dit_control.kernels import int8
 
 # (K, N) of PixArt-XL/2's token-wise linears: attn proj / q / cross-attn proj, fused qkv, MLP fc1, MLP fc2.
 SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]

@@ -1,7 +1,7 @@
 """Benchmark: PixArt-δ 4-step LCM vs PixArt-α's 20-step DPM-Solver++(2M) with CFG 4.5, through a real
 ComfyUI server, same full-size random XL/2 model (1024-MS architecture, diffusers layout), 512 px, one run.
 
-    .venv/bin/python -m tests.benchmarks.bench_lcm_vs_dpm
+    .venv/bin/python tests/benchmarks/bench_lcm_vs_dpm.py
 
 Each graph runs once to load the models, then again with another seed: only the sampler re-runs
 (the loaders and prompt encodes are cached), so the timed run is sampling time inside ComfyUI.
@@ -10,18 +10,16 @@ DPM: core KSampler dpmpp_2m / simple, cfg 4.5 (one batch-2 forward per step).
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.comfy_host import ComfyServer, execution_error  # noqa: E402
-from tests.make_checkpoints import make_all, save_pixart_diffusers  # noqa: E402
+from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.comfy_host import ComfyServer, execution_error  # noqa: E402
+from dit_control.tests.make_checkpoints import make_all, save_pixart_diffusers  # noqa: E402
 
 BENCH_MODELS = REPO / ".comfy_host" / "bench_models"
 DIT = "PixArt-XL-2-random-1024-MS/transformer/diffusion_pytorch_model.safetensors"
@@ -30,7 +28,7 @@ T5 = "t5-4096-1layer.safetensors"
 
 def make_bench_models() -> Path:
     """A full-size random XL/2 and a 1-layer T5 with the real 4096-wide output (captions must fit)."""
-    from tests.make_checkpoints import save_tiny_t5
+    from dit_control.tests.make_checkpoints import save_tiny_t5
     made = make_all(REPO / ".comfy_host" / "models")
     dm = BENCH_MODELS / "diffusion_models"
     if not (dm / DIT).exists():

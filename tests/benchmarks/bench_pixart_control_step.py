@@ -2,7 +2,7 @@
 ControlNet-Transformer (13 copied blocks on the 28-block XL/2) and RelaCtrl (11 RGLC blocks with the
 release's expert counts) — full-size random weights, one run, 512 and 1024 px.
 
-    .venv/bin/python -m tests.benchmarks.bench_pixart_control_step [--sizes 512 1024] [--batch 2] [--repeats 3]
+    .venv/bin/python tests/benchmarks/bench_pixart_control_step.py [--sizes 512 1024] [--batch 2] [--repeats 3]
 
 A step is one forward of the DiT (batch 2 = a CFG step), fp32, after one warm-up forward each, the three taking turns. The issue's
 goal: RelaCtrl's overhead ≤ 1/3 of the ControlNet-Transformer's.
@@ -10,21 +10,19 @@ goal: RelaCtrl's overhead ≤ 1/3 of the ControlNet-Transformer's.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from kernels.pixart.controlnet import PixArtControlNet, block_config  # noqa: E402
-from kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
-from kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.benchmarks.timing import round_robin_medians  # noqa: E402
-from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
-from tests.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
+from dit_control.kernels.pixart.controlnet import PixArtControlNet, block_config  # noqa: E402
+from dit_control.kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
+from dit_control.kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.benchmarks.timing import round_robin_medians  # noqa: E402
+from dit_control.tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
+from dit_control.tests.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
 
 
 def randomised(module):

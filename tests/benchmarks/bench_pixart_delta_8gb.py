@@ -3,7 +3,7 @@ T5-XXL encoder, XL/2 DiT with LCM 4 steps, SD VAE (tiled decode) — random weig
 in int8, bf16 and fp32, one run. For each mode it reports the wall time of the graph and the peak
 resident memory (VmHWM) of the ComfyUI process, with an RSS timeline.
 
-    .venv/bin/python -m tests.benchmarks.bench_pixart_delta_8gb [--modes int8,bf16,fp32] [--no-t5-quality]
+    .venv/bin/python tests/benchmarks/bench_pixart_delta_.py8gb [--modes int8,bf16,fp32] [--no-t5-quality]
 
 The graph is the shipped workflows/api/pixart_delta_lcm_t2i_int8.json with both loaders' weight_dtype
 set to the mode (T5 released after encoding, tiled VAE decode: the same graph in every mode). Each mode
@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,16 +29,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from kernels.checkpoint_io import SAFETENSORS_DTYPES  # noqa: E402
-from kernels.int8 import Int8Ops, weight_bytes  # noqa: E402
-from kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
-from kernels.t5 import T5Config, T5Encoder, load_t5_encoder_file  # noqa: E402
-from tests.benchmarks.bench_lcm_vs_dpm import DIT, make_bench_models  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.comfy_host import ComfyServer, execution_error  # noqa: E402
-from tests.make_checkpoints import random_t5_tensor  # noqa: E402
+from dit_control.kernels.checkpoint_io import SAFETENSORS_DTYPES  # noqa: E402
+from dit_control.kernels.int8 import Int8Ops, weight_bytes  # noqa: E402
+from dit_control.kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa: E402
+from dit_control.kernels.t5 import T5Config, T5Encoder, load_t5_encoder_file  # noqa: E402
+from dit_control.tests.benchmarks.bench_lcm_vs_dpm import DIT, make_bench_models  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.comfy_host import ComfyServer, execution_error  # noqa: E402
+from dit_control.tests.make_checkpoints import random_t5_tensor  # noqa: E402
 
 T5_FILE = "t5xxl_fp16.safetensors"
 T5_INIT = "hf-init-v2"   # bump when the random T5 changes: the file is rewritten

@@ -8,7 +8,7 @@ model_management.should_use_bf16 is False there), diffusers in bf16 arithmetic (
 `--dtypes bf16-compute` times all three in bf16 arithmetic.
 
 
-    .venv/bin/python -m tests.benchmarks.bench_pixart_forward [--repeats 3] [--dtypes fp32,bf16]
+    .venv/bin/python tests/benchmarks/bench_pixart_forward.py [--repeats 3] [--dtypes fp32,bf16]
 
 Prints a table and writes bench_results/pixart_forward.json. Captions are 120 valid tokens (ComfyUI's
 native model takes no mask); ours is also timed with a padded caption mask.
@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
+from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
 
-from kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
-from kernels.pixart.checkpoint import load_pixart, original_to_diffusers  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
+from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
+from dit_control.kernels.pixart.checkpoint import load_pixart, original_to_diffusers  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-compute": torch.bfloat16}
 

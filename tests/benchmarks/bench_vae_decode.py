@@ -3,24 +3,22 @@ three ways, each on a fresh server: core VAE Decode (untiled), core VAE Decode (
 VAE Decode (Tiled, one pass) 512/64. Reports the wall time of the prompt and the server's peak RSS above
 its idle RSS.
 
-    .venv/bin/python -m tests.benchmarks.bench_vae_decode [--size 1024]
+    .venv/bin/python tests/benchmarks/bench_vae_decode.py [--size 1024]
 
 Writes bench_results/vae_decode.json.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from tests.benchmarks.bench_lcm_vs_dpm import make_bench_models  # noqa: E402
-from tests.benchmarks.bench_pixart_delta_8gb import proc_status  # noqa: E402
-from tests.benchmarks.results import save_results  # noqa: E402
-from tests.comfy_host import ComfyServer, execution_error  # noqa: E402
+from dit_control.tests.benchmarks.bench_lcm_vs_dpm import make_bench_models  # noqa: E402
+from dit_control.tests.benchmarks.bench_pixart_delta_8gb import proc_status  # noqa: E402
+from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.comfy_host import ComfyServer, execution_error  # noqa: E402
 
 DECODERS = {
     "core VAEDecode (untiled)": {"class_type": "VAEDecode", "inputs": {}},

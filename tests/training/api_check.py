@@ -1,6 +1,6 @@
 """Run the shipped workflows through a real ComfyUI on trained files and score the pictures.
 
-    python -m tests.training.api_check --out DIR [--size 256] [--caption "..."]
+    python tests/training/api_check.py --out DIR [--size 256] [--caption "..."]
 
 DIR/models (what train.py wrote) gets the pixel VAE under the shipped VAE name (vae/sd-vae-ft-ema.safetensors)
 and serves as the server's model folder. The three PixArt graphs run as shipped except: the image size
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.api_graphs import at_size, canny_instead_of_hed, with_prompt
+from dit_control.tests.api_graphs import at_size, canny_instead_of_hed, with_prompt
 
-from .metrics import caption_agreement, image_edge_f1
-from .pixel_vae import save_pixel_vae
-from .scenes import edge_map, heldout_scenes, render
+from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
+from dit_control.tests.training.pixel_vae import save_pixel_vae
+from dit_control.tests.training.scenes import edge_map, heldout_scenes, render
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def png_to_array(data: bytes) -> np.ndarray:
 
 def main(argv=None):
     from PIL import Image
-    from tests.comfy_host import ComfyServer
+    from dit_control.tests.comfy_host import ComfyServer
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=256)

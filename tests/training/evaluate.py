@@ -1,7 +1,7 @@
 """Measure what the trained micro model draws, in this process (no server): caption adherence on the held-out
 captions and ControlNet++'s edge F1, with the samplers of the shipped workflows re-done on our kernels.
 
-    python -m tests.training.evaluate --out DIR [--stage base|lcm|controlnet|all] [--count 64]
+    python tests/training/evaluate.py --out DIR [--stage base|lcm|controlnet|all] [--count 64]
 
 - base: DPM-Solver++(2M), 20 steps, `simple` σ schedule (every 50th of the model's 1000 σ, as core's
   `simple` scheduler), CFG 4.5 against the learned null caption — the pixart_alpha_t2i workflow's sampler;
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
-
-from .metrics import caption_agreement, image_edge_f1
-from .pixel_vae import decode_model_latent, encode_model_latent
-from .scenes import edge_map, heldout_scenes, render
-from .train import LATENT, TOKENS, ensure_t5, load_lcm_transformer, load_t5, tokenize, tokenizer, write_png
+from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
+from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
+from dit_control.tests.training.pixel_vae import decode_model_latent, encode_model_latent
+from dit_control.tests.training.scenes import edge_map, heldout_scenes, render
+from dit_control.tests.training.train import (LATENT, TOKENS, ensure_t5, load_lcm_transformer, load_t5, tokenize,
+                                              tokenizer, write_png)
 
 AC = ddpm_alphas_cumprod(dtype=torch.float64)
 SIGMAS = ((1 - AC) / AC).sqrt()                       # k-diffusion σ of each training timestep
@@ -105,9 +105,10 @@ def grid_png(path: Path, images: list, cols: int = 8):
 
 
 def load_models(out: Path):
-    from kernels.checkpoint_io import read_state_dict
-    from kernels.pixart.checkpoint import load_pixart
-    from kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
+    from dit_control.kernels.checkpoint_io import read_state_dict
+    from dit_control.kernels.pixart.checkpoint import load_pixart
+    from dit_control.kernels.pixart.controlnet import (load_bundled_base, load_pixart_controlnet,
+                                                       prepare_pixart_controlnet)
     models = out / "models"
     got = {}
     base_path = models / "diffusion_models" / "PixArt-XL-2-1024-MS.pth"

@@ -48,7 +48,7 @@ def digest() -> str:
 def non_ms_state_dict(ms: dict) -> dict:
     """The 512 (non-MS) file of the same network: size embedders dropped (they must be exactly zero in
     output, else the two files would differ) and the stale pos_embed of a 64-latent grid."""
-    from kernels.pixart.model import pos_embed_2d
+    from dit_control.kernels.pixart.model import pos_embed_2d
     for k in ("csize_embedder.mlp.2.weight", "csize_embedder.mlp.2.bias", "ar_embedder.mlp.2.weight",
               "ar_embedder.mlp.2.bias"):
         if k in ms and ms[k].abs().max() != 0:
@@ -64,7 +64,7 @@ def install_micro_model(models_dir: Path) -> bool:
     """Write the micro model's files into `models_dir`; False (nothing written) when it is not committed."""
     if not available():
         return False
-    from .pixel_vae import save_pixel_vae
+    from dit_control.tests.training.pixel_vae import save_pixel_vae
     models_dir = Path(models_dir)
     for rel in (BASE, LCM / "diffusion_pytorch_model.safetensors", LCM / "config.json"):
         (models_dir / rel).parent.mkdir(parents=True, exist_ok=True)

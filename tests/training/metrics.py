@@ -35,7 +35,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .scenes import COLOURS, POSITION_PHRASE, POSITIONS, SHAPES, Scene, Shape, canny_np
+from dit_control.tests.training.scenes import COLOURS, POSITION_PHRASE, POSITIONS, SHAPES, Scene, Shape, canny_np
 
 BLOCK = 8
 GRID = 32                     # blocks per side at 256 px
@@ -142,7 +142,7 @@ TEMPLATE_REACH = 2                     # blocks either side of the blob's centre
 def _templates() -> tuple:
     """((kind, size, [P, P] block coverage)...) of every kind and size at every TEMPLATE_SHIFT sub-block
     phase, on a P = 16-block canvas with the shape's centre at block 8 (+ phase)."""
-    from .scenes import SIZES, kind_coverage
+    from dit_control.tests.training.scenes import SIZES, kind_coverage
     side = 16 * BLOCK
     out = []
     for kind in SHAPES:

@@ -47,7 +47,7 @@ def _pairs(k: int) -> tuple:
 
 def pixel_vae_state_dict() -> dict:
     """{name: float32 tensor} in the ldm layout of core's SD VAE."""
-    from tests.make_checkpoints import sd_vae_shapes
+    from dit_control.tests.make_checkpoints import sd_vae_shapes
     shapes = sd_vae_shapes()
     sd = {name: torch.zeros(shape) for name, shape in shapes.items()}
     for name in sd:                                   # norm scales 1 (they never reach the output anyway)

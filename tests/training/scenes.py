@@ -190,7 +190,7 @@ def edge_map(image: np.ndarray) -> np.ndarray:
     (kernels/canny.py: cv2.Canny on the uint8 RGB frame, thresholds 100 / 200)."""
     # the same frame conversion and cv2.Canny call as kernels.canny.canny_edges (a test checks they are
     # equal), without its tensor round trip, which costs ~40× the Canny itself at this size
-    from kernels.canny import _to_uint8_frames
+    from dit_control.kernels.canny import _to_uint8_frames
     frame = _to_uint8_frames(np.asarray(image))[0][0]
     return cv2.Canny(frame, float(CANNY_LOW), float(CANNY_HIGH)).astype(np.float32) / 255.0
 

@@ -1,9 +1,9 @@
 """Train the micro demo PixArt-δ on procedural scenes: pure torch on our kernels, CPU, resumable.
 
-    python -m tests.training.train --stage base       --out DIR   # PixArt-MS DiT, ε-prediction, caption dropout
-    python -m tests.training.train --stage lcm        --out DIR   # LCM distillation of the base (needs base)
-    python -m tests.training.train --stage controlnet --out DIR   # ControlNet-Transformer on Canny maps (needs base)
-    python -m tests.training.train --stage base --out DIR --probe # timing probe: a few steps, nothing saved
+    python tests/training/train.py --stage base       --out DIR   # PixArt-MS DiT, ε-prediction, caption dropout
+    python tests/training/train.py --stage lcm        --out DIR   # LCM distillation of the base (needs base)
+    python tests/training/train.py --stage controlnet --out DIR   # ControlNet-Transformer on Canny maps (needs base)
+    python tests/training/train.py --stage base --out DIR --probe # timing probe: a few steps, nothing saved
 
 Everything is seeded (`--seed`); a stage checkpoints every `--ckpt-every` steps into DIR/<stage>/ckpt.pt and
 a rerun of the same command resumes from it (model, EMA, optimiser, data order and RNG states). Each stage
@@ -45,11 +45,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_grid  # noqa: E402
-from kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
+from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_grid  # noqa: E402
+from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 #                                          Settings
@@ -124,7 +122,7 @@ STAGES = {
 def model_config(hidden: int = 0, depth: int = 0, patch: int = 0) -> PixArtConfig:
     """MICRO_PIXART, optionally resized; heads follow the loaders' inference rule (72-wide, else 64-wide),
     since a .pth file does not record them."""
-    from tests.make_checkpoints import TINY_T5
+    from dit_control.tests.make_checkpoints import TINY_T5
     over = {k: v for k, v in (("hidden_size", hidden), ("depth", depth), ("patch_size", patch)) if v}
     cfg = {**MICRO_PIXART, **over}
     h = cfg["hidden_size"]
@@ -141,7 +139,7 @@ def model_config(hidden: int = 0, depth: int = 0, patch: int = 0) -> PixArtConfi
 def tokenizer():
     """The T5-v1.1 tokenizer ComfyUI ships (the one our PixArt T5 Text Encode node uses)."""
     from transformers import T5TokenizerFast
-    from tests.comfy_host import COMFY_DIR
+    from dit_control.tests.comfy_host import COMFY_DIR
     return T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy" / "text_encoders" / "t5_tokenizer"))
 
 
@@ -153,7 +151,7 @@ def tokenize(tok, captions, length: int = TOKENS):
 
 
 def ensure_t5(out: Path) -> Path:
-    from tests.make_checkpoints import save_context_t5
+    from dit_control.tests.make_checkpoints import save_context_t5
     path = out / "models" / "text_encoders" / "t5xxl_fp16.safetensors"
     if not path.exists():
         save_context_t5(path, seed=T5_SEED)
@@ -161,7 +159,7 @@ def ensure_t5(out: Path) -> Path:
 
 
 def load_t5(path: Path):
-    from kernels.t5 import load_t5_encoder_file
+    from dit_control.kernels.t5 import load_t5_encoder_file
     encoder, _ = load_t5_encoder_file(str(path), dtype=torch.float32)
     return encoder.eval().requires_grad_(False)
 
@@ -169,8 +167,8 @@ def load_t5(path: Path):
 def build_dataset(out: Path, count: int, with_edges: bool, seed0: int = 0) -> dict:
     """Scenes seed0 … seed0+count-1 as model-space latents (fp16, 3 channels), token ids and masks, and
     (with_edges) the pixel-VAE latents of their Canny maps; cached in DIR/data/."""
-    from tests.training.scenes import edge_map, render, training_scene
-    from tests.training import scenes
+    from dit_control.tests.training.scenes import edge_map, render, training_scene
+    from dit_control.tests.training import scenes
     jitter = "" if scenes.JITTER == 0 else f"_jitter{scenes.JITTER:g}"
     cache = out / "data" / f"scenes_{seed0}_{count}{'_edges' if with_edges else ''}{jitter}.pt"
     if cache.exists():
@@ -430,7 +428,7 @@ def pth_state_dict(model: PixArt) -> dict:
 def save_base_files(model: PixArt, models: Path) -> list:
     """The 1024-MS file and the 512 file of the same network (tests/training/install.py derives the second
     from the first the same way when it installs the committed model)."""
-    from .install import non_ms_state_dict
+    from dit_control.tests.training.install import non_ms_state_dict
     dm = models / "diffusion_models"
     dm.mkdir(parents=True, exist_ok=True)
     paths = [dm / "PixArt-XL-2-1024-MS.pth", dm / "PixArt-XL-2-512x512.pth"]
@@ -443,7 +441,7 @@ def save_base_files(model: PixArt, models: Path) -> list:
 def save_lcm_files(model: PixArt, models: Path) -> list:
     """The diffusers transformer layout (+ config.json), as tests/make_checkpoints.py writes it."""
     import safetensors.torch
-    from kernels.pixart.checkpoint import original_to_diffusers
+    from dit_control.kernels.pixart.checkpoint import original_to_diffusers
     cfg = model.config
     folder = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer"
     folder.mkdir(parents=True, exist_ok=True)
@@ -473,8 +471,8 @@ def save_controlnet_files(base: PixArt, controlnet, models: Path) -> list:
 
 def load_lcm_transformer(models: Path) -> PixArt:
     """A distilled LCM back from its diffusers-layout file (+ config.json), through our strict loader (float32)."""
-    from kernels.checkpoint_io import read_json_beside, read_state_dict
-    from kernels.pixart.checkpoint import load_pixart
+    from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
+    from dit_control.kernels.pixart.checkpoint import load_pixart
     path = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer" / \
         "diffusion_pytorch_model.safetensors"
     cfg = read_json_beside(str(path))
@@ -485,7 +483,7 @@ def load_lcm_transformer(models: Path) -> PixArt:
 
 def load_base_pth(models: Path) -> PixArt:
     """The trained base back from its released file, through our strict loader (float32)."""
-    from kernels.pixart.checkpoint import load_pixart
+    from dit_control.kernels.pixart.checkpoint import load_pixart
     ckpt = torch.load(models / "diffusion_models" / "PixArt-XL-2-1024-MS.pth", map_location="cpu",
                       weights_only=True)
     return load_pixart({k: v.float() for k, v in ckpt["state_dict"].items()}, dtype=torch.float32).eval()
@@ -532,7 +530,7 @@ class Stage:
     def add_captions_without_places(self, tok):
         """Token ids and masks of the same scenes' captions without their places, row for row with the data
         cache (its scenes are training_scene(0 … N-1))."""
-        from tests.training.scenes import training_scene
+        from dit_control.tests.training.scenes import training_scene
         ids, mask = tokenize(tok, [training_scene(i).caption_without_places for i in range(len(self.data["ids"]))])
         self.data["ids_without_places"], self.data["mask_without_places"] = ids.to(self.data["ids"].dtype), mask.bool()
 
@@ -805,7 +803,7 @@ class ControlNetStage(Stage):
     Apply ControlNet with the VAE hands our ControlNet), ε loss, caption dropout as the base."""
 
     def setup(self):
-        from kernels.pixart.controlnet import PixArtControlNet, block_config
+        from dit_control.kernels.pixart.controlnet import PixArtControlNet, block_config
         models = self.out / "models"
         if not (models / "diffusion_models" / "PixArt-XL-2-1024-MS.pth").exists():
             raise SystemExit("stage controlnet needs the base: run --stage base first (same --out)")
@@ -901,7 +899,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.jitter is not None:
-        from tests.training import scenes
+        from dit_control.tests.training import scenes
         scenes.JITTER = args.jitter
         scenes.heldout_scenes.cache_clear()
         scenes.heldout_captions.cache_clear()
