@@ -65,9 +65,9 @@ def cpu_capability() -> str:
 
 
 def cpu_has_fast_int8() -> bool:
-    """True where torch._int_mm runs a VNNI/AMX kernel rather than a scalar loop."""
+    """True where torch._int_mm runs a VNNI/AMX kernel rather than a scalar loop (and gives exact sums)."""
     flags = cpu_flags()
-    return cpu_capability() == "AVX512" and bool({"avx512_vnni", "amx_int8"} & flags)
+    return cpu_capability() == "AVX512" and bool({"avx512_vnni", "amx_int8"} & flags) and _int_mm_status("cpu")[0]
 
 
 def cpu_native_dtypes() -> Tuple[torch.dtype, ...]:
@@ -130,6 +130,29 @@ def _bnb_status(device_type: str) -> Tuple[bool, str]:
     return True, f"bitsandbytes {bnb.__version__}"
 
 
+# -- torch._int_mm, checked ------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _int_mm_status(device_type: str) -> Tuple[bool, str]:
+    """Whether torch._int_mm is exact on this device type, checked once on a tiny problem. Some int8 GEMM
+    kernels widen u8·s8 pairs into saturating 16-bit sums (oneDNN's s8·s8 GEMM below VNNI, e.g. with
+    ONEDNN_MAX_CPU_ISA=AVX2), which turns all-127 rows into garbage; the route must not run there."""
+    if not hasattr(torch, "_int_mm"):
+        return False, f"torch {torch.__version__} has no _int_mm"
+    g = torch.Generator().manual_seed(0)
+    extreme = torch.full((32, 64), 127, dtype=torch.int8)
+    mixed = torch.randint(-128, 128, (32, 64), generator=g, dtype=torch.int8)
+    weight = torch.randint(-128, 128, (64, 32), generator=g, dtype=torch.int8)
+    try:
+        for a in (extreme, mixed):
+            got = torch._int_mm(a.to(device_type), weight.to(device_type)).cpu()
+            if not torch.equal(got, (a.long() @ weight.long()).int()):
+                return False, f"torch._int_mm gives wrong sums on {device_type} (a saturating int8 kernel)"
+    except Exception as e:
+        return False, f"torch._int_mm fails on {device_type}: {type(e).__name__}: {str(e)[:200]}"
+    return True, "torch._int_mm"
+
+
 # -- route selection ---------------------------------------------------------------------------
 
 def _requested(route: Optional[str]) -> Tuple[Optional[str], str]:
@@ -152,7 +175,9 @@ def _auto_route(device_type: str) -> Tuple[str, str]:
         ok, why = _bnb_status("cuda")
         if ok:
             return "bitsandbytes", f"CUDA: {why} LLM.int8 matmul"
-        return "int8_mm", f"CUDA: torch._int_mm int8 GEMM ({why})"
+        if _int_mm_status("cuda")[0]:
+            return "int8_mm", f"CUDA: torch._int_mm int8 GEMM ({why})"
+        return "dequant", f"CUDA: {why}; {_int_mm_status('cuda')[1]}"
     if device_type != "cpu":
         return "dequant", f"{device_type}: no int8 GEMM is wired up for this device"
     cap, flags = cpu_capability(), cpu_flags()
@@ -189,8 +214,8 @@ def select_route(device="cpu", route: Optional[str] = None) -> Tuple[str, str]:
             return "dequant", f"bitsandbytes forced by {source} but unusable: {why}"
     if forced == "qlinear" and (device_type != "cpu" or qlinear_engine() is None):
         return "dequant", f"qlinear forced by {source} but it needs a CPU with fbgemm/oneDNN (have {device_type})"
-    if forced == "int8_mm" and not hasattr(torch, "_int_mm"):
-        return "dequant", f"int8_mm forced by {source} but torch {torch.__version__} has no _int_mm"
+    if forced == "int8_mm" and not _int_mm_status(device_type)[0]:
+        return "dequant", f"int8_mm forced by {source} but unusable: {_int_mm_status(device_type)[1]}"
     return forced, f"forced by {source}"
 
 
@@ -206,7 +231,7 @@ def available_routes(device="cpu") -> List[str]:
     """The routes that actually run on `device` (slow ones included), for tests and benchmarks."""
     device_type = torch.device(device).type
     routes = ["dequant"]
-    if hasattr(torch, "_int_mm"):
+    if _int_mm_status(device_type)[0]:
         routes.append("int8_mm")
     if device_type == "cpu" and qlinear_engine() is not None:
         routes.append("qlinear")

@@ -175,10 +175,23 @@ def test_strength_0_gives_exactly_the_uncontrolled_tokens(server):
     assert sum(a != b for a, b in zip(zero[0], full[0])) > 16         # the control itself does change tokens
 
 
+def server_threads() -> int:
+    """torch's intra-op thread count in a fresh process of the server's Python and environment: the server's
+    (neither ComfyUI nor the pack sets it), whatever earlier tests left this pytest process at."""
+    import os
+    import subprocess
+    from dit_control.tests.comfy_host import PYTHON
+    out = subprocess.run([str(PYTHON), "-c", "import torch; print(torch.get_num_threads())"], check=True,
+                         capture_output=True, text=True, env=dict(os.environ))
+    return int(out.stdout.split()[-1])
+
+
 def kernel_tokens(models_dir: Path, input_dir: Path, width: int, height: int, seed: int) -> list:
     """The canny_MR workflow's tokens computed here with the kernels alone (no ComfyUI): drawn input ->
     centre-crop fit -> Canny 100/200 -> [−1, 1]; FLAN-T5 caption left-padded with zeroed pads; generate()
-    with a generator seeded as the node seeds it."""
+    with a generator seeded as the node seeds it. The T5 and the GPT run as in the server (float32, the same
+    shapes: batch 1, CFG batch 2) and on the server's thread count, so the ids are the same computation's, not
+    merely close: reductions and GEMMs can round differently with another thread count."""
     import numpy as np
     import torch
     from transformers import T5TokenizerFast
@@ -201,22 +214,28 @@ def kernel_tokens(models_dir: Path, input_dir: Path, width: int, height: int, se
     text = " ".join(g[one(g, "DiTControl_ControlARTextEncode")]["inputs"]["text"].lower().split())  # cleaned
     tok = T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy" / "text_encoders" / "t5_tokenizer"))
     ids = tok(text, max_length=120, padding="max_length", truncation=True, return_tensors="pt")
-    t5, _ = load_t5_encoder_file(str(models_dir / "text_encoders" / "flan-t5-xl" / "model-00001-of-00002.safetensors"),
-                                 dtype=torch.float32)
-    caption, mask = encode_caption(t5, ids.input_ids, ids.attention_mask, dtype=torch.float32)
-    gpt, _ = load_gpt_file(str(models_dir / "controlar" / "canny_MR.safetensors"), n_head=2, adapter_heads=1)
-    settings = SamplingSettings(cfg_scale=s["cfg"], temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                control_strength=s["strength"])
-    with torch.no_grad():
-        features = gpt.control_tokens(gpt.adapter_features(control, resize_mode("canny")))
-        out = generate(gpt, gpt.embed_prefix(caption), (height // 16) * (width // 16), settings,
-                       torch.Generator().manual_seed(seed), mask, features)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(server_threads())
+    try:
+        t5_file = models_dir / "text_encoders" / "flan-t5-xl" / "model-00001-of-00002.safetensors"
+        t5, _ = load_t5_encoder_file(str(t5_file), dtype=torch.float32)
+        caption, mask = encode_caption(t5, ids.input_ids, ids.attention_mask, dtype=torch.float32)
+        gpt, _ = load_gpt_file(str(models_dir / "controlar" / "canny_MR.safetensors"), n_head=2, adapter_heads=1)
+        settings = SamplingSettings(cfg_scale=s["cfg"], temperature=s["temperature"], top_k=s["top_k"],
+                                    top_p=s["top_p"], control_strength=s["strength"])
+        with torch.no_grad():
+            features = gpt.control_tokens(gpt.adapter_features(control, resize_mode("canny")))
+            out = generate(gpt, gpt.embed_prefix(caption), (height // 16) * (width // 16), settings,
+                           torch.Generator().manual_seed(seed), mask, features)
+    finally:
+        torch.set_num_threads(threads)
     return out.tolist()
 
 
 def test_tokens_equal_the_kernel_pipeline_run_in_process(server, models_dir):
     """The whole node chain (fit, Canny, 14-px resize rule, caption cleaning and left padding, seeding) draws
-    exactly the tokens of the kernels run here; 256×192 is non-square on the MR model's 48-wide RoPE grid."""
+    exactly the tokens of the kernels run here (the same computation: kernel_tokens); 256×192 is non-square on
+    the MR model's 48-wide RoPE grid."""
     api = tokens_of(server.run_ok(graph("controlar_canny_mr", size=(256, 192), preview_every_rows=0, seed=77)))
     assert api == kernel_tokens(models_dir, server.base_dir / "input", 256, 192, seed=77)
 

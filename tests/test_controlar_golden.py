@@ -6,7 +6,8 @@ in the released naming.
   adapter MLP, condition tokens, prefill and teacher-forced decode logits (cond and uncond halves, through the
   static KV cache), CFG logits, VQ quant and both images;
 - the token sequences EXACTLY: greedy, sampled (seed 1234) and filtered (T 0.8, top-k 32, top-p 0.9, seed 4321),
-  from a generator of our own (no global RNG), which draws exactly one multinomial per token;
+  from a generator of our own (no global RNG), which draws exactly one multinomial per token; every pick is also
+  redrawn from logits moved 10x as far as different CPUs' kernels move them, so the exact ids hold on any CPU;
 - the caption rule (left padding, zeroed pads), the RoPE table's zero prefix rows and sequence-position indexing
   (the MR models' wrap on the 48-wide grid), the callback API.
 """
@@ -17,11 +18,20 @@ import torch
 from dit_control.kernels.controlar.checkpoint import load_gpt_file, load_vq_file
 from dit_control.kernels.controlar.dinov2 import resize_mode, to_patch14
 from dit_control.kernels.controlar.gpt import rope_table_2d
-from dit_control.kernels.controlar.sampling import SamplingSettings, combine_cfg, generate
+from dit_control.kernels.controlar.sampling import (SamplingSettings, combine_cfg, filter_logits, generate,
+                                                   sample_token)
 from dit_control.kernels.controlar.text import left_pad
 from dit_control.tests.golden_data import golden_fixtures, relative_error
 
 TOL = 1e-4
+# The token ids are compared exactly with the reference's (computed on another machine), so each pick must not sit
+# on a near-tie that CPU-dependent rounding could tip. Our CFG logits (max |logit| 14-17) move by at most 1.4e-5
+# between kernel sets (measured: this AVX-512/AMX machine vs ATEN_CPU_CAPABILITY=avx2 or default,
+# ONEDNN_MAX_CPU_ISA=AVX2 or SSE41, MKL_ENABLE_INSTRUCTIONS=AVX2, all three at once, 1 or 2 threads); every pick
+# must survive 10x that (a move of ±slack narrows a gap by 2·slack). Closest decisions measured (runner-up gap in
+# logit units): greedy 4.5e-4 (token 7; flips from slack 3e-4), sampled 0.08, filtered 0.008.
+CPU_LOGIT_SPREAD = 1.4e-5
+PICK_SLACK = 10 * CPU_LOGIT_SPREAD
 
 
 one_thread, golden, io, config = golden_fixtures("controlar")
@@ -96,8 +106,10 @@ def test_adapter_and_condition_tokens(gpt, io, control):
     assert relative_error(tokens, io["condition_tokens"]) <= TOL
 
 
-def teacher_forced(model, io, tokens, strength):
-    """The reference's CFG batch [cond; uncond] through prefill + 15 one-token decodes of teacher_tokens."""
+def teacher_forced(model, io, tokens, strength, teacher=None):
+    """The reference's CFG batch [cond; uncond] through prefill + 15 one-token decodes of `teacher` (default the
+    golden's teacher_tokens): the calls generate() makes when it draws those tokens."""
+    teacher = io["teacher_tokens"] if teacher is None else teacher
     cap, mask = io["caption_emb"], io["emb_mask"]
     with torch.no_grad():
         prefix = torch.cat([model.embed_prefix(cap), model.embed_prefix(model.cls_embedding.uncond_embedding[None])])
@@ -105,8 +117,7 @@ def teacher_forced(model, io, tokens, strength):
         cache = model.new_cache(2, 16, torch.cat([mask, mask]))
         assert cache.length == 24                       # round_up(T + N, 8)
         pre = model.prefill(prefix, cache, ctl, strength)
-        dec = [model.decode(io["teacher_tokens"][:, j:j + 1].repeat(2, 1), 8 + j, cache, ctl, strength)
-               for j in range(15)]
+        dec = [model.decode(teacher[:, j:j + 1].repeat(2, 1), 8 + j, cache, ctl, strength) for j in range(15)]
     return pre, torch.cat(dec, dim=1)
 
 
@@ -141,12 +152,39 @@ def test_tokens_exact(gpt, io, control, config, name, key, sample):
     assert torch.equal(generator.get_state(), probe.get_state())
     assert [(j, n) for j, n, _ in seen] == [(j, 16) for j in range(16)]
     assert all(torch.equal(t, tokens[:, :j + 1]) for j, _, t in seen)
+    assert_picks_survive(model, io, control[1], s, seed, io[name])
+
+
+def assert_picks_survive(model, io, control_tokens, s, seed, tokens, slack=PICK_SLACK):
+    """Teacher-force `tokens` and redraw each one from its CFG logits moved by ±slack, with the generator state of
+    its draw, in the directions that threaten it most: the pick down and every other logit up (a near-tie in the
+    argmax or the multinomial race; the pick falling out of top-k / top-p), then the kept set (after top-k /
+    top-p) down and the rest up (a token entering it). The pick must stay."""
+    pre, dec = teacher_forced(model, io, control_tokens, s.control_strength, teacher=tokens)
+    raw = torch.cat([pre[:, -1:], dec], dim=1)                          # [2, 16, V]: what generate() picks from
+    generator = torch.Generator().manual_seed(seed)
+    for j in range(tokens.shape[1]):
+        cfg_on = j == 0 or not (s.cfg_interval > -1 and (j - 1) > s.cfg_interval)
+        logits = combine_cfg(raw[:, j], s.cfg_scale) if cfg_on else raw[:1, j]
+        state = generator.get_state()
+        pick = sample_token(logits, s, generator)
+        assert int(pick) == int(tokens[0, j]), j                         # teacher forcing redraws the sequence
+        kept = torch.isfinite(filter_logits(logits / max(s.temperature, 1e-5), s.top_k, s.top_p))
+        moves = [torch.full_like(logits, slack).scatter(1, pick, -slack)]
+        if not bool(kept.all()):
+            moves.append(torch.where(kept, -slack, slack))
+        for move in moves:
+            again = torch.Generator()
+            again.set_state(state)
+            assert int(sample_token(logits + move, s, again)) == int(pick), \
+                f"token {j} flips under a {slack:g} logit change: a near-tie, its exact id depends on the CPU"
 
 
 def test_control_strength_zero_is_no_control(gpt, io, control):
     model, _ = gpt
     s = SamplingSettings(cfg_scale=4.0, top_k=0, sample=False, control_strength=0.0)
     prefix = model.embed_prefix(io["caption_emb"])
+    # the same computation: strength 0 adds control × 0, exact zeros, to the same hidden states
     assert torch.equal(generate(model, prefix, 16, s, None, io["emb_mask"], control[1]),
                        generate(model, prefix, 16, s, None, io["emb_mask"], None))
 
@@ -160,7 +198,7 @@ def test_cfg_interval_drops_guidance_after_the_interval(gpt, io, control):
                       None, io["emb_mask"], control[1])
     full = generate(model, prefix, 16, SamplingSettings(cfg_scale=4.0, top_k=0, sample=False), None,
                     io["emb_mask"], control[1])
-    assert torch.equal(guided[:, :4], full[:, :4])
+    assert torch.equal(guided[:, :4], full[:, :4])     # the same calls until the interval ends
     assert not torch.equal(guided, full)                # with these weights guidance changes later tokens
 
 
@@ -243,7 +281,7 @@ def test_pipeline_text_to_image(gpt, vq, io, config):
     s, seed = settings(config, "sampling")
     tokens, image = text_to_image(model, vq[0], io["caption_emb"], io["emb_mask"], io["control_image"], "canny", s,
                                   torch.Generator().manual_seed(seed))
-    assert torch.equal(tokens, io["sampled_tokens"])
+    assert torch.equal(tokens, io["sampled_tokens"])       # its picks survive PICK_SLACK: test_tokens_exact
     assert relative_error(image, io["sampled_image"]) <= TOL
     with pytest.raises(ValueError, match="multiples of 16"):
         check_size(model, 64, 72)

@@ -164,7 +164,8 @@ def test_int8_mm_falls_back_on_unfit_shapes(m, k, n, expect):
     ref_layer = nn.Linear(k, n)
     layer = Int8Linear.from_linear(ref_layer, route="int8_mm")
     x = torch.randn(m, k)
-    assert layer.route_for(x) == expect
+    # where torch._int_mm is not exact (a saturating int8 kernel), forcing int8_mm falls back to dequant
+    assert layer.route_for(x) == (expect if "int8_mm" in int8.available_routes("cpu") else "dequant")
     with torch.no_grad():
         assert rel_err(layer(x), ref_layer(x)) <= 0.01
 
@@ -185,8 +186,12 @@ def test_route_override_and_backend_text(monkeypatch):
     layer = Int8Linear(64, 64)
     x = torch.randn(32, 64)
     monkeypatch.setenv(int8.ROUTE_ENV, "int8_mm")
-    assert layer.route_for(x) == "int8_mm"
-    assert int8.int8_backend("cpu").startswith("int8_mm — forced by " + int8.ROUTE_ENV)
+    if "int8_mm" in int8.available_routes("cpu"):
+        assert layer.route_for(x) == "int8_mm"
+        assert int8.int8_backend("cpu").startswith("int8_mm — forced by " + int8.ROUTE_ENV)
+    else:                                    # torch._int_mm gives wrong sums on this CPU: refused by name
+        assert layer.route_for(x) == "dequant"
+        assert "wrong sums" in int8.int8_backend("cpu")
     assert Int8Linear(64, 64, route="dequant").route_for(x) == "dequant"   # the argument beats the env var
     assert int8_ops("dequant").Linear(64, 64).route_for(x) == "dequant"
     monkeypatch.setenv(int8.ROUTE_ENV, "auto")
