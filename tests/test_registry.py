@@ -40,8 +40,9 @@ ICON_BRANCH = "main"            # the branch raw.githubusercontent.com serves th
 
 
 def pinned(name: str) -> str:
-    m = re.search(rf"(?<![\w$]){name}=([^;\s]+)", (REPO / ".ci" / "setup").read_text())
-    assert m, f"{name}= not found in .ci/setup"
+    """The version of `name` that .ci/setup installs into comfy-cli's venv: its lock's."""
+    m = re.search(rf"^{re.escape(name)}==(\S+)", (REPO / ".ci" / "lock" / "comfy-cli.txt").read_text(), re.M)
+    assert m, f"{name} is not in .ci/lock/comfy-cli.txt"
     return m.group(1)
 
 
@@ -80,9 +81,9 @@ def test_comfy_cli_is_the_pinned_version(comfy_cli, tmp_path):
     env = dict(os.environ, HOME=str(tmp_path), DO_NOT_TRACK="1")
     out = subprocess.run([str(comfy_cli), "--skip-prompt", "--no-json", "--version"], stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 0 and out.stdout.strip() == pinned("COMFY_CLI_VERSION"), report(out)
+    assert out.returncode == 0 and out.stdout.strip() == pinned("comfy-cli"), report(out)
     ruff = subprocess.run([str(CLI_PY), "-m", "ruff", "--version"], capture_output=True, text=True, timeout=60)
-    assert ruff.stdout.split() == ["ruff", pinned("COMFY_CLI_RUFF")], ruff.stdout + ruff.stderr
+    assert ruff.stdout.split() == ["ruff", pinned("ruff")], ruff.stdout + ruff.stderr
 
 
 def test_the_pack_passes_comfy_node_validate(comfy_cli, tmp_path):
