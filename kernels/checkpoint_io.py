@@ -159,13 +159,32 @@ def _read_folder(path: str) -> dict:
 
 
 def read_json_beside(path: str, name: str = "config.json") -> Optional[dict]:
-    """A diffusers config.json in the folder or next to the file, if there is one."""
+    """A diffusers config.json in the folder or next to the file, if there is one (None if there is none).
+
+    A file that is there but unusable — unreadable, empty, not JSON, or JSON that is not an object — is a
+    CheckpointError naming the file, what is wrong and what was expected, instead of json's bare message."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     candidate = os.path.join(folder, name)
-    if os.path.exists(candidate):
-        with open(candidate) as f:
-            return json.load(f)
-    return None
+    if not os.path.exists(candidate):
+        return None
+    expected = (f"expected the JSON object that describes the weights beside it (a diffusers {name}: "
+                f"{{\"_class_name\": …, \"num_layers\": …, …}}); restore it from the model's download")
+    try:
+        with open(candidate, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{candidate}: cannot be read as text ({e}); {expected}") from None
+    if not text.strip():
+        raise CheckpointError(f"{candidate} is empty; {expected}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{candidate} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                              f"{expected}") from None
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise CheckpointError(f"{candidate} holds {kind} ({text.strip()[:60]!r}), not an object; {expected}")
+    return value
 
 
 def meta_shapes(build) -> dict:

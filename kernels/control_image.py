@@ -34,30 +34,36 @@ def _center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return image[..., top:top + height, left:left + width]
 
 
-def fit_control_image(image: torch.Tensor, height: int, width: int, mode: str = "center_crop") -> torch.Tensor:
-    """[B,C,h,w] -> [B,C,height,width]: "center_crop" (cover, then crop), "resize" (stretch) or "pixart_app"."""
-    if image.ndim != 4:
-        raise ValueError(f"fit_control_image wants [B,C,H,W]; got {tuple(image.shape)}")
+def resized_size(in_h: int, in_w: int, height: int, width: int, mode: str) -> tuple:
+    """(h, w) the image is resized to before the centre crop (the target itself for "resize"). For a strip
+    far from the target's aspect this is much larger than the target: a 1×8000 px strip covering 1024×1024
+    becomes 1024×8 192 000 px, of which 1/8000 is kept."""
     if mode not in FIT_MODES:
         raise ValueError(f"unknown fit mode {mode!r}; choose one of {FIT_MODES}")
-    if not image.is_floating_point():
-        image = image.float()
-    in_h, in_w = image.shape[-2:]
     if mode == "resize":
-        return _resize(image, height, width)
+        return height, width
     if mode == "center_crop":
         # Scale so both sides cover the target: never pads. Equals "pixart_app" whenever the app's
         # short-side rule already covers the target (same orientation, image at least as elongated).
         scale = max(height / in_h, width / in_w)
-        new_h, new_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
-    else:
-        # The app's exact rule: short side -> min(height, width), long side truncated as torchvision's
-        # Resize(int) does. If that leaves a side short of the target, CenterCrop pads with black.
-        short = min(height, width)
-        if in_w <= in_h:
-            new_h, new_w = int(short * in_h / in_w), short
-        else:
-            new_h, new_w = short, int(short * in_w / in_h)
+        return max(height, round(in_h * scale)), max(width, round(in_w * scale))
+    # The app's exact rule: short side -> min(height, width), long side truncated as torchvision's
+    # Resize(int) does. If that leaves a side short of the target, CenterCrop pads with black.
+    short = min(height, width)
+    if in_w <= in_h:
+        return int(short * in_h / in_w), short
+    return short, int(short * in_w / in_h)
+
+
+def fit_control_image(image: torch.Tensor, height: int, width: int, mode: str = "center_crop") -> torch.Tensor:
+    """[B,C,h,w] -> [B,C,height,width]: "center_crop" (cover, then crop), "resize" (stretch) or "pixart_app"."""
+    if image.ndim != 4:
+        raise ValueError(f"fit_control_image wants [B,C,H,W]; got {tuple(image.shape)}")
+    new_h, new_w = resized_size(*image.shape[-2:], height, width, mode)
+    if not image.is_floating_point():
+        image = image.float()
+    if mode == "resize":
+        return _resize(image, height, width)
     return _center_crop(_resize(image, new_h, new_w), height, width)
 
 

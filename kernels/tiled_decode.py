@@ -76,4 +76,4 @@ def tiled_decode(latent: torch.Tensor, decode: Callable[[torch.Tensor], torch.Te
             done += 1
             if on_tile is not None:
                 on_tile(done, total)
-    return out / weight
+    return out.div_(weight)      # in place: the image is the largest tensor here, no second copy

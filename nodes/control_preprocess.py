@@ -16,8 +16,9 @@ import comfy.utils
 import folder_paths
 
 from ..kernels.canny import canny_edges
-from ..kernels.control_image import FIT_MODES, edges_to_control_rgb, fit_control_image
-from ..kernels.hed import HEDNetwork, hed_edges, load_hed, read_hed_file
+from ..kernels.control_image import FIT_MODES, edges_to_control_rgb, fit_control_image, resized_size
+from ..kernels.hed import HED_BYTES_PER_PIXEL, HEDNetwork, hed_edges, load_hed, read_hed_file
+from .input_checks import gib, log_adjusted_once, refuse_over_free_memory
 
 CATEGORY = "DiT Control/PixArt"
 ANNOTATORS = "annotators"
@@ -105,6 +106,12 @@ class HEDSoftEdge(io.ComfyNode):
     def execute(cls, hed_model: HEDNetwork, image) -> io.NodeOutput:
         rgb = _image_to_bchw(image)
         device = mm.get_torch_device()
+        batch, _, height, width = rgb.shape
+        # one image's network activations on the device at a time; the edges of the batch pile up beside them
+        refuse_over_free_memory(
+            "HED Soft Edge", f"a {width}×{height} px image", HED_BYTES_PER_PIXEL * height * width, device,
+            f"HED runs at full resolution, ~{HED_BYTES_PER_PIXEL} bytes of feature maps per pixel",
+            "Fit the image to the generation size first (Fit Control Image), as PixArt-δ's app does.")
         progress = comfy.utils.ProgressBar(rgb.shape[0])
         out = []
         hed_model.to(device)
@@ -141,6 +148,10 @@ class CannyEdge(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, low_threshold=100, high_threshold=200) -> io.NodeOutput:
+        if low_threshold > high_threshold:       # OpenCV swaps them without a word
+            log_adjusted_once("Canny Edge (PixArt-δ)", "low_threshold / high_threshold",
+                              (low_threshold, high_threshold), (high_threshold, low_threshold),
+                              "OpenCV takes the smaller as the low threshold")
         rgb = _image_to_bchw(image)
         progress = comfy.utils.ProgressBar(rgb.shape[0])
         out = []
@@ -149,6 +160,15 @@ class CannyEdge(io.ComfyNode):
             out.append(edges_to_control_rgb(canny_edges(item, low_threshold, high_threshold)))
             progress.update(1)
         return io.NodeOutput(_bchw_to_image(torch.cat(out)))
+
+
+FIT_NODE = "Fit Control Image"
+MAX_FIT_SIDE = 8192
+# The cover resize of center_crop / pixart_app makes at most this many pixels per image: 4× the largest
+# result this node gives (8192², its widgets' max; 3 GiB as float32 RGB), so a picture within 4:1 of the
+# target's aspect fits at every target size, while a strip far from it (1×N px) is refused by name instead
+# of being blown up into a picture that is almost all cropped away.
+MAX_RESIZED_PIXELS = 4 * MAX_FIT_SIDE * MAX_FIT_SIDE
 
 
 class FitControlImage(io.ComfyNode):
@@ -163,9 +183,9 @@ class FitControlImage(io.ComfyNode):
                         "'resize' stretches, 'pixart_app' repeats the app's rule exactly.",
             inputs=[
                 io.Image.Input("image", tooltip="The control image (or an edge map)."),
-                io.Int.Input("width", default=1024, min=16, max=8192, step=16,
+                io.Int.Input("width", default=1024, min=16, max=MAX_FIT_SIDE, step=16,
                              tooltip="Generation width in pixels (the latent is width/8)."),
-                io.Int.Input("height", default=1024, min=16, max=8192, step=16,
+                io.Int.Input("height", default=1024, min=16, max=MAX_FIT_SIDE, step=16,
                              tooltip="Generation height in pixels (the latent is height/8)."),
                 io.Combo.Input("mode", options=list(FIT_MODES), default="center_crop",
                                tooltip="PixArt-δ's app fits the control image to the generation size by "
@@ -181,8 +201,27 @@ class FitControlImage(io.ComfyNode):
     def execute(cls, image, width=1024, height=1024, mode="center_crop") -> io.NodeOutput:
         if image.ndim != 4:
             raise ValueError(f"expected an IMAGE [B,H,W,C]; got shape {tuple(image.shape)}")
-        out = fit_control_image(image.movedim(-1, 1), height, width, mode)
-        return io.NodeOutput(_bchw_to_image(out.clamp(0.0, 1.0)))
+        batch, in_h, in_w, channels = image.shape
+        resized_h, resized_w = resized_size(in_h, in_w, height, width, mode)
+        if resized_h * resized_w > MAX_RESIZED_PIXELS:
+            raise ValueError(
+                f"{FIT_NODE}: a {in_w}×{in_h} px image (aspect {max(in_w, in_h) / min(in_w, in_h):.0f}:1) fitted to "
+                f"{width}×{height} by '{mode}' would first be resized to {resized_w}×{resized_h} px "
+                f"({gib(resized_h * resized_w * channels * 4)}) and then cropped to {width}×{height}: over this "
+                f"node's limit of {MAX_RESIZED_PIXELS // 2**20} Mi px for that step (4× its largest result, "
+                f"{MAX_FIT_SIDE}×{MAX_FIT_SIDE}); refused before allocating. Crop the image near the target's "
+                f"aspect first (core's ImageCrop), or use mode 'resize' (stretches it, no larger intermediate).")
+        # the result batch, plus one image's resize and the antialiased resize's one-axis pass
+        needed = 4 * channels * (batch * height * width + 2 * resized_h * resized_w)
+        refuse_over_free_memory(FIT_NODE, f"{batch} result(s) of {width}×{height} px", needed, image.device,
+                                "float32 pixels of the result batch and of one image's resize",
+                                "Use a smaller batch or size.")
+        out = torch.empty(batch, height, width, channels, dtype=torch.float32, device=image.device)
+        for i in range(batch):         # one image at a time: only one resized intermediate is alive
+            mm.throw_exception_if_processing_interrupted()
+            fitted = fit_control_image(image[i:i + 1].movedim(-1, 1), height, width, mode)
+            out[i] = fitted[0].movedim(0, -1)     # fitted may be a view of the input: clamp the copy only
+        return io.NodeOutput(out.clamp_(0.0, 1.0).to(mm.intermediate_device()))
 
 
 NODES = [HEDLoader, HEDSoftEdge, CannyEdge, FitControlImage]

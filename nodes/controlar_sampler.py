@@ -19,11 +19,13 @@ import comfy.utils
 from ..kernels.controlar.dinov2 import resize_mode
 from ..kernels.controlar.sampling import SamplingSettings, generate
 from .finite_guard import NonFiniteStepError
+from .input_checks import check_finite, log_adjusted_once
 from .controlar import (CATEGORY, VQ, ControlARConditioning, ControlARConditioningType, ControlARModel,
                         ControlARModelType, ImageTokens, ImageTokensType, VQModelType, check_vocab)
 
 CONTROL_TYPES = ("canny", "hed", "lineart", "depth", "seg")
 MAX_SIDE = 4096
+NODE = "ControlAR Sampler"
 
 
 def preview_size() -> int:
@@ -81,6 +83,16 @@ def caption_batch(cond: ControlARConditioning, model: ControlARModel, batch: int
     if cap.shape[0] == 1:
         cap, mask = cap.expand(batch, -1, -1), mask.expand(batch, -1)
     return cap, mask
+
+
+def log_sampling_adjustments(cfg: float, temperature: float, top_k: int, vocab_size: int) -> None:
+    """The values kernels/controlar/sampling.py reads differently from what was typed, said once each."""
+    if cfg < 1:
+        log_adjusted_once(NODE, "cfg", cfg, "no CFG", "as the reference, CFG runs only for cfg > 1")
+    if temperature < 1e-5:
+        log_adjusted_once(NODE, "temperature", temperature, 1e-5, "the logits are divided by it; nearly greedy")
+    if top_k > vocab_size:
+        log_adjusted_once(NODE, "top_k", top_k, vocab_size, f"the vocabulary has {vocab_size} tokens: all kept")
 
 
 class TokenProgress:
@@ -152,7 +164,7 @@ class ControlARSampler(io.ComfyNode):
                 io.Int.Input("preview_every_rows", default=0, min=0, max=256,
                              tooltip="Show the rows generated so far every N token rows (16·N px), decoded "
                                      "with the VQ model. Each preview is a VQ decode, so 0 = off."),
-                io.Image.Input("control_image", optional=True,
+                io.Image.Input("control_image", optional=True, lazy=True,
                                tooltip="The control map at width×height (Canny Edge / HED Soft Edge / a depth "
                                        "or seg map), white-on-black edges as ControlAR's maps are."),
                 VQModelType.Input("vq_model", optional=True,
@@ -162,11 +174,21 @@ class ControlARSampler(io.ComfyNode):
         )
 
     @classmethod
+    def check_lazy_status(cls, controlar_model: ControlARModel, width=512, height=512, **inputs) -> list:
+        """The size is checked against the model's token budget before the control map is made: a map at a
+        size the model cannot sample (Fit Control Image, HED at that size) is never computed."""
+        token_grid(controlar_model, width, height)
+        # a connected control_image not computed yet arrives as None; an unconnected one does not arrive
+        return ["control_image"] if "control_image" in inputs and inputs["control_image"] is None else []
+
+    @classmethod
     def execute(cls, controlar_model: ControlARModel, conditioning: ControlARConditioning, control_type="canny",
                 width=512, height=512, cfg=4.0, temperature=1.0, top_k=2000, top_p=1.0, strength=1.0, seed=0,
                 batch_size=1, preview_every_rows=0, control_image=None, vq_model=None) -> io.NodeOutput:
         model = controlar_model
+        check_finite(NODE, cfg=cfg, temperature=temperature, top_p=top_p, strength=strength)
         rows, cols = token_grid(model, width, height)
+        log_sampling_adjustments(cfg, temperature, top_k, model.config.vocab_size)
         if control_image is not None and not model.has_control:
             raise ValueError(f"ControlAR Sampler: '{model.name}' is a LlamaGen base without a control encoder; "
                              f"disconnect control_image or load a ControlAR file")

@@ -31,6 +31,7 @@ from ..kernels.pixart.model import PixArtConfig
 from ..kernels.pixart.controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
                                          prepare_pixart_controlnet)
 from .comfy_compat import new_model_patcher, register_reloader
+from .input_checks import check_finite
 from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
@@ -89,6 +90,11 @@ class PixArtControlNet(comfy.controlnet.ControlBase):
                              "works only with a MODEL from 'PixArt-α DiT Loader' (or from the checkpoint "
                              "loader of a full control file)")
         self.kind.check(self.info, model.diffusion_model.config)
+        # core's Apply ControlNet lets a NaN strength or percent through its range check; here it would
+        # turn every step's control (or its step range) into NaN
+        start, end = getattr(self, "timestep_percent_range", (0.0, 1.0))
+        check_finite(f"Apply ControlNet ({self.kind.name})", strength=self.strength, start_percent=start,
+                     end_percent=end)
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling_current = model.model_sampling
 

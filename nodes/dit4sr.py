@@ -7,16 +7,21 @@
   both conditionings carrying the LR latent and the tile settings, the empty latent of the output size and the
   upscaled input (the colour reference). The reference's preparation: minimum short side, bicubic ×upscale,
   multiple of 8; SD3's latent format `(z − 0.0609)·1.5305` is applied by the MODEL, as core does for its
-  concat latents.
+  concat latents. Bounded end to end: sizes beyond what stays bounded are refused before anything is
+  allocated (kernels/dit4sr/sizes.py), and the LR image is VAE-encoded in tiles under the transformer's
+  memory budget (kernels/dit4sr/tiled_encode.py; exactly core's encode when it fits one tile).
 - DiT4SR Colour Fix: AdaIN (default) or wavelet colour fix of the decoded image against the upscaled input.
 """
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import torch
 
 import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 import node_helpers
 from comfy_api.latest import io
@@ -24,8 +29,10 @@ from comfy_api.latest import io
 from ..kernels.checkpoint_io import CheckpointError, read_json_beside, read_state_dict
 from ..kernels.dit4sr.checkpoint import prepare_dit4sr, variant_name
 from ..kernels.dit4sr.colour_fix import METHODS, colour_fix
-from ..kernels.dit4sr.preprocess import PROCESS_SIZE, processed_size, upscale_image, resize_bicubic
-from ..kernels.dit4sr.tiling import TileSettings
+from ..kernels.dit4sr.preprocess import PROCESS_SIZE, upscale_image, resize_bicubic
+from ..kernels.dit4sr.sizes import SizeLimits, check_output_size
+from ..kernels.dit4sr.tiled_encode import ENCODE_OVERLAP_PX, encode_spans, encode_tile_side, tiled_encode
+from ..kernels.dit4sr.tiling import TileSettings, tile_and_overlap
 from .comfy_compat import register_reloader
 from .dit4sr_model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
 from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
@@ -40,6 +47,35 @@ NEGATIVE_PROMPT = ("motion blur, noisy, dotted, bokeh, pointed, CG Style, 3D ren
                    "messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, "
                    "lowres, chaotic")
 UPSCALES = ("4", "2", "1")
+# core's estimate for its KL VAEs (comfy/sd.py memory_used_encode: 1767 bytes per pixel per byte of dtype), in
+# float32: used if a VAE object does not offer its own
+FALLBACK_ENCODE_BYTES_PER_PIXEL = 1767 * 4
+LIMITS = SizeLimits()
+_LIMIT_SIDE = math.isqrt(LIMITS.max_output_pixels)
+
+
+def encode_bytes_per_pixel(vae) -> float:
+    """The VAE's own estimate of its encode memory per image pixel (core's `memory_used_encode`)."""
+    try:
+        return float(vae.memory_used_encode((1, 3, 64, 64), vae.vae_dtype)) / (64 * 64)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return float(FALLBACK_ENCODE_BYTES_PER_PIXEL)
+
+
+def encode_lr_image(vae, up: torch.Tensor, tile_px: int) -> torch.Tensor:
+    """The upscaled LR image's VAE latent, tile by tile with progress and interrupts (the whole image when it
+    fits one tile: exactly `vae.encode`)."""
+    pbar = None
+
+    def on_tile(done, total):
+        nonlocal pbar
+        mm.throw_exception_if_processing_interrupted()
+        if total > 1:
+            if pbar is None:
+                pbar = comfy.utils.ProgressBar(total)
+            pbar.update_absolute(done, total)
+
+    return tiled_encode(up, vae.encode, tile=tile_px, overlap=ENCODE_OVERLAP_PX, on_tile=on_tile)
 
 
 def load_dit4sr_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
@@ -109,7 +145,10 @@ class DiT4SRConditioning(io.ComfyNode):
                         "min_short_side / upscale, bicubic ×upscale, cut to a multiple of 8), encodes it with the "
                         "SD3 VAE and adds it to both conditionings; outputs the empty latent of the output size "
                         "and the upscaled input for the colour fix. Tiling happens inside the model: square tiles "
-                        "of tile_size latent pixels with Gaussian-weighted overlaps, so any size works.",
+                        "of tile_size latent pixels with Gaussian-weighted overlaps; the LR image is VAE-encoded in "
+                        f"tiles too, so memory stays bounded. Results over {LIMITS.max_output_pixels / 1e6:.1f} MP "
+                        f"({_LIMIT_SIDE}×{_LIMIT_SIDE} px) and strips more than {LIMITS.max_aspect:g}:1 are refused "
+                        "up front, with what to do instead.",
             inputs=[
                 io.Conditioning.Input("positive", tooltip="SD3 text conditioning (TripleCLIPLoader + "
                                                           "CLIPTextEncode): a caption of the image, plus the "
@@ -129,10 +168,13 @@ class DiT4SRConditioning(io.ComfyNode):
                                      "larger than one tile are processed in square tiles."),
                 io.Int.Input("tile_overlap", default=24, min=0, max=64, step=2,
                              tooltip="Overlap of neighbouring tiles in latent pixels (reference 24, its gradio "
-                                     "demo 16). At most half the tile."),
+                                     "demo 16). At most half the tile side: a larger value is lowered to half "
+                                     "the tile (the log says so, with the value used)."),
                 io.Int.Input("tile_batch_mb", default=2048, min=0, max=1 << 20, step=64,
                              tooltip="Activation memory per model call, in MB: as many tiles go through the "
-                                     "model at once as fit (at least one). 0: one tile per call."),
+                                     "model at once as fit (at least one). 0: one tile per call. The LR image's "
+                                     "VAE encode uses the same budget: tiles as large as the VAE's own memory "
+                                     "estimate allows, at least tile_size × 8 px."),
             ],
             outputs=[
                 io.Conditioning.Output("positive_out", display_name="positive",
@@ -152,20 +194,36 @@ class DiT4SRConditioning(io.ComfyNode):
         channels = getattr(vae, "latent_channels", None)
         if channels != 16:
             raise ValueError(f"DiT4SR needs the SD3 / SD3.5 VAE (16 latent channels); this VAE has {channels}")
-        (w, h), _ = processed_size(image.shape[2], image.shape[1], factor, min_short_side)
-        if w < 16 or h < 16:
-            raise ValueError(f"DiT4SR: the upscaled image would be {w}×{h} px; it must be at least 16×16")
-        up = upscale_image(image, factor, min_short_side)
-        mm.throw_exception_if_processing_interrupted()
-        lr = vae.encode(up[..., :3])
-        tiles = TileSettings(tile=tile_size, overlap=tile_overlap,
-                             memory_budget=tile_batch_mb << 20 if tile_batch_mb > 0 else 1)
-        values = {LR_LATENT_KEY: lr, TILES_KEY: tiles}
-        latent = torch.zeros([image.shape[0], 16, h // 8, w // 8], device=mm.intermediate_device())
+        # from the sizes alone, before anything full-size exists: a refusal costs nothing
+        w, h = check_output_size(image.shape[2], image.shape[1], factor, min_short_side, batch=image.shape[0],
+                                 limits=LIMITS)
+        budget = tile_batch_mb << 20 if tile_batch_mb > 0 else 1
+        tiles = TileSettings(tile=tile_size, overlap=tile_overlap, memory_budget=budget)
+        _say_clamped_overlap(h // 8, w // 8, tiles)
+        encode_tile = encode_tile_side(encode_bytes_per_pixel(vae), budget, floor_px=tile_size * 8)
+        rows, cols = encode_spans(h, w, encode_tile)
         logging.info("dit-control: DiT4SR input %dx%d -> %dx%d (x%d), latent %dx%d", image.shape[2], image.shape[1],
                      w, h, factor, w // 8, h // 8)
+        logging.info("dit-control: DiT4SR LR image VAE-encoded in %d tile(s) of at most %d px (overlap %d px)",
+                     len(rows) * len(cols), encode_tile, ENCODE_OVERLAP_PX)
+        start = time.monotonic()
+        up = upscale_image(image, factor, min_short_side)
+        mm.throw_exception_if_processing_interrupted()
+        lr = encode_lr_image(vae, up[..., :3], encode_tile)
+        logging.info("dit-control: DiT4SR LR image prepared and encoded in %.1f s", time.monotonic() - start)
+        values = {LR_LATENT_KEY: lr, TILES_KEY: tiles}
+        latent = torch.zeros([image.shape[0], 16, h // 8, w // 8], device=mm.intermediate_device())
         return io.NodeOutput(node_helpers.conditioning_set_values(positive, values),
                              node_helpers.conditioning_set_values(negative, values), {"samples": latent}, up)
+
+
+def _say_clamped_overlap(lat_h: int, lat_w: int, tiles: TileSettings) -> None:
+    """Log, once per prompt (this node runs once), when the model will use a smaller overlap than asked: at most
+    half the tile side (kernels/dit4sr/tiling.py; the reference loops forever once the overlap reaches it)."""
+    sizes = tile_and_overlap(lat_h, lat_w, tiles)
+    if sizes is not None and sizes[1] < tiles.overlap:
+        logging.warning("dit-control: DiT4SR tile_overlap %d is more than half the tile side (%d latent px for this "
+                        "%dx%d latent): using an overlap of %d", tiles.overlap, sizes[0], lat_w, lat_h, sizes[1])
 
 
 class DiT4SRColourFix(io.ComfyNode):

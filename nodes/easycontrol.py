@@ -24,6 +24,7 @@ from ..kernels.flux_easycontrol.condition import split_tall_latent
 from ..kernels.flux_easycontrol.condition_image import prepare_condition
 from ..kernels.flux_easycontrol.lora import load_lora
 from .flux_easycontrol_model import ConditionSource, current_spec, patch_model
+from .input_checks import check_finite
 
 CATEGORY = "DiT Control/EasyControl"
 KIND_CHOICES = ("auto", "spatial", "subject")
@@ -147,6 +148,7 @@ def apply_easycontrol(model, vae, lora: EasyControlLoRAFile, image, condition_si
                       kind="auto", cache=True):
     from .flux_easycontrol_model import core_flux
     core_flux(model)                     # clear error for a PixArt/SD MODEL before any VAE work
+    check_finite("Apply EasyControl", strength=strength)
     if condition_size % 16:
         raise ValueError(f"condition_size must be a multiple of 16, got {condition_size}")
     kind = lora.kind_from_name if kind == "auto" else kind

@@ -30,7 +30,8 @@ def _step_of(transformer_options: dict):
 def _likely_cause(x: torch.Tensor, context, compute_dtype) -> str:
     if not bool(torch.isfinite(x).all()):
         return ("the latent entering this step was already NaN/Inf: an earlier node (the input latent, a "
-                "previous sampler) produced it")
+                "previous sampler) produced it, or the sampler's cfg is NaN (ComfyUI's range check lets a NaN "
+                "widget value through)")
     if context is not None and torch.is_tensor(context) and not bool(torch.isfinite(context).all()):
         return "the text conditioning holds NaN/Inf: check the text encoder's weights and dtype"
     if compute_dtype == torch.float16:

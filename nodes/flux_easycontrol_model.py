@@ -29,6 +29,7 @@ from ..kernels.checkpoint_io import CheckpointError
 from ..kernels.flux_easycontrol import blocks
 from ..kernels.flux_easycontrol.condition import EasyControl
 from .finite_guard import check_step_output
+from .input_checks import refuse_over_free_memory
 
 SPEC_KEY = "dit_control_easycontrol"          # model_options["transformer_options"][SPEC_KEY]: the spec
 RUN_KEY = "dit_control_easycontrol_run"       # transformer_options of one call: (core Flux, ConditionRun)
@@ -151,6 +152,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     spec = guider.model_options.get("transformer_options", {}).get(SPEC_KEY)
     if spec is None:
         return executor(*args, **kwargs)
+    check_run_fits(guider, spec, noise=args[0] if args else kwargs["noise"])
     bank = spec.easycontrol.bank
     builds, hits = bank.builds, bank.hits
     try:
@@ -159,6 +161,39 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         logging.info("dit-control: EasyControl sampling run done (cache %s): KV bank built %d, reused %d times; "
                      "dropped", "on" if spec.cache else "off", bank.builds - builds, bank.hits - hits)
+
+
+# FLUX.1 pipelines encode the prompt to at most 512 T5 tokens (+ none from CLIP-L, which is pooled)
+MAX_TEXT_TOKENS = 512
+
+
+def check_run_fits(guider, spec: EasyControlSpec, noise: torch.Tensor) -> None:
+    """Before a sampling run allocates anything: refuse a latent size / condition size whose activations,
+    KV bank (cache on) or joint mask (cache off) the device cannot hold, naming both sizes."""
+    import comfy.model_management as mm
+    if not torch.is_tensor(noise) or noise.ndim != 4:      # not one image latent (v0.33's nested latents)
+        return
+    model = guider.model_patcher.model
+    flux = model.diffusion_model
+    p = flux.patch_size
+    h, w = noise.shape[-2] + (-noise.shape[-2]) % p, noise.shape[-1] + (-noise.shape[-1]) % p
+    branches = 2 if getattr(guider, "cfg", 1.0) != 1.0 else 1
+    rows = noise.shape[0] * branches
+    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    needed = spec.easycontrol.run_bytes(flux.params.hidden_size, len(flux.double_blocks) + len(flux.single_blocks),
+                                        (h // p) * (w // p), MAX_TEXT_TOKENS, rows, mm.dtype_size(dtype))
+    conditions = ", ".join(f"{s.pixels.shape[2]}×{s.pixels.shape[1]}" for s in spec.sources)
+    held = ("the condition K/V bank of every block" if spec.cache
+            else "the joint attention mask over every token (cache off)")
+    refuse_over_free_memory(
+        "Apply EasyControl (sampling)",
+        f"a {w * 8}×{h * 8} px image (batch {noise.shape[0]}{', both CFG halves' if branches == 2 else ''}) "
+        f"with conditions of {conditions} px", needed, mm.get_torch_device(),
+        f"{(h // p) * (w // p):,} image + {sum(c.tokens for c in spec.easycontrol.conditions):,} condition tokens: the "
+        f"blocks' activations and {held}",
+        "Sample at a smaller size (memory grows with the pixels), use condition_size 512 (EasyControl trains "
+        "and infers at 512), fewer chained conditions or a smaller batch; for a large picture, generate at "
+        "~1024 px and upscale in a second pass.")
 
 
 def patch_model(model_patcher, sources: list, cache: bool):

@@ -12,18 +12,23 @@ import torch
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
+import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.supported_models_base
 
-from ..kernels.pixart.model import PixArt, PixArtConfig
+from ..kernels.pixart.model import (CONTROL_VALUES_PER_TOKEN, FORWARD_VALUES_PER_TOKEN, PixArt, PixArtConfig,
+                                    forward_bytes)
 from .finite_guard import check_step_output
+from .input_checks import refuse_over_free_memory
 from .comfy_compat import build_patcher, storage_dtypes as compat_storage_dtypes
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
 CAPTION_MASK_KEY = "pixart_caption_mask"
 # key of the control dict our CONTROL_NET returns per step (core UNet ControlNets use input/output lists)
 PIXART_CONTROL_KEY = "pixart_control"
+# pixels per latent pixel of the SD VAE our MODEL's latent format is
+VAE_FACTOR = 8
 
 
 class ComfyPixArt(PixArt):
@@ -36,10 +41,31 @@ class ComfyPixArt(PixArt):
     def forward(self, x, timesteps, context, c_size=None, c_ar=None, caption_mask=None, control=None,
                 transformer_options={}, **kwargs):
         control_fn = control_branch_from(control)
+        check_latent_fits(self.config, x, control_fn is not None)
         out = super().forward(x, timesteps, context, caption_mask, img_hw=c_size, aspect_ratio=c_ar,
                               control=control_fn)
         eps = out[:, :self.config.in_channels]  # ε; the learned-variance half is unused by samplers
         return check_step_output(eps, x, context, transformer_options, "PixArt DiT")
+
+
+def check_latent_fits(cfg: PixArtConfig, x: torch.Tensor, control: bool) -> None:
+    """Before a step allocates anything: the latent must split into whole patches, and one forward's
+    activations (kernels/pixart/model.forward_bytes) must fit in the memory free on its device."""
+    p = cfg.patch_size
+    batch, _, height, width = x.shape
+    if height % p or width % p:
+        raise ValueError(f"PixArt DiT: a {width * VAE_FACTOR}×{height * VAE_FACTOR} px image (latent {width}×"
+                         f"{height}) does not split into the model's {p}×{p} latent patches: width and height "
+                         f"must be multiples of {p * VAE_FACTOR} px")
+    tokens = (height // p) * (width // p)
+    refuse_over_free_memory(
+        "PixArt DiT", f"a {width * VAE_FACTOR}×{height * VAE_FACTOR} px image ({tokens:,} tokens, batch {batch})",
+        forward_bytes(cfg, batch, height, width, x.element_size(), control), x.device,
+        f"each token carries ~{FORWARD_VALUES_PER_TOKEN + (CONTROL_VALUES_PER_TOKEN if control else 0)} live "
+        f"vectors of {cfg.hidden_size} values per batch row{' with the control branch' if control else ''}, "
+        f"plus the position table",
+        f"PixArt-α is trained at up to 1024 px ({(1024 // VAE_FACTOR // p) ** 2} tokens). Choose a smaller size or "
+        f"batch (memory grows with the pixels), or generate at ≤ 2048 px and upscale in a second pass.")
 
 
 def control_branch_from(control):
@@ -57,6 +83,13 @@ class PixArtDiTModel(comfy.model_base.BaseModel):
 
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.EPS, device=None):
         super().__init__(model_config, model_type, device=device, unet_model=ComfyPixArt)
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        """The kernel's own estimate of a forward (core's batching of the CFG halves and its weight offloading
+        go by this), in the dtype the forward computes in."""
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        return forward_bytes(self.diffusion_model.config, input_shape[0], input_shape[-2], input_shape[-1],
+                             comfy.model_management.dtype_size(dtype))
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)

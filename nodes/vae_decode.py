@@ -7,8 +7,10 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..kernels.tiled_decode import tiled_decode
+from .input_checks import log_adjusted_once, refuse_over_free_memory
 
 CATEGORY = "DiT Control/latent"
+NODE = "VAE Decode (Tiled, one pass)"
 
 
 class VAEDecodeTiledOnePass(io.ComfyNode):
@@ -45,8 +47,19 @@ class VAEDecodeTiledOnePass(io.ComfyNode):
         if not isinstance(scale, int):
             raise ValueError(f"this VAE's spatial compression is {scale!r}, not a plain factor; "
                              f"use core's VAE Decode (Tiled)")
+        batch, _, height, width = latent.shape
+        pixels = batch * height * width * scale * scale
+        # the float32 image accumulates here (3 channels + a blend weight per pixel) and is handed on as a
+        # clamped [B, H, W, C] copy; a tile's decode is small beside them
+        refuse_over_free_memory(
+            NODE, f"a {width * scale}×{height * scale} px image (batch {batch})", 4 * (3 + 1 + 3) * pixels,
+            mm.intermediate_device(), "the float32 image, its blend weights and the clamped copy it hands on",
+            "Decode a smaller latent or batch (e.g. one image at a time with core's Latent From Batch).")
         tile = max(tile_size // scale, 1)
         lap = min(overlap // scale, tile // 2)
+        if lap < overlap // scale:
+            log_adjusted_once(NODE, "overlap", overlap, lap * scale,
+                              f"at most half the tile size {tile_size}")
         pbar = None
 
         def on_tile(done, total):

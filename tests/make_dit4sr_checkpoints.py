@@ -29,7 +29,8 @@ TINY_DIT4SR = dict(num_layers=4, num_heads=2, head_dim=32, ff_inner_dim=256, dua
                    pos_embed_max_size=96, joint_attention_dim=4096, pooled_projection_dim=2048, sample_size=128)
 DIT4SR_FOLDER = "dit4sr_q/transformer"
 SD3_VAE_NAME = "sd3.5_vae.safetensors"
-INPUTS = {"dit4sr_input.png": (96, 128), "dit4sr_input_small.png": (40, 32)}    # name: (width, height)
+INPUTS = {"dit4sr_input.png": (96, 128), "dit4sr_input_small.png": (40, 32),     # name: (width, height)
+          "dit4sr_input_500.png": (500, 500)}                                    # ×4: the 2000² case
 
 
 def sincos_table(dim: int, size: int) -> torch.Tensor:
@@ -55,15 +56,26 @@ def dead_shapes(cfg: DiT4SRConfig) -> dict:
     return shapes
 
 
-def dit4sr_state_dict(cfg: DiT4SRConfig, seed: int, dead: bool = True) -> dict:
-    """Seeded random weights in the released naming and dtypes (F16 base, F32 `*control*`); every tensor
-    non-zero (upstream zero-initialises the control projections and the conv, which would hide bugs)."""
-    gen = torch.Generator().manual_seed(seed)
+def dit4sr_shapes(cfg: DiT4SRConfig, dead: bool = True) -> dict:
+    """{name: shape} of a released-layout file for `cfg` (dead attn2 tensors included unless dead=False)."""
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in DiT4SR(cfg).state_dict().items()}
     if dead:
         shapes.update(dead_shapes(cfg))
-    sd = {}
+    return shapes
+
+
+def released_dtype(name: str) -> torch.dtype:
+    """The release's storage: F32 for every `*control*` tensor, F16 for the SD3.5 base."""
+    return torch.float32 if "control" in name else torch.float16
+
+
+def dit4sr_tensors(cfg: DiT4SRConfig, seed: int, dead: bool = True):
+    """(name, tensor) in name order, one at a time: seeded random weights in the released naming and dtypes;
+    every tensor non-zero (upstream zero-initialises the control projections and the conv, which would hide
+    bugs). One at a time, so the full-size 2.9 B model can be streamed to a file (the graph benchmark)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = dit4sr_shapes(cfg, dead)
     for name in sorted(shapes):
         shape = shapes[name]
         if name == "pos_embed.pos_embed":
@@ -76,8 +88,36 @@ def dit4sr_state_dict(cfg: DiT4SRConfig, seed: int, dead: bool = True) -> dict:
             fan_in = math.prod(shape[1:])
             gain = 0.5 if ".norm1" in name or "norm_out" in name else 1.0      # moderate AdaLN modulation
             t = torch.randn(shape, generator=gen) * (gain / fan_in ** 0.5)
-        sd[name] = t.to(torch.float32 if "control" in name else torch.float16).contiguous()
-    return sd
+        yield name, t.to(released_dtype(name)).contiguous()
+
+
+def dit4sr_state_dict(cfg: DiT4SRConfig, seed: int, dead: bool = True) -> dict:
+    """`dit4sr_tensors` as one dict."""
+    return dict(dit4sr_tensors(cfg, seed, dead))
+
+
+def stream_dit4sr_safetensors(path: Path, cfg: DiT4SRConfig, seed: int) -> Path:
+    """`dit4sr_tensors` written straight into a .safetensors file (8-byte header length, JSON header, raw
+    little-endian data): memory stays at one tensor, where safetensors' save_file holds the file twice."""
+    import json as _json
+    names_shapes = sorted(dit4sr_shapes(cfg).items())
+    header, offset = {}, 0
+    for name, shape in names_shapes:
+        dtype = released_dtype(name)
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": "F32" if dtype == torch.float32 else "F16", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = _json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                                   # the format aligns the data to 8 bytes
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, t in dit4sr_tensors(cfg, seed):
+            f.write(t.numpy().tobytes())
+    return path
 
 
 def diffusers_config(cfg: DiT4SRConfig) -> dict:

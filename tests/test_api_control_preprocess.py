@@ -112,6 +112,7 @@ def test_hed_batch_of_flat_images(comfy):
          **save("4", ["3", 0], "hed/flat")}
     outs = pngs(comfy, comfy.run_ok(g))
     assert len(outs) == 2 and all(o.shape == (32, 48, 3) for o in outs)
+    # the same computation twice: the node runs HED on one image per call (rgb.split(1)), same shapes and weights
     assert np.array_equal(outs[0], outs[1])
 
 
@@ -171,3 +172,38 @@ def test_wrong_hed_file_gives_clear_error_and_server_keeps_serving(comfy, square
     message = err["exception_message"]
     assert "ControlNetHED.pth" in message and bad_annotators[name] in message, message
     comfy.run_ok(hed_graph())
+
+
+def empty_image(width, height, node="1"):
+    return {node: {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": 1,
+                                                          "color": 0}}}
+
+
+def test_fit_refuses_a_strip_it_would_blow_up_and_stretches_it_in_resize_mode(comfy):
+    g = {**empty_image(1, 8000),
+         "2": {"class_type": "DiTControl_FitControlImage",
+               "inputs": {"image": ["1", 0], "width": 8192, "height": 8192, "mode": "center_crop"}},
+         **save("3", ["2", 0], "fit/strip")}
+    err = execution_error(comfy.run(g))
+    message = err and err["exception_message"]
+    assert message and "a 1×8000 px image (aspect 8000:1)" in message and "8192×65536000 px" in message \
+        and "limit of 256 Mi px" in message and "'resize'" in message, err
+    g["2"]["inputs"].update(width=64, height=64, mode="resize")
+    (out,) = pngs(comfy, comfy.run(g))
+    assert out.shape[:2] == (64, 64)
+
+
+def test_hed_refuses_an_image_whose_feature_maps_the_memory_cannot_hold(comfy):
+    """~800 bytes of feature maps a pixel (kernels/hed.py): a square image past this machine's free memory."""
+    import math
+    import psutil
+    side = 8 * math.ceil(math.sqrt(1.5 * psutil.virtual_memory().available / 800) / 8)
+    assert side <= 16384, (f"this machine has {psutil.virtual_memory().available / 2**30:.0f} GiB free: past it "
+                           f"needs a {side} px image, over EmptyImage's 16384 (the test is sized for ≤ 140 GiB)")
+    g = {**empty_image(side, side),
+         "2": {"class_type": "DiTControl_HEDLoader", "inputs": {"hed_name": HED_FILE}},
+         "3": {"class_type": "DiTControl_HEDSoftEdge", "inputs": {"hed_model": ["2", 0], "image": ["1", 0]}},
+         **save("4", ["3", 0], "hed/huge")}
+    err = execution_error(comfy.run(g))
+    assert err and f"HED Soft Edge: a {side}×{side} px image needs about" in err["exception_message"] \
+        and "Fit Control Image" in err["exception_message"], err

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
+from dit_control.tests.comfy_host import PromptRejected, assert_documented, execution_error, load_api_graph
 from dit_control.tests.workflow_format import strip_meta, ui_to_api
 from dit_control.tests.make_controlar_checkpoints import GPT_FILES, write_controlar_inputs
 
@@ -251,12 +251,30 @@ def test_llamagen_base_generates_without_control(server):
 
 
 def test_size_over_the_token_budget_is_refused_naming_it(server):
-    message = run_error(server, graph("controlar_canny_mr", size=(1024, 1024)))
+    g = graph("controlar_canny_mr", size=(1024, 1024))
+    err = execution_error(server.run(g))
+    message = err["exception_message"]
     assert "token budget of 2304" in message and "4096" in message, message
+    # refused before the control map is made at that size (the sampler's control_image is lazy)
+    assert one(g, "DiTControl_FitControlImage") not in err["executed"], err["executed"]
     g = graph("controlar_canny_mr")
     g["1"]["inputs"]["model_name"] = "hed.safetensors"       # a 512-px model: 1024 tokens
     message = run_error(server, g)
     assert "token budget of 1024" in message and "1536" in message, message
+
+
+@pytest.mark.both_hosts
+def test_nan_cfg_or_top_p_is_refused_by_name_and_the_next_prompt_runs(server):
+    """A NaN widget passes ComfyUI's range check (it compares false with min and max); without this check NaN
+    cfg meant no CFG and NaN top_p no top-p, silently. ±Infinity is core's own refusal at /prompt."""
+    for name in ("cfg", "top_p"):
+        message = run_error(server, graph("controlar_canny_mr", size=(64, 64), preview_every_rows=0,
+                                          **{name: float("nan")}))
+        assert f"ControlAR Sampler: {name} is nan" in message and "finite" in message, message
+    with pytest.raises(PromptRejected, match="value_bigger_than_max"):
+        server.submit(graph("controlar_canny_mr", size=(64, 64), cfg=float("inf")))
+    tokens = tokens_of(server.run_ok(graph("controlar_canny_mr", size=(64, 64), preview_every_rows=0, seed=6)))
+    assert len(tokens[0]) == 16
 
 
 def test_interrupt_stops_within_a_token_and_the_server_keeps_serving(server):

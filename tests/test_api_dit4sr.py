@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,155 @@ def test_wrong_vae_and_missing_lr_conditioning_are_clear_errors(server):
     assert err is not None and err["node_type"] == "KSampler", err
     assert "the LR latent is 80×64 px but the latent being sampled is 64×64 px" in err["exception_message"], err
     server.run_ok(small_graph())
+
+
+# ---------------------------------------------------------------------------------------------
+#                     Bounded end to end: sizes checked up front, the LR encode tiled
+# ---------------------------------------------------------------------------------------------
+
+TRANSFORMER_PEAK_GIB = 8.45      # the transformer benchmark's peak RSS at 1024² and 2048² (README "## DiT4SR")
+
+
+def server_memory_gib(server, field: str = "VmRSS") -> float:
+    """The server process's VmRSS (now) or VmHWM (peak since the last reset_peak), in GiB."""
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0]) / 2 ** 20
+
+
+def reset_peak(server) -> None:
+    """Start the server's VmHWM afresh from its current RSS (clear_refs 5), so a peak is this prompt's own."""
+    Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from /proc")
+def test_500px_photo_at_x4_runs_through_the_shipped_graph_in_bounded_memory(server):
+    """The issue's case: a 500×500 photo at ×4 (a 2000×2000 result) died in DiT4SR Conditioning after 112 s,
+    asking for 7.8 GB at once (the SD3 VAE's attention over the whole upscaled image). Now the LR image is
+    encoded in 25 tiles of at most 512 px and the shipped graph samples it (1 step), the server's peak RSS below
+    the transformer's own bounded working set. The graph runs up to the sampled latent: the one-pass tiled decode,
+    colour fix and save of a 2000² image cost ~15 min of CPU here with the full-size VAE, and are measured by
+    tests/benchmarks/bench_dit4sr_graph.py (the whole graph to the saved image, and its full-size tensors)."""
+    g = api_graph(steps=1, decode=False)
+    g[one(g, "LoadImage")]["inputs"]["image"] = "dit4sr_input_500.png"
+    reset_peak(server)
+    start = time.monotonic()
+    history = server.run_ok(g, timeout=1800)
+    seconds, peak = time.monotonic() - start, server_memory_gib(server, "VmHWM")
+    print(f"500×500 ×4 through the shipped graph to the sampled latent: {seconds:.0f} s, server peak RSS "
+          f"{peak:.2f} GiB")
+    lat = server.saved_latent(history)
+    assert lat.shape == (1, 16, 250, 250) and torch.isfinite(lat).all()
+    log = server.log_tail(300)
+    assert "DiT4SR input 500x500 -> 2000x2000 (x4), latent 250x250" in log
+    assert "LR image VAE-encoded in 25 tile(s) of at most 512 px" in log
+    assert peak < TRANSFORMER_PEAK_GIB, peak
+
+
+def write_size_inputs(input_dir: Path) -> None:
+    """The issue's oversized photo and strips (flat grey: cheap to write and to load)."""
+    from PIL import Image
+    for name, size in SIZE_INPUTS.items():
+        if not (input_dir / name).exists():
+            Image.new("RGB", size, (120, 130, 140)).save(input_dir / name)
+
+
+SIZE_INPUTS = {"dit4sr_4000x4000.png": (4000, 4000), "dit4sr_strip_1x512.png": (1, 512),
+               "dit4sr_strip_512x1.png": (512, 1)}
+# input, upscale, min_short_side -> what the refusal must say (the old node allocated 131 GB, 68.7 GB, and
+# ran 3.5 min at 9.9 GB on a 32768×64 picture)
+REFUSED = {
+    "4000x4000_x4": ("dit4sr_4000x4000.png", "4", 512,
+                     ("16000×16000 px result", "256.0 MP", "over this node's limit of 16.8 MP (4096×4096 px)",
+                      "upscale ×1", "at most about 1024×1024 px at ×4")),
+    "strip_1x512_x4": ("dit4sr_strip_1x512.png", "4", 512,
+                       ("1×512 px, a strip (512:1)", "up to 16:1", "512×262144 px", "32×512 px")),
+    "strip_512x1_x1": ("dit4sr_strip_512x1.png", "1", 64,
+                       ("512×1 px, a strip (512:1)", "up to 16:1", "32768×64 px", "512×32 px")),
+}
+
+
+@pytest.mark.both_hosts
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_oversized_results_and_strips_are_refused_before_anything_is_allocated(server, case):
+    """Refused by DiT4SR Conditioning from the sizes alone: the error arrives within seconds (the image only
+    has to be loaded) and the server's peak RSS grows by little more than the loaded image, not by the tens of
+    GB the upscale and the encode would have asked for."""
+    image, upscale, min_short_side, needles = REFUSED[case]
+    write_size_inputs(server.base_dir / "input")
+    g = small_graph()
+    g[one(g, "LoadImage")]["inputs"]["image"] = image
+    g[one(g, "DiTControl_DiT4SRConditioning")]["inputs"].update(upscale=upscale, min_short_side=min_short_side)
+    before = server_memory_gib(server)
+    reset_peak(server)
+    start = time.monotonic()
+    err = execution_error(server.run(g))
+    seconds, grew = time.monotonic() - start, server_memory_gib(server, "VmHWM") - before
+    assert err is not None and err["node_type"] == "DiTControl_DiT4SRConditioning", err
+    for needle in needles:
+        assert needle in err["exception_message"], (needle, err["exception_message"])
+    print(f"{case}: refused in {seconds:.1f} s, peak RSS +{grew:.2f} GiB: {err['exception_message']}")
+    assert seconds < 30 and grew < 1.0, (seconds, grew)
+
+
+def test_tile_overlap_over_half_the_tile_is_logged_with_the_value_used(server):
+    """tile_overlap 24 on 8-latent tiles (the model clamps it to 4): said once, in the log, with both values."""
+    g = small_graph(tile_size=8, tile_overlap=24)
+    server.run_ok(g)
+    assert ("DiT4SR tile_overlap 24 is more than half the tile side (8 latent px for this 10x8 latent): using an "
+            "overlap of 4") in server.log_tail(200)
+
+
+# ---------------------------------------------------------------------------------------------
+#                      Loader: an unusable config.json, a file that misses tensors
+# ---------------------------------------------------------------------------------------------
+
+BAD_CONFIG_FOLDER = "dit4sr_bad_config"
+# case -> (config.json text or None for the good one, keep only the first half of the tensors?, needles)
+BAD_CONFIGS = {
+    "not_json": ("{'num_layers': 4}", False, ("config.json is not valid JSON (Expecting property name enclosed "
+                                              "in double quotes at line 1, column 2)", "expected the JSON object")),
+    "empty": ("", False, ("config.json is empty", "expected the JSON object")),
+    "json_list": ("[4, 2, 32]", False, ("config.json holds a list", "not an object", "expected the JSON object")),
+    "half_the_tensors": (None, True, ("the weights do not match the expected layout", "missing: ",
+                                      "transformer_blocks.3.ff.control_conv.weight", "as its config.json declares it")),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_files(server):
+    """Copies of the tiny DiT4SR folder with a broken config.json, and one whose weights lost the second half of
+    their tensors (sorted by name: whole blocks gone, so the shapes alone read as a smaller model)."""
+    import safetensors.torch
+    from dit_control.tests.make_dit4sr_checkpoints import DIT4SR_FOLDER
+    good = server.models_dir / "diffusion_models" / DIT4SR_FOLDER
+    for case, (config_text, half, _) in BAD_CONFIGS.items():
+        folder = server.models_dir / "diffusion_models" / BAD_CONFIG_FOLDER / case
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        if half:
+            sd = safetensors.torch.load_file(str(good / weights.name))
+            names = sorted(sd)
+            safetensors.torch.save_file({k: sd[k] for k in names[:len(names) // 2]}, str(weights))
+        elif not weights.exists():
+            weights.symlink_to(good / weights.name)
+        (folder / "config.json").write_text((good / "config.json").read_text() if config_text is None else config_text)
+    return f"{BAD_CONFIG_FOLDER}/{{}}/diffusion_pytorch_model.safetensors"
+
+
+@pytest.mark.both_hosts
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_unusable_config_json_and_missing_tensors_are_named(server, bad_config_files, case):
+    """A config.json that is not JSON, empty or not an object: the file and the problem are named (json's bare
+    'Expecting value…' / 'list has no attribute get' were not). Weights missing half their tensors: named as
+    missing tensors (the strict check), not blamed on config.json."""
+    g = small_graph()
+    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = bad_config_files.format(case)
+    err = execution_error(server.run(g))
+    assert err is not None and err["node_type"] == "DiTControl_DiT4SRLoader", err
+    message = err["exception_message"]
+    for needle in BAD_CONFIGS[case][2]:
+        assert needle in message, (needle, message)
+    if BAD_CONFIGS[case][0] is not None:
+        assert f"{BAD_CONFIG_FOLDER}/{case}/config.json" in message, message
+    assert "does not describe them" not in message.split("\n")[0], message
+    print(f"{case}: {message[:300]}")

@@ -474,6 +474,7 @@ def test_changed_prompt_equals_a_fresh_server(server, models_dir, tmp_path):
     with ComfyServer(models_dir, base_dir=tmp_path / "fresh", host=server.host, probe=True) as fresh:
         prepare_server(fresh, models_dir)
         new = fresh.saved_latent(fresh.run_ok(changed))
+    # the same computation: both servers are started alike (same thread count, graph, shapes, dtypes)
     assert torch.equal(same, new)
 
 
@@ -532,3 +533,15 @@ def test_pixart_model_gives_a_clear_error(server):
     assert "needs a FLUX.1 MODEL" in err["exception_message"], err["exception_message"]
     print(err["exception_message"])
     server.run_ok(api_graph("easycontrol_canny", save_latent=False))
+
+
+def test_nan_strength_and_an_oversize_latent_are_refused_by_name(server):
+    g = api_graph("easycontrol_canny", save_latent=False)
+    g[apply_nodes(g)[0]]["inputs"]["strength"] = float("nan")
+    err = execution_error(server.run(g))
+    assert err and "Apply EasyControl: strength is nan" in err["exception_message"], err
+    # 16384² (EmptySD3LatentImage's largest): ~1M image tokens, refused when sampling starts, before the bank
+    err = execution_error(server.run(api_graph("easycontrol_canny", size=16384, steps=1, save_latent=False)))
+    message = err and err["exception_message"]
+    assert message and "Apply EasyControl (sampling): a 16384×16384 px image (batch 1)" in message \
+        and "1,048,576 image + 64 condition tokens" in message and "refused before allocating" in message, err

@@ -181,3 +181,9 @@ def test_controlnet_with_int8_base_through_apply_controlnet(comfy):
     g["1"]["inputs"]["weight_dtype"] = "int8"
     data = png(comfy, comfy.run(g))
     assert Image.open(io.BytesIO(data)).size == (WIDTH, HEIGHT)
+
+
+def test_nan_strength_of_apply_controlnet_is_refused_by_name(comfy):
+    """core's Apply ControlNet range check lets NaN through (NaN compares false with min and max)."""
+    err = execution_error(comfy.run(small_graph(strength=float("nan"), steps=1)))
+    assert err and "Apply ControlNet (PixArt ControlNet-Transformer): strength is nan" in err["exception_message"], err

@@ -144,3 +144,20 @@ def test_one_pass_tiled_decode_rejects_video_latents(comfy):
     history = comfy.run(g)
     err = execution_error(history)
     assert err and "image latents" in err["exception_message"], err
+
+
+def test_one_pass_tiled_decode_refuses_an_image_the_memory_cannot_hold(comfy):
+    """The decoded float32 image (+ blend weights + the clamped copy: 28 bytes a pixel) is checked against the
+    free memory before the first tile: a batch of 16384² latents (core's largest) past what this machine has."""
+    import math
+    import psutil
+    pixels = 16384 * 16384
+    batch = math.ceil(1.5 * psutil.virtual_memory().available / (28 * pixels))
+    g = {"5": {"class_type": "EmptyLatentImage", "inputs": {"width": 16384, "height": 16384, "batch_size": batch}},
+         "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd-vae-ft-ema.safetensors"}},
+         "42": {"class_type": "DiTControl_VAEDecodeTiledOnePass",
+                "inputs": {"samples": ["5", 0], "vae": ["9", 0], "tile_size": 512, "overlap": 64}},
+         "542": {"class_type": "PreviewImage", "inputs": {"images": ["42", 0]}}}
+    err = execution_error(comfy.run(g))
+    assert err and f"a 16384×16384 px image (batch {batch}) needs about" in err["exception_message"] \
+        and "refused before allocating" in err["exception_message"], err

@@ -141,3 +141,23 @@ def test_long_sampling_honours_interrupt(comfy):
     assert time.time() - start < 30
     ok = comfy.run(latent_graph(1, "diffusers"))
     assert ok["status"]["status_str"] == "success"
+
+
+def test_sizes_the_model_cannot_take_are_refused_before_sampling(comfy):
+    """A latent that does not split into the DiT's patches, and 16384² (core EmptyLatentImage's largest) on an
+    XL-width DiT (~170 GiB of activations), are refused by size at the first step, before memory is spent."""
+    import time
+    g = latent_graph(1)
+    g["5"]["inputs"].update(width=264, height=256)          # latent 33×32: the micro model's patch is 4
+    err = execution_error(comfy.run(g))
+    assert err and "264×256 px image (latent 33×32)" in err["exception_message"] \
+        and "multiples of 32 px" in err["exception_message"], err
+    g = latent_graph(1)
+    g["1"]["inputs"]["dit_name"] = "comfy-native-pixart-depth1.safetensors"   # width 1152, patch 2
+    g["5"]["inputs"].update(width=16384, height=16384, batch_size=2)
+    start = time.time()
+    err = execution_error(comfy.run(g))
+    message = err and err["exception_message"]
+    assert message and "PixArt DiT: a 16384×16384 px image (1,048,576 tokens, batch 2) needs about" in message \
+        and "GiB free on cpu; refused before allocating" in message and "upscale" in message, err
+    assert time.time() - start < 60

@@ -321,3 +321,119 @@ def test_layers_come_from_the_operations_namespace(golden):
     model, _ = load_dit4sr_file(str(golden / "transformer"), operations=Ops)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert layers and all(isinstance(m, (Ops.Linear, Ops.Conv2d)) for m in layers)
+
+
+# ---------------------------------------------------------------------------------------------
+#          Loader words: an unusable config.json, missing tensors named before config.json
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,needle", [
+    ("{'num_layers': 4}", "is not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+    ("", "is empty"),
+    ("  \n", "is empty"),
+    ("[4, 2]", "holds a list ('[4, 2]'), not an object"),
+    ('"SD3Transformer2DModel"', "holds a string"),
+    ("12", "holds a number"),
+])
+def test_unusable_config_json_is_named_with_what_was_expected(tmp_path, text, needle):
+    from dit_control.kernels.checkpoint_io import CheckpointError
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError) as e:
+        read_json_beside(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    message = str(e.value)
+    assert str(tmp_path / "config.json") in message and needle in message, message
+    assert "expected the JSON object that describes the weights" in message
+    assert read_json_beside(str(tmp_path / "elsewhere" / "w.safetensors")) is None       # no file: no config
+
+
+@pytest.mark.parametrize("keep", ["first_half", "every_other"])
+def test_missing_tensors_are_named_before_config_json_is_compared(state_dict, config_json, keep):
+    """A file that lost half its tensors: the strict check names them missing (against the model config.json
+    declares). Before, the shapes read as a smaller model and config.json was blamed for 'not describing' it;
+    losing a required SD3 key made it 'not a DiT4SR transformer'."""
+    from dit_control.kernels.checkpoint_io import CheckpointError
+    from dit_control.kernels.dit4sr.checkpoint import prepare_dit4sr
+    names = sorted(state_dict)
+    kept = names[:len(names) // 2] if keep == "first_half" else names[::2]
+    with pytest.raises(CheckpointError) as e:
+        prepare_dit4sr({k: state_dict[k] for k in kept}, config_json)
+    message = str(e.value)
+    assert "as its config.json declares it" in message and "the weights do not match the expected layout" in message
+    assert "missing: " in message and "does not describe them" not in message, message
+    assert "expected a DiT4SR transformer" not in message
+    lost = sorted(set(names) - set(kept) - set(dead_tensor_names(load_dit4sr(state_dict, config_json)[1])))
+    assert all(k in message for k in lost[:20])
+
+
+def test_complete_weights_with_a_wrong_config_json_still_blame_config_json(state_dict, config_json):
+    """A complete file under a config.json that declares another model: shapes differ (the last block is
+    context_pre_only, dual blocks have a wider AdaLN), so config.json is named, as before."""
+    from dit_control.kernels.checkpoint_io import CheckpointError
+    from dit_control.kernels.dit4sr.checkpoint import prepare_dit4sr
+    for key, value, line in (("num_layers", 6, "num_layers: config.json says 6, the weights have 4"),
+                             ("num_attention_heads", 8, "num_attention_heads: config.json says 8, the weights have 4"),
+                             ("dual_attention_layers", [0, 1, 2], "dual_attention_layers: config.json says [0, 1, 2]")):
+        with pytest.raises(CheckpointError) as e:
+            prepare_dit4sr(dict(state_dict), {**config_json, key: value})
+        assert "does not describe them" in str(e.value) and line in str(e.value), str(e.value)
+        assert "missing" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+#                         Bounded end to end: tile overlap, LR encode, sizes
+# ---------------------------------------------------------------------------------------------
+
+def test_overlap_over_half_the_tile_is_reported_as_used():
+    from dit_control.kernels.dit4sr.tiling import tile_and_overlap
+    assert tile_and_overlap(8, 8, TileSettings(tile=8, overlap=24)) is None          # one pass: nothing clamped
+    assert tile_and_overlap(8, 10, TileSettings(tile=8, overlap=24)) == (8, 4)
+    assert tile_and_overlap(100, 100, TileSettings(tile=64, overlap=24)) == (64, 24)
+    assert tile_and_overlap(300, 20, TileSettings(tile=64, overlap=24)) == (20, 10)   # a narrow latent
+
+
+def test_lr_encode_is_exact_when_one_tile_fits_and_blends_tiles_otherwise():
+    from dit_control.kernels.dit4sr.tiled_encode import encode_spans, encode_tile_side, tiled_encode
+
+    def encode(pixels):                      # a local "VAE": 8×8 mean per latent pixel, [B, H, W, C] -> [B, C, h, w]
+        return torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+
+    calls = []
+    small = torch.rand(1, 512, 512, 3)
+    assert torch.equal(tiled_encode(small, encode, 512, on_tile=lambda d, t: calls.append((d, t))), encode(small))
+    assert calls == [(0, 1), (1, 1)]
+    big = torch.rand(2, 1000, 776, 3)
+    calls.clear()
+    out = tiled_encode(big, encode, 256, on_tile=lambda d, t: calls.append((d, t)))
+    rows, cols = encode_spans(1000, 776, 256)
+    assert calls[0] == (0, len(rows) * len(cols)) and calls[-1] == (len(rows) * len(cols),) * 2 and len(rows) > 1
+    assert (out - encode(big)).abs().max() < 1e-6           # a local encoder: the ramps blend to the same latent
+    # tiles from the budget and the VAE's own estimate: core's 1767 × 4 bytes per px in 2 GiB -> 512 px tiles
+    assert encode_tile_side(1767 * 4, 2048 << 20, floor_px=512) == 512
+    assert encode_tile_side(1767 * 4, 8192 << 20, floor_px=512) == 1088
+    assert encode_tile_side(1767 * 4, 1, floor_px=128) == 128                          # never under the floor
+    rows, cols = encode_spans(2000, 2000, 512)
+    assert len(rows) * len(cols) == 25 and all(length <= 64 for _, length in rows)     # the 500 px ×4 case
+
+
+@pytest.mark.parametrize("size,upscale,min_short_side,needles", [
+    ((4000, 4000), 4, 512, ("16000×16000 px result", "over this node's limit of 16.8 MP (4096×4096 px)",
+                            "upscale ×1 (4000×4000 px)", "at most about 1024×1024 px at ×4")),
+    ((2000, 2000), 4, 512, ("8000×8000 px result", "64.0 MP", "upscale ×2 (4000×4000 px)")),
+    ((1, 512), 4, 512, ("1×512 px, a strip (512:1)", "512×262144 px", "32×512 px")),
+    ((512, 1), 1, 64, ("512×1 px, a strip (512:1)", "32768×64 px", "512×32 px")),
+    ((100, 50), 1, 4096, ("first enlarged to 8192×4096 px by min_short_side 4096", "a lower min_short_side")),
+])
+def test_sizes_beyond_the_bounded_are_refused_with_what_to_do(size, upscale, min_short_side, needles):
+    from dit_control.kernels.dit4sr.sizes import SizeLimitError, check_output_size
+    with pytest.raises(SizeLimitError) as e:
+        check_output_size(*size, upscale, min_short_side)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_sizes_within_the_limit_pass_with_the_reference_output_size():
+    from dit_control.kernels.dit4sr.sizes import check_output_size
+    assert check_output_size(500, 500, 4, 512) == (2000, 2000)
+    assert check_output_size(1024, 1024, 4, 512) == (4096, 4096)                       # the limit itself
+    assert check_output_size(2048, 128, 4, 512) == (8192, 512)                         # 16:1 is still a picture
+    assert check_output_size(96, 128, 4, 512) == (512, 680)

@@ -11,6 +11,7 @@ tensors (DEAD_TENSOR_PARTS) that exist only because upstream's `AttentionZero` p
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Optional
 
 import torch.nn as nn
@@ -45,14 +46,17 @@ def check_layout(sd: dict) -> None:
     """Raise a CheckpointError that says what the file is, unless it is a diffusers-layout DiT4SR transformer."""
     sd3_keys = ("pos_embed.proj.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
                 "transformer_blocks.0.attn.to_q.weight")
-    if not all(k in sd for k in sd3_keys) or any(k.startswith("single_transformer_blocks.") for k in sd):
+    has_control = any(k.endswith("_control.weight") or ".control_conv." in k for k in sd)
+    # a DiT4SR file that lost some of the SD3 keys is still DiT4SR: the strict check names what is missing
+    if (not has_control and not all(k in sd for k in sd3_keys)) \
+            or any(k.startswith("single_transformer_blocks.") for k in sd):
         native = any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in sd)
         hint = (" (ComfyUI's single-file MMDiT naming: DiT4SR needs its own diffusers-layout transformer, "
                 "dit4sr_q/transformer/diffusion_pytorch_model.safetensors)") if native else ""
         raise CheckpointError(f"expected a {WHAT} (diffusers SD3 naming: pos_embed.proj.weight, "
                               f"transformer_blocks.N.attn.to_q_control.weight, ff.control_conv.weight, …); "
                               f"found {describe_foreign(sd)}{hint}")
-    if not any(k.endswith("_control.weight") or ".control_conv." in k for k in sd):
+    if not has_control:
         dual = sum(1 for k in sd if re.match(r"transformer_blocks\.\d+\.attn2\.to_q\.weight$", k))
         base = "an SD3.5 base transformer" if dual else "an SD3 base transformer"
         raise CheckpointError(f"this is {base} (diffusers layout, {len(sd)} tensors) without DiT4SR's control "
@@ -60,13 +64,24 @@ def check_layout(sd: dict) -> None:
                               f"model, not DiT4SR. Load acceptee/DiT4SR's dit4sr_q (or _f, _r1) transformer.")
 
 
+# config.json key -> DiT4SRConfig field, for the keys that decide the layout (caption_projection_dim is the
+# hidden size, derived; ff_inner_dim is not written by diffusers: 4 × hidden)
+CONFIG_JSON_FIELDS = {"num_layers": "num_layers", "num_attention_heads": "num_heads",
+                      "attention_head_dim": "head_dim", "patch_size": "patch_size", "in_channels": "in_channels",
+                      "out_channels": "out_channels", "joint_attention_dim": "joint_attention_dim",
+                      "pooled_projection_dim": "pooled_projection_dim", "pos_embed_max_size": "pos_embed_max_size",
+                      "dual_attention_layers": "dual_attention_layers", "sample_size": "sample_size"}
+
+
 def infer_config(sd: dict, config_json: Optional[dict] = None) -> DiT4SRConfig:
     """DiT4SRConfig from the shapes (meta tensors are enough); config.json, when given, must agree."""
     try:
-        return _infer_config(sd, config_json)
+        cfg = _infer_config(sd, config_json)
     except KeyError as e:
         raise CheckpointError(f"{WHAT}: cannot read the configuration from the weights, {e.args[0]} is missing "
                               f"({len(sd)} tensors found)") from None
+    _check_config_json(cfg, config_json)
+    return cfg
 
 
 def _infer_config(sd: dict, config_json: Optional[dict]) -> DiT4SRConfig:
@@ -79,7 +94,7 @@ def _infer_config(sd: dict, config_json: Optional[dict]) -> DiT4SRConfig:
         max_size = int(round(sd["pos_embed.pos_embed"].shape[1] ** 0.5))
     else:                                                           # strict check will name it missing
         max_size = (config_json or {}).get("pos_embed_max_size", 384)
-    cfg = DiT4SRConfig(
+    return DiT4SRConfig(
         num_layers=1 + max(blocks), num_heads=hidden // head_dim, head_dim=head_dim, patch_size=patch,
         in_channels=in_ch, out_channels=sd["proj_out.weight"].shape[0] // (patch * patch),
         joint_attention_dim=sd["context_embedder.weight"].shape[1],
@@ -88,21 +103,62 @@ def _infer_config(sd: dict, config_json: Optional[dict]) -> DiT4SRConfig:
         ff_inner_dim=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0],
         dual_attention_layers=tuple(i for i in blocks if f"transformer_blocks.{i}.attn2.to_q.weight" in sd),
         sample_size=(config_json or {}).get("sample_size", 128))
-    if config_json:
-        said = {"num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-                "attention_head_dim": cfg.head_dim, "patch_size": cfg.patch_size, "in_channels": cfg.in_channels,
-                "out_channels": cfg.out_channels, "joint_attention_dim": cfg.joint_attention_dim,
-                "pooled_projection_dim": cfg.pooled_projection_dim, "pos_embed_max_size": cfg.pos_embed_max_size,
-                "caption_projection_dim": cfg.hidden_size, "dual_attention_layers": list(cfg.dual_attention_layers)}
-        wrong = [f"{k}: config.json says {config_json[k]}, the weights have {v}" for k, v in said.items()
-                 if k in config_json and config_json[k] is not None
-                 and (list(config_json[k]) if isinstance(config_json[k], (list, tuple)) else config_json[k]) != v]
-        if config_json.get("qk_norm", "rms_norm") != "rms_norm":
-            wrong.append(f"qk_norm: config.json says {config_json['qk_norm']!r}, DiT4SR uses 'rms_norm'")
-        if wrong:
-            raise CheckpointError(f"{WHAT}: the config.json beside the weights does not describe them:\n"
-                                  + "\n".join(wrong))
-    return cfg
+
+
+def _config_json_disagreements(cfg: DiT4SRConfig, config_json: Optional[dict]) -> list:
+    """Lines 'key: config.json says X, the weights have Y' for every layout key that config.json gets wrong."""
+    if not config_json:
+        return []
+    said = {"num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "attention_head_dim": cfg.head_dim, "patch_size": cfg.patch_size, "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "joint_attention_dim": cfg.joint_attention_dim,
+            "pooled_projection_dim": cfg.pooled_projection_dim, "pos_embed_max_size": cfg.pos_embed_max_size,
+            "caption_projection_dim": cfg.hidden_size, "dual_attention_layers": list(cfg.dual_attention_layers)}
+    wrong = [f"{k}: config.json says {config_json[k]}, the weights have {v}" for k, v in said.items()
+             if k in config_json and config_json[k] is not None
+             and (list(config_json[k]) if isinstance(config_json[k], (list, tuple)) else config_json[k]) != v]
+    if config_json.get("qk_norm", "rms_norm") != "rms_norm":
+        wrong.append(f"qk_norm: config.json says {config_json['qk_norm']!r}, DiT4SR uses 'rms_norm'")
+    return wrong
+
+
+def _check_config_json(cfg: DiT4SRConfig, config_json: Optional[dict]) -> None:
+    wrong = _config_json_disagreements(cfg, config_json)
+    if wrong:
+        raise CheckpointError(f"{WHAT}: the config.json beside the weights does not describe them:\n"
+                              + "\n".join(wrong))
+
+
+def config_from_json(config_json: dict, base: Optional[DiT4SRConfig] = None) -> DiT4SRConfig:
+    """The configuration config.json declares (layout keys over `base`, else over the released defaults with
+    a feed-forward of 4 × hidden, as diffusers builds it). A key of the wrong type is a CheckpointError."""
+    fields = {}
+    for key, field in CONFIG_JSON_FIELDS.items():
+        value = config_json.get(key)
+        if value is None:
+            continue
+        if field == "dual_attention_layers":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) for i in value):
+                raise CheckpointError(f"{WHAT}: config.json's {key} is {value!r}; expected a list of block "
+                                      f"numbers, e.g. [0, 1, …, 12]")
+            value = tuple(value)
+        elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{WHAT}: config.json's {key} is {value!r}; expected a positive integer")
+        fields[field] = value
+    if base is None:
+        heads = fields.get("num_heads", DiT4SRConfig.num_heads)
+        head_dim = fields.get("head_dim", DiT4SRConfig.head_dim)
+        base = DiT4SRConfig(ff_inner_dim=4 * heads * head_dim)
+    return replace(base, **fields)
+
+
+def _layout_problems(cfg: DiT4SRConfig, sd: dict) -> tuple:
+    """(missing, unexpected, mismatched) tensor names of `sd` against the model `cfg` describes."""
+    expected, tolerated = expected_shapes(cfg), set(dead_tensor_names(cfg))
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and k not in tolerated]
+    mismatched = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    return missing, unexpected, mismatched
 
 
 def variant_name(cfg: DiT4SRConfig) -> str:
@@ -116,13 +172,40 @@ def expected_shapes(cfg: DiT4SRConfig) -> dict:
 
 
 def prepare_dit4sr(sd: dict, config_json: Optional[dict] = None, what: str = WHAT) -> tuple:
-    """(checked state dict without the dead tensors, config). Raises CheckpointError naming every problem."""
+    """(checked state dict without the dead tensors, config). Raises CheckpointError naming every problem.
+
+    Missing tensors are named as missing before config.json is compared: a file that lost whole blocks reads
+    as a smaller model from its shapes, so the weights are first checked strictly against what config.json
+    declares; only when they fit a model of their own but not config.json's is config.json blamed."""
     check_layout(sd)
-    cfg = infer_config(sd, config_json)
-    dead = dead_tensor_names(cfg)
-    check_strict(expected_shapes(cfg), sd, f"{what} ({variant_name(cfg)})", tolerated=dead)
-    dead = set(dead)
-    return {k: v for k, v in sd.items() if k not in dead}, cfg
+    if not config_json:
+        cfg = infer_config(sd)
+        _check_strict(cfg, sd, what)
+        return _without_dead(sd, cfg), cfg
+    try:
+        from_weights = _infer_config(sd, config_json)
+    except KeyError:
+        from_weights = None                              # too little left to read: config.json says what to expect
+    declared = config_from_json(config_json, from_weights)
+    missing, unexpected, mismatched = _layout_problems(declared, sd)
+    if (missing and not unexpected and not mismatched) or from_weights is None:
+        # only tensors config.json's model has are absent (or too many to read a model from the rest): the
+        # file lost them. A config.json that is wrong about a complete file shows as shapes that differ, or
+        # as tensors the declared model does not have, and is handled below.
+        _check_strict(declared, sd, what + " as its config.json declares it")
+    if missing or unexpected or mismatched:
+        _check_strict(from_weights, sd, what)             # the weights are not even a model of their own
+    _check_config_json(from_weights, config_json)         # a model, but not the one config.json describes
+    return _without_dead(sd, from_weights), from_weights
+
+
+def _check_strict(cfg: DiT4SRConfig, sd: dict, what: str) -> None:
+    check_strict(expected_shapes(cfg), sd, f"{what} ({variant_name(cfg)})", tolerated=dead_tensor_names(cfg))
+
+
+def _without_dead(sd: dict, cfg: DiT4SRConfig) -> dict:
+    dead = set(dead_tensor_names(cfg))
+    return {k: v for k, v in sd.items() if k not in dead}
 
 
 def load_dit4sr(sd: dict, config_json: Optional[dict] = None, operations=nn, dtype=None, device=None) -> tuple:

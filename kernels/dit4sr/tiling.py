@@ -70,13 +70,22 @@ class TileLayout:
         return len(self.boxes)
 
 
-def tile_layout(h: int, w: int, settings: TileSettings) -> Optional[TileLayout]:
-    """None when the latent runs in a single pass; else the tiles."""
+def tile_and_overlap(h: int, w: int, settings: TileSettings) -> Optional[tuple]:
+    """(tile side, overlap used) for an h × w latent, or None when it runs in a single pass. The overlap is at
+    most half the tile side (see the module docstring): callers that want to say so compare it with theirs."""
     fits = h * w <= settings.tile * settings.tile
     if fits and (h == w or not settings.square_only):
         return None
     tile = min(settings.tile, h, w)
-    overlap = min(settings.overlap, tile // 2)
+    return tile, min(settings.overlap, tile // 2)
+
+
+def tile_layout(h: int, w: int, settings: TileSettings) -> Optional[TileLayout]:
+    """None when the latent runs in a single pass; else the tiles."""
+    sizes = tile_and_overlap(h, w, settings)
+    if sizes is None:
+        return None
+    tile, overlap = sizes
     xs, ys = grid_starts(w, tile, overlap), grid_starts(h, tile, overlap)
     return TileLayout(tile=tile, boxes=tuple((y, x) for x in xs for y in ys))
 

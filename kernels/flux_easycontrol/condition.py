@@ -146,6 +146,18 @@ def fill_bank(model, cond_tokens: torch.Tensor, run: ConditionRun) -> BankEntry:
     return entry
 
 
+# Memory of a sampling run beyond the weights (EasyControl.run_bytes), from what this kernel allocates:
+# - a block's live activations per text/noise token and row, in values of the width: the single block's
+#   fused linear1 output (3 q/k/v + 4 MLP = 7), its GELU (4), the input, norm, attention output and their
+#   concatenation (5), the residual stream and the double block's two streams (~4 more); 20 rounds it up;
+ACTIVATION_VALUES_PER_TOKEN = 20
+# - cache on: the KV bank, K and V of every condition token in every block ([rows, heads, M, head_dim]),
+#   for every CFG branch;
+# - cache off: the [L, L] boolean joint mask over all L = text + noise + condition tokens, which SDPA also
+#   turns into an additive float mask of that size (measured on the CPU: 5 bytes per entry).
+JOINT_MASK_BYTES_PER_ENTRY = 5
+
+
 class EasyControl:
     """Condition slots + their KV bank, for one model (one ComfyUI model clone).
 
@@ -165,6 +177,18 @@ class EasyControl:
             yield self
         finally:
             self.bank.clear()
+
+    def run_bytes(self, hidden: int, blocks_total: int, noise_tokens: int, text_tokens: int, rows: int,
+                  dtype_bytes: int) -> int:
+        """Bytes one sampling run allocates beyond the weights with these conditions, from what this kernel
+        allocates (see the constants above); `rows`: the latent batch times the CFG branches (the bank holds
+        every branch's K/V, whether the sampler runs them as one call or two)."""
+        cond_tokens = sum(c.tokens for c in self.conditions)
+        activations = ACTIVATION_VALUES_PER_TOKEN * rows * (text_tokens + noise_tokens) * hidden * dtype_bytes
+        if self.cache:
+            return activations + 2 * blocks_total * rows * cond_tokens * hidden * dtype_bytes
+        total = text_tokens + noise_tokens + cond_tokens
+        return activations + JOINT_MASK_BYTES_PER_ENTRY * total * total
 
     def check_fits(self, model) -> None:
         width = model.double_blocks[0].hidden_size if len(model.double_blocks) else model.single_blocks[0].hidden_size

@@ -61,6 +61,33 @@ def pixart_xl2_256(**overrides) -> PixArtConfig:
     return PixArtConfig(sample_size=32, pe_interpolation=0.5, micro_condition=False, **overrides)
 
 
+# ---------------------------------------------------------------------------------------------
+#                         Memory of a forward (what this code allocates)
+# ---------------------------------------------------------------------------------------------
+
+# Live activations per token and batch row, in values of the width D: at the MLP the residual stream, its
+# norm and modulated copy (3) and fc1's output with its GELU (4 + 4); at the self-attention q/k/v, their
+# contiguous copies, the output and its projection (~8); plus the un-patchify copy. Measured in fp32 on
+# the CPU (peak RSS over the weights): 11.7 (XL width, patch 2, 16384 tokens) to 18 (the micro model, width
+# 144, patch 4, where the latent-sized tensors weigh more) — 16 stays above both.
+FORWARD_VALUES_PER_TOKEN = 16
+# The positional table, built once per forward (not per row) in float64 as the original does, then kept
+# as float32 in a cache: bytes per token and channel.
+POS_TABLE_BYTES_PER_VALUE = 24
+# A control branch's tensors held across the forward: the ControlNet-Transformer computes its 13 skips
+# (each [B, N, D]) before base block 1, plus its own stream; RelaCtrl's lazy skips hold fewer.
+CONTROL_VALUES_PER_TOKEN = 14
+
+
+def forward_bytes(cfg: "PixArtConfig", batch: int, latent_h: int, latent_w: int, dtype_bytes: int,
+                  control: bool = False) -> int:
+    """Bytes one forward allocates beyond the weights for a [batch, C, latent_h, latent_w] latent (the
+    constants above): what the MODEL's refusal and ComfyUI's batching (memory_required) go by."""
+    tokens = (latent_h // cfg.patch_size) * (latent_w // cfg.patch_size)
+    per_row = FORWARD_VALUES_PER_TOKEN + (CONTROL_VALUES_PER_TOKEN if control else 0)
+    return tokens * cfg.hidden_size * (per_row * batch * dtype_bytes + POS_TABLE_BYTES_PER_VALUE)
+
+
 PIXART_VARIANTS = {
     "PixArt-XL-2-1024-MS": pixart_xl2_1024_ms,
     "PixArt-XL-2-512x512": pixart_xl2_512,

@@ -1,7 +1,7 @@
 """Benchmark: DiT4SR's step cost and memory, full size (2.9 B parameters, random weights in the released layout,
 F16 storage as released), one run.
 
-    .venv/bin/python tests/benchmarks/bench_dit.py4sr_step [--repeats 1] [--parts step,upscale,memory]
+    .venv/bin/python tests/benchmarks/bench_dit4sr_step.py [--repeats 1] [--parts step,upscale,memory]
 
 - step: one model call on one 512 px tile (latent 64², batch 1, 154 text tokens like core's SD3 encoders for a
   short prompt) — our DiT4SR vs ComfyUI's native SD3.5-medium MMDiT (comfy.ldm...mmdit, random weights, same
