@@ -376,6 +376,35 @@ def release_free_heap():
         trim(0)
 
 
+def load_consuming(module: torch.nn.Module, state_dict: dict, dtype=None, assign: bool = False) -> tuple:
+    """Move a checked state dict into a built `module` one layer at a time, taking each tensor out of the dict
+    (the caller's dict ends empty): floats are cast to `dtype` per layer and the file's tensor is let go as soon
+    as its layer holds it. A load that changes dtype (a 6.6 GB fp16 DiT4SR stored as fp32 on a CPU) thus holds
+    one layer's converted copy beside the file, never a second copy of the whole model (which took a 24 GiB
+    machine past its memory). `assign` takes the tensors as the parameters (v0.33's dynamic patcher) instead
+    of copying into the allocated ones. Returns (missing, unexpected) keys as `load_state_dict` does."""
+    missing = []
+    for prefix, layer in module.named_modules():
+        own = [n for n, _ in layer.named_parameters(recurse=False)] + \
+              [n for n, _ in layer.named_buffers(recurse=False) if n not in layer._non_persistent_buffers_set]
+        local = {}
+        for key in own:
+            t = state_dict.pop(f"{prefix}.{key}" if prefix else key, None)
+            if t is not None:
+                local[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        if own:
+            # children are loaded on their own; a layer may make a tensor itself on the way in (an int8
+            # layer's weight_scale from its float weight), so what is missing is what the layer says
+            result = layer.load_state_dict(local, strict=False, assign=assign)
+            missing += [f"{prefix}.{k}" if prefix else k for k in result.missing_keys
+                        if "." not in k]
+            del local
+    unexpected = list(state_dict)
+    state_dict.clear()
+    release_free_heap()
+    return missing, unexpected
+
+
 def stream_into(module: torch.nn.Module, fetch, dtype=None, device=None):
     """Fill a meta-built `module` one layer at a time: each layer's tensors are fetched (`fetch(name)`,
     None for a tensor the layer makes itself, e.g. an int8 layer's scale), cast (floats to `dtype`),

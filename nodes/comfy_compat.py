@@ -13,7 +13,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
-from ..kernels.checkpoint_io import release_free_heap
+from ..kernels.checkpoint_io import load_consuming
 
 
 def core_patcher_class(disable_dynamic: bool = False):
@@ -86,13 +86,10 @@ def build_patcher(model_config, state_dict: dict, weight_dtype=None, custom_oper
     model_config.custom_operations = custom_operations
     model = model_config.get_model(device=offload_device)
     patcher = new_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
-    cast = {k: v.to(unet_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    state_dict.clear()  # the caller's tensors go now; after loading only the model holds the weights
-    missing, unexpected = model.diffusion_model.load_state_dict(cast, strict=False, assign=assigns_weights(patcher))
+    # layer by layer, consuming the caller's dict: after loading only the model holds the weights
+    missing, unexpected = load_consuming(model.diffusion_model, state_dict, unet_dtype, assign=assigns_weights(patcher))
     # the kernel loader already checked the layout strictly; this guards the ComfyUI ops wiring
     assert not missing and not unexpected, (missing, unexpected)
-    del cast
-    release_free_heap()   # the float tensors just freed: hand their heap pages back to the OS
     return patcher
 
 
