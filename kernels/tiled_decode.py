@@ -29,23 +29,24 @@ def tile_spans(size: int, tile: int, overlap: int) -> List[Tuple[int, int]]:
     return [(round(i * (size - length) / (count - 1)), length) for i in range(count)]
 
 
-def edge_ramp(length: int, ramp_in: int, ramp_out: int) -> torch.Tensor:
+def edge_ramp(length: int, ramp_in: int, ramp_out: int, device=None) -> torch.Tensor:
     """1-D weights: linear from ~0 to 1 over `ramp_in` samples, 1, then down to ~0 over `ramp_out`."""
-    w = torch.ones(length)
+    w = torch.ones(length, device=device)
     if ramp_in:
-        w[:ramp_in] = (torch.arange(ramp_in) + 0.5) / ramp_in
+        w[:ramp_in] = (torch.arange(ramp_in, device=device) + 0.5) / ramp_in
     if ramp_out:
-        w[length - ramp_out:] = torch.minimum(w[length - ramp_out:], (torch.arange(ramp_out, 0, -1) - 0.5) / ramp_out)
+        w[length - ramp_out:] = torch.minimum(w[length - ramp_out:],
+                                              (torch.arange(ramp_out, 0, -1, device=device) - 0.5) / ramp_out)
     return w
 
 
-def _ramps(spans: List[Tuple[int, int]], scale: int) -> List[torch.Tensor]:
+def _ramps(spans: List[Tuple[int, int]], scale: int, device=None) -> List[torch.Tensor]:
     """Per tile, output-resolution weights that ramp across its overlaps with the previous/next tile."""
     out = []
     for i, (start, length) in enumerate(spans):
         ramp_in = spans[i - 1][0] + spans[i - 1][1] - start if i > 0 else 0
         ramp_out = start + length - spans[i + 1][0] if i + 1 < len(spans) else 0
-        out.append(edge_ramp(length * scale, ramp_in * scale, ramp_out * scale))
+        out.append(edge_ramp(length * scale, ramp_in * scale, ramp_out * scale, device))
     return out
 
 
@@ -59,8 +60,7 @@ def tiled_decode(latent: torch.Tensor, decode: Callable[[torch.Tensor], torch.Te
     """
     b, _, h, w = latent.shape
     ys, xs = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
-    wy, wx = _ramps(ys, scale), _ramps(xs, scale)
-    out = weight = None
+    out = weight = wy = wx = None
     total, done = len(ys) * len(xs), 0
     for iy, (y, th) in enumerate(ys):
         for ix, (x, tw) in enumerate(xs):
@@ -68,7 +68,9 @@ def tiled_decode(latent: torch.Tensor, decode: Callable[[torch.Tensor], torch.Te
             if out is None:
                 out = torch.zeros(b, piece.shape[1], h * scale, w * scale, device=piece.device)
                 weight = torch.zeros(1, 1, h * scale, w * scale, device=piece.device)
-            ramp = (wy[iy].to(piece.device)[:, None] * wx[ix].to(piece.device)[None, :])[None, None]
+                # made where `decode` puts the image, once (not on the CPU, copied over for every tile)
+                wy, wx = _ramps(ys, scale, piece.device), _ramps(xs, scale, piece.device)
+            ramp = (wy[iy][:, None] * wx[ix][None, :])[None, None]
             ty, tx = y * scale, x * scale
             region = (slice(None), slice(None), slice(ty, ty + piece.shape[2]), slice(tx, tx + piece.shape[3]))
             out[region] += piece * ramp

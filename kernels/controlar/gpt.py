@@ -344,9 +344,10 @@ class GPT(nn.Module):
         if control is not None:
             idx = input_pos - cfg.cls_token_num + 1                                    # control token per position
             keep = (idx >= 0) & (idx < control.shape[2])
-            if bool(keep.any()):
-                add = torch.zeros(control.shape[0], h.shape[0], h.shape[1], cfg.dim, dtype=h.dtype, device=h.device)
-                add[:, :, keep] = control[:, :, idx[keep]].to(h.dtype) * strength      # [3, B, S, dim]
+            # no bool(keep.any()) or boolean indexing: each is a device-to-host sync, three per generated token on
+            # a GPU. Every position gathers a token (index clamped) and the positions without one get exact zeros.
+            picked = control[:, :, idx.clamp(0, control.shape[2] - 1)].to(h.dtype) * strength
+            add = torch.where(keep[:, None], picked, 0.0)                               # [3, B, S, dim]
         for i, layer in enumerate(self.layers):
             if add is not None and i % cfg.layer_internal == 0:
                 h = h + add[i // cfg.layer_internal]

@@ -426,5 +426,5 @@ class DiT4SR(nn.Module):
         cfg = self.config
         n = (tile // cfg.patch_size) ** 2
         s = 2 * n + text_len
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize                                        # no tensor made (it would be a CPU one)
         return item * (4 * 2 * n * cfg.ff_inner_dim + 10 * s * cfg.hidden_size + cfg.num_heads * s * s)

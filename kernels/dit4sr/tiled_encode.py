@@ -43,13 +43,13 @@ def encode_spans(height: int, width: int, tile: int, overlap: int = ENCODE_OVERL
     return tile_spans(height // scale, lat_tile, lat_overlap), tile_spans(width // scale, lat_tile, lat_overlap)
 
 
-def _ramps(spans: List[Tuple[int, int]]) -> List[torch.Tensor]:
+def _ramps(spans: List[Tuple[int, int]], device=None) -> List[torch.Tensor]:
     """Per tile, latent-resolution weights ramping across its overlaps with the previous / next tile."""
     out = []
     for i, (start, length) in enumerate(spans):
         ramp_in = spans[i - 1][0] + spans[i - 1][1] - start if i > 0 else 0
         ramp_out = start + length - spans[i + 1][0] if i + 1 < len(spans) else 0
-        out.append(edge_ramp(length, ramp_in, ramp_out))
+        out.append(edge_ramp(length, ramp_in, ramp_out, device))
     return out
 
 
@@ -73,8 +73,7 @@ def tiled_encode(pixels: torch.Tensor, encode: Callable[[torch.Tensor], torch.Te
         if on_tile is not None:
             on_tile(1, 1)
         return latent
-    wy, wx = _ramps(ys), _ramps(xs)
-    out = weight = None
+    out = weight = wy = wx = None
     done = 0
     for iy, (y, th) in enumerate(ys):
         for ix, (x, tw) in enumerate(xs):
@@ -86,7 +85,9 @@ def tiled_encode(pixels: torch.Tensor, encode: Callable[[torch.Tensor], torch.Te
                 out = torch.zeros(piece.shape[0], piece.shape[1], height // scale, width // scale,
                                   device=piece.device, dtype=torch.float32)
                 weight = torch.zeros(1, 1, height // scale, width // scale, device=piece.device)
-            ramp = (wy[iy].to(piece.device)[:, None] * wx[ix].to(piece.device)[None, :])[None, None]
+                # made where `encode` puts the latent, once (not on the CPU, copied over for every tile)
+                wy, wx = _ramps(ys, piece.device), _ramps(xs, piece.device)
+            ramp = (wy[iy][:, None] * wx[ix][None, :])[None, None]
             region = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
             out[region] += piece.float() * ramp
             weight[region] += ramp

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
+import math
+
 import torch
 
 
@@ -48,16 +49,16 @@ def grid_starts(size: int, tile: int, overlap: int) -> list:
     return [i * stride for i in range(n - 1)] + [size - tile]
 
 
-def gaussian_weights(tile: int) -> np.ndarray:
-    """[tile, tile] float64 tile weights, rows = y, columns = x; the reference's formula and its centres
-    ((tile − 1)/2 along x, tile/2 along y)."""
+def gaussian_weights(tile: int, device=None) -> torch.Tensor:
+    """[tile, tile] float64 tile weights on `device`, rows = y, columns = x; the reference's formula (numpy
+    float64 there) and its centres ((tile − 1)/2 along x, tile/2 along y)."""
     var = 0.01
+    i = torch.arange(tile, dtype=torch.float64, device=device)
 
     def probs(mid):
-        i = np.arange(tile, dtype=np.float64)
-        return np.exp(-(i - mid) * (i - mid) / (tile * tile) / (2 * var)) / np.sqrt(2 * np.pi * var)
+        return torch.exp(-(i - mid) * (i - mid) / (tile * tile) / (2 * var)) / math.sqrt(2 * math.pi * var)
 
-    return np.outer(probs(tile / 2), probs((tile - 1) / 2))
+    return torch.outer(probs(tile / 2), probs((tile - 1) / 2))
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def run_tiled(run: Callable, x: torch.Tensor, lr: torch.Tensor, settings: TileSe
     t = layout.tile
     per_call = tiles_per_call(layout.count, bytes_per_tile, settings.memory_budget)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weights = torch.from_numpy(gaussian_weights(t)).to(device=x.device, dtype=acc_dtype)
+    weights = gaussian_weights(t, x.device).to(acc_dtype)
     out = None
     total = torch.zeros(h, w, device=x.device, dtype=acc_dtype)
     for first in range(0, layout.count, per_call):
