@@ -167,7 +167,7 @@ def check() -> int:
                               "lock/comfy-cli.in")
     for problem in problems:
         print(f"[setup] WARNING: the lock disagrees: {problem} (refresh it: .venv/bin/python .ci/lock.py "
-              "refresh, README 'Tests')", file=sys.stderr)
+              "refresh, tests/README.md, 'Set-up and the lock')", file=sys.stderr)
     return len(problems)
 
 

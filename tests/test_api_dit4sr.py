@@ -405,7 +405,7 @@ def test_wrong_vae_and_missing_lr_conditioning_are_clear_errors(server):
 #                     Bounded end to end: sizes checked up front, the LR encode tiled
 # ---------------------------------------------------------------------------------------------
 
-TRANSFORMER_PEAK_GIB = 8.45      # the transformer benchmark's peak RSS at 1024² and 2048² (README "## DiT4SR")
+TRANSFORMER_PEAK_GIB = 8.45      # the transformer benchmark's peak RSS at 1024² and 2048² (tests/benchmarks/README.md, DiT4SR step)
 
 
 def server_memory_gib(server, field: str = "VmRSS") -> float:

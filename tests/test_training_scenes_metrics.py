@@ -127,7 +127,7 @@ def kind_accuracy(images, scenes):
 def test_kind_reader_survives_ragged_outlines_and_is_not_fooled_by_an_averaged_blob():
     """Generated outlines are ragged. With per-block speckle of σ 0.1 the first reader (coverage cut at 0.5,
     solidity < 0.97 -> star) read 0.69 of these kinds, the template reader all; on the micro model's base
-    samples the two read 0.33 and 0.70 (README). A blob that is the mean of the four kinds' renders (what a
+    samples the two read 0.33 and 0.70 (tests/training/README.md). A blob that is the mean of the four kinds' renders (what a
     model that ignores kind draws) is read as one kind whatever the caption says: near chance (0.25)."""
     rng = np.random.default_rng(1)
     scenes = [training_scene(i) for i in range(60)]

@@ -1,5 +1,5 @@
 """Benchmark: peak memory of the whole shipped DiT4SR graph against the output size, and its LR encode against
-core's plain VAE encode (what DiT4SR Conditioning did before its encode was tiled).
+core's plain VAE encode of the whole upscaled image.
 
     .venv/bin/python tests/benchmarks/bench_dit4sr_graph.py [--sizes 1024,2048,4096] [--complete 1024]
         [--transformer full|tiny] [--runs ours,peer] [--parts graph,fullsize]

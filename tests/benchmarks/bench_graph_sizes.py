@@ -16,7 +16,7 @@ measurement can be made in parts. Peak RSS is the server's VmHWM over that one r
 before the memory is spent) or "failed raw" (anything else, the server killed included). dit4sr_upscale_x4 only
 with --with-dit4sr (its own benchmark is bench_dit4sr_step.py).
 
-Writes bench_results/graph_sizes.json and prints the README table.
+Writes bench_results/graph_sizes.json and prints the table of tests/benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def machine() -> str:
 
 
 def cell(row) -> str:
-    """One run as the README shows it: result, peak RSS, wall time (what a refusal said is in the json)."""
+    """One run as tests/benchmarks/README.md shows it: result, peak RSS, wall time (what a refusal said is in the json)."""
     if row is None:
         return "not run"
     what = {"completed": "✅", "refused": "refused", "failed raw": "**failed raw**"}[row["result"]]

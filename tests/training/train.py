@@ -54,7 +54,7 @@ from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d 
 # ---------------------------------------------------------------------------------------------
 
 # hidden % 3 == 0 (size embedders), 72-wide heads as XL/2 (the loaders infer 2 heads from 144);
-# patch 4: 8×8 tokens for a 32×32 latent — the cost that fits a CPU session (see the README draft)
+# patch 4: 8×8 tokens for a 32×32 latent — the cost that fits a CPU session (tests/training/README.md, "How it is trained")
 MICRO_PIXART = dict(hidden_size=144, depth=6, num_heads=2, patch_size=4, sample_size=128, pe_interpolation=2.0,
                     micro_condition=True)
 CONTROL_BLOCKS = MICRO_PIXART["depth"] // 2   # PixArt-δ copies 13 of 28 blocks; half the depth here (1…3)
