@@ -369,3 +369,65 @@ def test_core_flux_attn1_patch_route(core_flux, io, config, loras, case):
         v = core_flux(io["noise"], io["sigmas"][:1], io["txt"], io["pooled"], io["guidance"],
                       transformer_options={"patches": {"attn1_patch": [attn1_patch]}})
     assert relative_error(v, io[f"{case}_v_single"]) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+#        Quantized FLUX (ComfyUI-GGUF, fp8-scaled): weights dequantised inside each layer's call
+# ---------------------------------------------------------------------------------------------
+
+class DequantisedPerCall(torch.nn.Module):
+    """A linear layer as ComfyUI-GGUF's (and core's fp8-scaled ops) hold one: `.weight` is the stored
+    low-precision tensor with the layer's shape, and only the layer's own call turns it into the float
+    weight. Code that reads `.weight` and multiplies with it itself gets int8 and fails (F.linear refuses
+    a float input against an int8 weight); code that calls the layer gets the dequantised product."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.weight = torch.nn.Parameter(torch.round(w / scale[:, None]).to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    def dequantised(self) -> torch.Tensor:
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantised().to(x.dtype),
+                                          None if self.bias is None else self.bias.to(x.dtype))
+
+
+def quantised_copy(flux):
+    """(a copy of core's Flux with every block linear dequantised per call, the same Flux in float holding
+    exactly the dequantised weights): the pair differs only in where the weight becomes a float."""
+    import copy
+    quant, plain = copy.deepcopy(flux), copy.deepcopy(flux)
+    for blocks_q, blocks_p in ((quant.double_blocks, plain.double_blocks), (quant.single_blocks, plain.single_blocks)):
+        for block_q, block_p in zip(blocks_q, blocks_p):
+            for name, layer in list(block_q.named_modules()):
+                if isinstance(layer, torch.nn.Linear):
+                    parent, _, leaf = name.rpartition(".")
+                    q = DequantisedPerCall(layer)
+                    setattr(block_q.get_submodule(parent) if parent else block_q, leaf, q)
+                    block_p.get_submodule(name).weight.data.copy_(q.dequantised())
+    return quant, plain
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_easycontrol_on_a_flux_whose_layers_dequantise_per_call(core_flux, io, config, loras, cache):
+    """EasyControl on a GGUF / fp8-scaled FLUX: every EasyControl path (condition bank, LoRA'd projections,
+    joint attention) reaches block weights only through the layers' own calls, so it composes with any
+    quantisation that dequantises inside the layer — and equals the float model holding the same weights."""
+    quant, plain = quantised_copy(core_flux)
+    layer = quant.double_blocks[0].img_attn.qkv
+    with pytest.raises(RuntimeError):          # the stand-in catches a direct read of the stored weight
+        torch.nn.functional.linear(io["noise"].new_zeros(1, layer.weight.shape[1]), layer.weight)
+    results = []
+    for flux in (quant, plain):
+        ec = EasyControl(make_conditions("multi", io, config, loras), cache=cache)
+        with ec.sampling_run():
+            results.append(core(flux, io, ec))
+    assert torch.isfinite(results[0]).all()
+    assert relative_error(results[0], results[1]) <= 1e-5
+    # and the quantised model still follows the golden closely (int8 per-row weights)
+    assert relative_error(results[0], io["multi_v_single"]) <= 5e-2
