@@ -222,7 +222,8 @@ class ControlARLoader(io.ComfyNode):
             node_id="DiTControl_ControlARLoader",
             display_name="ControlAR Loader",
             category=CATEGORY,
-            description="Loads a ControlAR text-to-image model (hustvl/ControlAR: canny_MR, depth_MR, hed, "
+            description="Loads a ControlAR text-to-image model (hustvl/ControlAR; weights on Hugging Face at "
+                        "wondervictor/ControlAR: canny_MR, depth_MR, hed, "
                         "seg_cocostuff, edge_base, depth_base .safetensors — LlamaGen GPT-XL with its DINOv2 "
                         "control encoder) or the LlamaGen T2I base t2i_XL_stage2_512.pt (peizesun/llamagen_t2i, "
                         "uncontrolled) from models/controlar. The size, caption length and token budget are "
@@ -230,7 +231,8 @@ class ControlARLoader(io.ComfyNode):
                         "keys some files carry are dropped).",
             inputs=[
                 io.Combo.Input("model_name", options=controlar_files(),
-                               tooltip="From models/controlar: a ControlAR .safetensors (hustvl/ControlAR) or "
+                               tooltip="From models/controlar: a ControlAR .safetensors (Hugging Face: "
+                                       "wondervictor/ControlAR) or "
                                        "LlamaGen's t2i_XL_stage2_512.pt. *_MR models generate up to 2304 "
                                        "tokens (e.g. 768×768, 1024×576), the others 1024 (512×512)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",

@@ -17,6 +17,12 @@ v0.33.0), where it differs so:
 - Every `loadGraphData` opens a new workflow tab; node ids come back as strings.
 - Playwright's sync API delivers console events only while it runs a call: wait with
   `page.wait_for_timeout`, never `time.sleep`, or messages are lost.
+- A missing model whose node carries `properties.models` gets that entry's `url` and `directory` (matched by
+  file name and folder); the page then asks for the file's size with a HEAD to the URL, which its CSP
+  (connect-src 'self') refuses before it leaves the page — two console errors per file, no request.
+- A pack node's help is `/extensions/<pack>/docs/<node id>/<locale>.md`, else `.../docs/<node id>.md` (the
+  first is a 404 for a pack with one language: one console error); it shows in the right side panel's Info
+  tab, opened by the selection toolbox's Info button, rendered into `.markdown-content`.
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ STORES = """() => {
   const nodes = s.get('missingNodesError').missingNodesError;
   return {missing_nodes: nodes ? nodes.nodeTypes.map(t => typeof t == 'string' ? t : t.type) : [],
           missing_models: (s.get('missingModel').missingModelCandidates || []).map(c => `${c.nodeType}.${c.widgetName}=${c.name}`),
+          missing_model_links: (s.get('missingModel').missingModelCandidates || []).map(c => ({
+              node_type: c.nodeType, widget: c.widgetName, name: c.name, directory: c.directory ?? null,
+              url: c.url ?? null})),
           missing_media: (s.get('missingMedia').missingMediaCandidates || []).map(c => `${c.nodeType}.${c.widgetName}=${c.name}`),
           missing_nodes_hook: window.__ditMissingNodes || [],
           error_overlay: s.get('executionError').isErrorOverlayOpen,
@@ -56,6 +65,15 @@ NODES = """() => app.graph._nodes.map(n => ({
   id: String(n.id), type: n.type, title: n.title, pos: [n.pos[0], n.pos[1]], size: [n.size[0], n.size[1]],
   title_height: LiteGraph.NODE_TITLE_HEIGHT, collapsed: !!(n.flags && n.flags.collapsed),
   widgets: (n.widgets || []).map(w => [w.name, w.value === undefined ? null : w.value])}))"""
+
+# MarkdownNote nodes whose rendered text scrolls inside the node (does not show whole)
+NOTES_CUT = """() => app.graph._nodes.filter(n => n.type === 'MarkdownNote').flatMap(n => {
+  const shown = n.widgets[0].element.querySelector('.ProseMirror');
+  return !shown ? [`node ${n.id}: no rendered text`]
+       : shown.scrollHeight > shown.clientHeight + 1 || shown.scrollWidth > shown.clientWidth + 1
+       ? [`node ${n.id} (${n.title}): text ${shown.scrollWidth} x ${shown.scrollHeight} px in a box of `
+          + `${shown.clientWidth} x ${shown.clientHeight}`] : [];
+})"""
 
 # what must be still for a graph to count as rendered: node boxes, image previews loaded, a drawn frame
 LAYOUT = """async () => {
@@ -73,8 +91,11 @@ class FrontendPage:
     """`with FrontendPage(server) as fe:` — one browser and page on `server`'s web UI; `fe.problems()`
     returns (and forgets) the page errors and console messages recorded since the last call."""
 
-    def __init__(self, server, viewport=(2560, 1440), timeout: float = 60.0):
+    def __init__(self, server, viewport=(2560, 1440), timeout: float = 60.0, beside: "FrontendPage | None" = None):
+        """`beside`: an open FrontendPage whose browser this page opens in (Playwright's sync API runs one
+        instance per thread); closing this page then leaves that browser open."""
         self.server = server
+        self.beside = beside
         self.viewport = {"width": viewport[0], "height": viewport[1]}
         self.timeout = timeout
         self._problems: list[str] = []
@@ -88,10 +109,14 @@ class FrontendPage:
 
     def __enter__(self):
         from playwright.sync_api import sync_playwright
-        self._pw = sync_playwright().start()
+        if self.beside is None:
+            self._pw = sync_playwright().start()
         try:
-            self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            self.page = self.browser.new_page(viewport=self.viewport)
+            if self.beside is None:
+                self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            else:
+                self.browser = self.beside.browser
+            self.page = self.browser.new_page(viewport=self.viewport)     # a context of its own
             self._hook()
             self._open()
         except BaseException:
@@ -103,11 +128,14 @@ class FrontendPage:
         self.close()
 
     def close(self):
-        if self.browser is not None:
+        if self.beside is not None:
+            if self.page is not None:
+                self.page.context.close()
+        elif self.browser is not None:
             self.browser.close()
         if self._pw is not None:
             self._pw.stop()
-        self.browser = self._pw = None
+        self.browser = self._pw = self.page = None
 
     def _hook(self):
         page, host = self.page, urllib.parse.urlparse(self.server.url).netloc
@@ -116,7 +144,7 @@ class FrontendPage:
             if urllib.parse.urlparse(r.request.url).netloc == host:
                 r.continue_()
             else:
-                self._problems.append(f"request off the machine (aborted): {r.request.url}")
+                self._problems.append(f"request off the machine (aborted): {r.request.method} {r.request.url}")
                 r.abort()
 
         page.route("**/*", route)
@@ -206,6 +234,10 @@ class FrontendPage:
         """Every node on the canvas: id, type, title, pos, size, title_height, widgets [[name, value]]."""
         return self.page.evaluate(NODES)
 
+    def notes_cut(self) -> list[str]:
+        """The Markdown notes whose text does not show whole in their node."""
+        return self.page.evaluate(NOTES_CUT)
+
     # -- actions ----------------------------------------------------------------------------------
 
     def load(self, ui: dict):
@@ -222,6 +254,38 @@ class FrontendPage:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         self.page.evaluate("() => app.canvas.setDirty(true, true)")
+        self.settle(quiet=0.1)
+        self.page.screenshot(path=str(path))
+
+    def open_help(self, node_id: str, title: str) -> dict:
+        """Select a node and click the selection toolbox's Info button, as a user does; once the help page titled
+        `title` is rendered: {"text": its innerText, "html": its innerHTML, "links": [[text, href]]}."""
+        # in the middle of the canvas, so that the toolbox above it is clear of the side bars
+        self.page.evaluate("""(id) => { const n = app.graph.getNodeById(id); app.canvas.centerOnNode(n);
+                                        app.canvas.deselectAll(); app.canvas.selectNode(n);
+                                        app.canvas.setDirty(true, true); }""", node_id)
+        self.settle()
+        self.page.locator("[data-testid=info-button]").first.click(timeout=self.timeout * 1000)
+        self.page.wait_for_function(
+            """(title) => { const h = document.querySelector('.markdown-content h1');
+                            return !!h && h.innerText.trim() === title; }""", arg=title, timeout=self.timeout * 1000)
+        self.settle()
+        return self.page.evaluate("""() => { const c = document.querySelector('.markdown-content');
+            return {text: c.innerText, html: c.innerHTML,
+                    links: [...c.querySelectorAll('a')].map(a => [a.innerText, a.getAttribute('href')])}; }""")
+
+    def open_missing_models(self) -> list[str]:
+        """Open the error overlay's 'see errors' (the Errors tab of the right side panel, as a user does) and
+        return the file names its Missing Models list offers to download."""
+        self.page.locator("[data-testid=error-overlay-see-errors]").click(timeout=self.timeout * 1000)
+        self.page.locator("[data-testid=missing-model-download]").first.wait_for(timeout=self.timeout * 1000)
+        self.settle()
+        return self.page.evaluate("""() => [...document.querySelectorAll('[data-testid=missing-model-download]')]
+                                          .map(b => b.getAttribute('aria-label').replace(/^Download /, ''))""")
+
+    def screenshot_page(self, path: Path):
+        """The page as the user sees it now (side panels as they are, the canvas not refitted)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.settle(quiet=0.1)
         self.page.screenshot(path=str(path))
 

@@ -1,24 +1,40 @@
 """The shipped UI workflows in ComfyUI's real web frontend (headless chromium, tests/frontend_page.py).
 
-One page on the session's server: every workflows/<name>.json is loaded through the page's own
-app.loadGraphData, and must load without a page error, console error or missing-node/model/media
-warning, show each of its nodes with its widget values, render without overlapping nodes, and give back
-through app.graphToPrompt() exactly workflows/api/<name>.json (node ids, classes, inputs). A screenshot
-of each goes to output/frontend/<name>.png. One workflow is then queued from the page and must finish.
+One page on the session's server, whose models folders hold every file the workflows name: every
+workflows/<name>.json is loaded through the page's own app.loadGraphData, and must load without a page error,
+console error or missing-node/model/media warning, show each of its nodes with its widget values (its note
+with its whole text), render without overlapping nodes, and give back through app.graphToPrompt() exactly
+workflows/api/<name>.json (node ids, classes, inputs). A screenshot of each goes to output/frontend/<name>.png.
+One workflow is then queued from the page and must finish. For one node of each family, the Info button shows
+the node's help page (nodes/web/docs) whole.
+
+A second server of the same host with empty models folders, and its page: every shipped workflow lists each
+file it loads as a missing model with our download link and folder (properties.models), without a request
+leaving the page; its Missing Models panel offers each download (screenshot).
 """
 import copy
 import json
+import re
 
 import pytest
 
-from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, execution_error
+from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, ComfyServer, execution_error
 from dit_control.tests.frontend_page import FrontendPage
 from dit_control.tests.make_checkpoints import write_example_inputs
-from dit_control.tests.workflow_format import _inputs, strip_meta
+from dit_control.tests.make_node_docs import DOCS
+from dit_control.tests.model_files import FAMILY_OF_WORKFLOW, model_inputs
+from dit_control.tests.workflow_format import FRONTEND_ONLY, _inputs, strip_meta
 
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 SCREENSHOTS = REPO / "output" / "frontend"
 QUEUED = "pixart_alpha_t2i"      # the cheapest shipped graph on the tiny models (512 px), queued as shipped
+# one node of each family, in a shipped workflow that has it, whose help page the Info button must show
+HELP_NODES = [("pixart_alpha_t2i", "DiTControl_PixArtDiTLoader"),
+              ("easycontrol_canny", "DiTControl_ApplyEasyControl"),
+              ("pixart_relactrl_canny", "DiTControl_RelaCtrlCheckpointLoader"),
+              ("dit4sr_upscale_x4", "DiTControl_DiT4SRConditioning"),
+              ("controlar_canny_mr", "DiTControl_ControlARSampler")]
+MISSING_SHOWN = "easycontrol_canny"     # whose Missing Models panel is opened and shot
 
 
 def ui_file(name: str) -> dict:
@@ -64,6 +80,10 @@ def node_problems(ui: dict, canvas: list, object_info: dict) -> list[str]:
             continue
         if (here["type"], here["title"]) != (node["type"], node["title"]):
             out.append(f"node {nid}: canvas has {here['type']} {here['title']!r}, file {node['type']} {node['title']!r}")
+        if node["type"] in FRONTEND_ONLY:          # a note: the frontend's own node, its one widget the text
+            if [w[1] for w in here["widgets"]] != node["widgets_values"]:
+                out.append(f"node {nid} ({node['title']}): the canvas shows other text than the file")
+            continue
         if node["type"] not in object_info:
             out.append(f"node {nid}: the server has no node type {node['type']}")
             continue
@@ -130,6 +150,7 @@ def check_workflow(page: FrontendPage, ui: dict, api: dict, object_info: dict, s
         out.append("the page opened its error overlay")
     out += [f"a dialog is open: {d!r}" for d in missing["dialogs"]]
     out += node_problems(ui, canvas, object_info)
+    out += [f"note cut: {n}" for n in page.notes_cut()]
     out += overlaps(canvas)
     out += prompt_problems(page.graph_to_prompt(), api)
     return out
@@ -139,6 +160,7 @@ def check_workflow(page: FrontendPage, ui: dict, api: dict, object_info: dict, s
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_loads_renders_and_exports_its_api_twin(frontend, object_info, name):
+    """Also: with every file in place, the page lists no missing model (the model links stay silent)."""
     problems = check_workflow(frontend, ui_file(name), api_file(name), object_info,
                               screenshot=SCREENSHOTS / f"{name}.png")
     assert not problems, f"{name} in the frontend:\n  " + "\n  ".join(problems)
@@ -191,3 +213,118 @@ def test_workflow_queued_from_the_page_finishes(frontend, comfy, object_info):
     frontend.settle()
     frontend.screenshot(SCREENSHOTS / f"{QUEUED}_queued.png")
     assert frontend.problems() == []
+
+
+# -- help pages -------------------------------------------------------------------------------------
+
+def shown_lines(markdown: str) -> list[str]:
+    """Each line of a help page as the rendered page shows it: markers, emphasis, code ticks and link targets
+    dropped, escapes resolved, white space collapsed (comments and blank lines left out)."""
+    text = re.sub(r"<!--.*?-->", "", markdown, flags=re.S)
+    out = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(#+|-|\d+\.)\s+", "", line)
+        line = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", line)
+        # outside code spans (odd pieces between backticks are code, shown as written): emphasis marks go,
+        # escaped asterisks and '&lt;' show as themselves
+        pieces = line.split("`")
+        pieces[::2] = [p.replace("\\*", "\0").replace("*", "").replace("\0", "*").replace("&lt;", "<")
+                       for p in pieces[::2]]
+        line = " ".join("".join(pieces).split())
+        if line and not line.startswith("```"):
+            out.append(line)
+    return out
+
+
+def missing_from_panel(markdown: str, shown: dict) -> list[str]:
+    """The page's lines and links that the rendered help does not show."""
+    text = " ".join(shown["text"].split())
+    out = [f"line {line!r}" for line in shown_lines(markdown) if line not in text]
+    hrefs = {href for _text, href in shown["links"]}
+    out += [f"link {url}" for url in re.findall(r"\]\(([^)]+)\)", markdown) if url not in hrefs]
+    return out
+
+
+@pytest.mark.parametrize("workflow,node_type", HELP_NODES)
+def test_info_button_shows_the_nodes_help_page(frontend, object_info, workflow, node_type):
+    """Select the node, click Info: the right side panel shows nodes/web/docs/<node>.md, every line and link of
+    it, fetched from /extensions/dit-control/docs/ (after the frontend's one probe for a per-locale page)."""
+    ui = ui_file(workflow)
+    frontend.problems()
+    frontend.load(ui)
+    node = next(n for n in ui["nodes"] if n["type"] == node_type)
+    markdown = (DOCS / f"{node_type}.md").read_text()
+    shown = frontend.open_help(str(node["id"]), object_info[node_type]["display_name"])
+    frontend.screenshot_page(SCREENSHOTS / f"help_{node_type}.png")
+    unshown = missing_from_panel(markdown, shown)
+    assert unshown == [], f"{node_type}'s help panel does not show these of its page: {unshown}"
+    probe = (f"console error: Failed to load resource: the server responded with a status of 404 (Not Found) "
+             f"[/extensions/dit-control/docs/{node_type}/en.md]")
+    assert [p for p in frontend.problems() if p != probe] == []
+
+
+def test_the_help_check_sees_a_missing_line(frontend, object_info):
+    """The comparison is live: a line the page does not carry, or a link it does not have, is reported."""
+    workflow, node_type = HELP_NODES[0]
+    ui = ui_file(workflow)
+    frontend.load(ui)
+    node = next(n for n in ui["nodes"] if n["type"] == node_type)
+    shown = frontend.open_help(str(node["id"]), object_info[node_type]["display_name"])
+    edited = (DOCS / f"{node_type}.md").read_text() + "\nA sentence no page has.\n[a link](https://example.org/x)\n"
+    assert missing_from_panel(edited, shown) == ["line 'A sentence no page has.'", "line 'a link'",
+                                                 "link https://example.org/x"]
+    frontend.problems()
+
+
+# -- missing files ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bare_frontend(frontend, comfy, tmp_path_factory):
+    """A second server of the session's host whose models folders are empty, and a page on it (in the first
+    page's browser)."""
+    base = tmp_path_factory.mktemp("comfy_base_no_models")
+    with ComfyServer(tmp_path_factory.mktemp("no_models"), base_dir=base, host=comfy.host) as server:
+        write_example_inputs(base / "input")
+        with FrontendPage(server, beside=frontend) as page:
+            assert page.problems() == [], "the page did not start cleanly"
+            yield page
+
+
+def size_probe_refused(problem: str, urls: set) -> bool:
+    """A console error of the page's CSP refusing the HEAD the missing-model list sends for one of `urls`
+    (its file-size look-up): refused in the page, never sent."""
+    return (problem.startswith("console error: ") and "Content Security Policy" in problem
+            and re.search(r"\[/assets/missingModelDownload-\w+\.js\]$", problem) is not None
+            and any(f"'{u}'" in problem or f" {u}." in problem for u in urls))
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_missing_files_are_listed_with_our_links(bare_frontend, name):
+    """Every model file input of the graph is a missing model carrying the name, folder and URL of
+    tests/model_files.py (the frontend took them from the loader's properties.models); offline: no request
+    leaves the page, the only errors are the CSP's refusals of the list's size look-ups of those URLs."""
+    family = FAMILY_OF_WORKFLOW[name]
+    inputs = model_inputs(api_file(name))
+    bare_frontend.problems()
+    bare_frontend.load(ui_file(name))
+    got = sorted((m["node_type"], m["widget"], m["name"], m["directory"], m["url"])
+                 for m in bare_frontend.missing()["missing_model_links"])
+    expected = sorted((cls, widget, value, family[value].directory, family[value].url)
+                      for _nid, cls, widget, value in inputs)
+    assert got == expected, f"{name}: the page lists other missing models or links than the workflow's files"
+    urls = {family[value].url for *_rest, value in inputs}
+    unexpected = [p for p in bare_frontend.problems() if not size_probe_refused(p, urls)]
+    assert unexpected == [], f"{name}: {unexpected}"
+
+
+def test_missing_models_panel_offers_each_download(bare_frontend):
+    """What a user sees: the error overlay's 'see errors' opens the Missing Models list with a Download button
+    for each file of the graph (not clicked: nothing is downloaded)."""
+    bare_frontend.load(ui_file(MISSING_SHOWN))
+    offered = bare_frontend.open_missing_models()
+    bare_frontend.screenshot_page(SCREENSHOTS / f"missing_models_{MISSING_SHOWN}.png")
+    assert sorted(offered) == sorted({value for *_rest, value in model_inputs(api_file(MISSING_SHOWN))})
+    # the errors panel looks its node packs up in the registry: refused by the CSP too, never sent
+    urls = {FAMILY_OF_WORKFLOW[MISSING_SHOWN][v].url for *_rest, v in model_inputs(api_file(MISSING_SHOWN))}
+    assert [p for p in bare_frontend.problems() if not size_probe_refused(p, urls)
+            and not ("Content Security Policy" in p and "https://api.comfy.org/" in p)] == []

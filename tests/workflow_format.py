@@ -2,7 +2,11 @@
 (drag and drop), using a server's /object_info for input order and types.
 
 `python tests/workflow_format.py` rewrites every workflows/<name>.json (UI) from workflows/api/<name>.json,
-with a running throw-away server; tests check that each UI file converts back to its API graph.
+with a running throw-away server; tests check that each UI file converts back to its API graph. A shipped UI
+file also carries what the API graph cannot: on each loader node `properties.models` (name, download URL and
+models folder of the file it loads, tests/model_files.py), which ComfyUI's frontend shows as download links
+when the file is missing, and a Markdown note at the top that says in three lines what the graph does and
+which files it needs. The note is a frontend-only node: the page leaves it out of the prompt, as ui_to_api does.
 """
 from __future__ import annotations
 
@@ -11,6 +15,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# node types the frontend defines itself (virtual: never in /object_info, never in a prompt)
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+NOTE_TITLE = "About this workflow"
+
+# line 1 of each shipped graph's note: what it does (README, "Workflows" and the family sections)
+SUMMARIES = {
+    "pixart_delta_lcm_t2i": "**PixArt-δ (LCM) text to image**: 1024×1024 in 4 steps at cfg 1 — SamplerCustom with "
+                            "LCM Sampler + LCM Scheduler (PixArt-δ).",
+    "pixart_alpha_t2i": "**PixArt-α 512 text to image**: KSampler DPM-Solver++(2M), 20 steps, CFG 4.5, the checkpoint's "
+                        "learned null caption as the negative.",
+    "pixart_delta_controlnet": "**PixArt-δ ControlNet-Transformer**: HED soft edges of the input picture steer a "
+                               "1024×1024 image (Apply ControlNet; KSampler DPM-Solver++(2M), 14 steps, CFG 4.5).",
+    "pixart_delta_lcm_t2i_int8": "**PixArt-δ in 8 bit**: int8 DiT and int8 T5 (released after encoding), 1024×1024 in "
+                                 "4 LCM steps at cfg 1, one-pass tiled VAE decode.",
+    "pixart_relactrl_canny": "**RelaCtrl on PixArt-α 1024-MS**: a Canny map (100 / 200) of the input picture steers a "
+                             "1024×1024 image (Apply ControlNet; DPM-Solver++(2M), 20 steps, CFG 4.5).",
+    "easycontrol_canny": "**EasyControl on core FLUX.1-dev**: a canny edge map steers a 1024×1024 image (Apply "
+                         "EasyControl; FluxGuidance 3.5, KSampler Euler 25 steps).",
+    "easycontrol_subject": "**EasyControl on core FLUX.1-dev**: the subject of a photo in a new 1024×1024 picture "
+                           "(Apply EasyControl; FluxGuidance 3.5, KSampler Euler 25 steps).",
+    "easycontrol_subject_canny": "**EasyControl on core FLUX.1-dev, two conditions chained**: a subject photo and a "
+                                 "canny edge map, 1024×1024 (FluxGuidance 3.5, KSampler Euler 25 steps).",
+    "dit4sr_upscale_x4": "**DiT4SR ×4 super-resolution on SD3.5-medium**: KSampler Euler / normal, CFG 7, 20 steps, "
+                         "tiled inside the model, one-pass tiled decode, AdaIN colour fix.",
+    "controlar_canny_mr": "**ControlAR on LlamaGen-XL**: a canny map steers a 768×512 image token by token (canny_MR, "
+                          "CFG 4, top-k 2000, a row preview every 8 rows).",
+    "controlar_hed_512": "**ControlAR on LlamaGen-XL**: HED soft edges steer a 512×512 image token by token (hed, "
+                         "CFG 4, top-k 2000).",
+}
 
 
 def _inputs(info: dict) -> list:
@@ -105,13 +138,14 @@ def _columns(api: dict) -> list:
     return [[nid for nid in api if depth[nid] == d] for d in range(max(depth.values(), default=-1) + 1)]
 
 
-def layout(api: dict, object_info: dict) -> dict:
-    """{node id: (pos, size)}: columns by depth, sources left, nodes stacked top-down in each column."""
+def layout(api: dict, object_info: dict, top: int = ORIGIN[1]) -> dict:
+    """{node id: (pos, size)}: columns by depth, sources left, nodes stacked top-down in each column from `top`
+    (the top of the first title bar)."""
     sizes = {nid: _node_size(object_info[node["class_type"]], _title(node, object_info[node["class_type"]]))
              for nid, node in api.items()}
     placed, x = {}, ORIGIN[0]
     for column in _columns(api):
-        y = ORIGIN[1]
+        y = top
         for nid in column:
             placed[nid] = ([x, y + TITLE_H], sizes[nid])
             y += TITLE_H + sizes[nid][1] + GAP_Y
@@ -119,11 +153,60 @@ def layout(api: dict, object_info: dict) -> dict:
     return placed
 
 
+# -- the note -----------------------------------------------------------------------------------------
+# A MarkdownNote's text is a DOM editor that wraps its paragraphs to the node's width and scrolls what does not
+# fit (frontend 1.48.7, measured at zoom 1: 10 px Inter, 12 px lines, 10 px between paragraphs, no padding;
+# code spans in a monospace font). The note gets the graph's width (at least NOTE_MIN_W, at most NOTE_MAX_W) and
+# the height its wrapped text needs by _text_width's upper estimate at 11 px, with 13 px lines and 10 px of
+# room around, so the text shows whole (tests/test_frontend.py checks that it does not scroll).
+NOTE_MIN_W, NOTE_MAX_W = 720, 1000
+NOTE_FONT_PX, NOTE_LINE_H, NOTE_PARA_GAP, NOTE_PAD = 11, 13, 10, 10
+
+
+def _plain(markdown: str) -> str:
+    """The text a paragraph of our notes shows: bold and code marks dropped, links as their text."""
+    import re
+    return re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", markdown).replace("**", "").replace("`", "")
+
+
+def note_text(workflow: str, api: dict) -> str:
+    """Three paragraphs: what the graph does, the files it loads and their folders, where missing ones come from."""
+    from dit_control.tests.model_files import files_of
+    files = files_of(workflow, api)
+
+    def phrase(f):
+        beside = " and ".join(f"`{b.rsplit('/', 1)[-1]}`" for b in f.beside)
+        return f"`{f.name}`" + (f" with {beside} beside it" if beside else "") + f" → `models/{f.directory}/`"
+
+    repos = []
+    for f in files:
+        entry = f"[{f.repo}]({f.page})" + (" (gated: log in there and accept its licence)" if f.gated else "")
+        if entry not in repos:
+            repos.append(entry)
+    renamed = "".join(f" Save `{f.path.rsplit('/', 1)[-1]}` of {f.repo} as `{f.name}`." for f in files if f.renamed)
+    return "\n\n".join([
+        SUMMARIES[workflow],
+        "**Files**: " + "; ".join(phrase(f) for f in files) + ".",
+        "A missing file is listed with its download link when the graph opens. From " + ", ".join(repos) + "."
+        + renamed + " Select a loader and open Info for more.",
+    ])
+
+
+def note_size(text: str, width: int) -> list:
+    """[width, height] of a MarkdownNote whose wrapped paragraphs all show (height without the title bar)."""
+    inner = width - 2 * NOTE_PAD
+    lines = [max(1, -(-int(_text_width(_plain(p), NOTE_FONT_PX)) // inner)) for p in text.split("\n\n")]
+    return [width, 2 * NOTE_PAD + NOTE_LINE_H * sum(lines) + NOTE_PARA_GAP * (len(lines) - 1)]
+
+
+
 def _title(node: dict, info: dict) -> str:
     return node.get("_meta", {}).get("title", info.get("display_name", node["class_type"]))
 
 
-def api_to_ui(api: dict, object_info: dict) -> dict:
+def api_to_ui(api: dict, object_info: dict, workflow: str | None = None) -> dict:
+    """The UI graph of an API graph. For a shipped workflow (its name given): with model links on the loaders
+    and the note on top."""
     nodes, links = [], []
     ids = {nid: i + 1 for i, nid in enumerate(api)}
     outgoing = {}
@@ -139,7 +222,19 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             link_of[(dst, name)] = link_id
             out_type = object_info[api[src]["class_type"]]["output"][slot]
             links.append([link_id, ids[src], slot, ids[dst], None, out_type, name])
-    placed = layout(api, object_info)
+    note, top = None, ORIGIN[1]
+    if workflow is not None:
+        from dit_control.tests.model_files import FAMILY_OF_WORKFLOW, is_model_file
+        family = FAMILY_OF_WORKFLOW[workflow]
+        text = note_text(workflow, api)
+        placed = layout(api, object_info)
+        right = max(pos[0] + size[0] for pos, size in placed.values())
+        size = note_size(text, min(NOTE_MAX_W, max(NOTE_MIN_W, right - ORIGIN[0])))
+        note = {"id": len(api) + 1, "type": "MarkdownNote", "pos": [ORIGIN[0], ORIGIN[1] + TITLE_H], "size": size,
+                "flags": {}, "order": len(api), "mode": 0, "inputs": [], "outputs": [], "title": NOTE_TITLE,
+                "properties": {}, "widgets_values": [text]}
+        top = ORIGIN[1] + TITLE_H + size[1] + GAP_Y          # the graph below the note
+    placed = layout(api, object_info, top)
     for order, (nid, node) in enumerate(api.items()):
         info = object_info[node["class_type"]]
         inputs, widgets = [], []
@@ -168,10 +263,17 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             outputs.append({"name": out_name, "type": out_type, "slot_index": slot,
                             "links": [l[0] for l in links if l[1] == ids[nid] and l[2] == slot]})
         pos, size = placed[nid]
+        properties = {"Node name for S&R": node["class_type"]}
+        if workflow is not None:
+            # the frontend offers these links for a file its dropdown lacks (matched by name and folder)
+            models = [family[v] for v in node["inputs"].values() if is_model_file(v)]
+            if models:
+                properties["models"] = [{"name": f.name, "url": f.url, "directory": f.directory} for f in models]
         nodes.append({"id": ids[nid], "type": node["class_type"], "pos": pos,
                       "size": size, "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-                      "title": _title(node, info),
-                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+                      "title": _title(node, info), "properties": properties, "widgets_values": widgets})
+    if note is not None:
+        nodes.append(note)
     return {"last_node_id": len(nodes), "last_link_id": link_id, "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
             "version": 0.4}
@@ -182,6 +284,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {l[0]: l for l in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:        # the page never puts a note into the prompt
+            continue
         info = object_info[node["type"]]
         values = iter(node.get("widgets_values", []))
         by_name = {e["name"]: e for e in node.get("inputs", [])}
@@ -216,7 +320,7 @@ def main():
         object_info = server.get("/object_info")
     for api_path in sorted((REPO / "workflows" / "api").glob("*.json")):
         api = json.loads(api_path.read_text())
-        ui = api_to_ui(api, object_info)
+        ui = api_to_ui(api, object_info, workflow=api_path.stem)
         assert ui_to_api(ui, object_info) == strip_meta(api), api_path
         (REPO / "workflows" / api_path.name).write_text(json.dumps(ui, indent=1) + "\n")
         print("wrote", api_path.name)
