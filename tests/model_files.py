@@ -7,7 +7,7 @@ Markdown note. tests/test_node_docs.py and tests/test_frontend.py check them.
 
 `directory` is the folder key of ComfyUI's model registry (folder_paths), the name the frontend files a model
 under: core's `diffusion_models`, `text_encoders`, `vae`, `controlnet`, `loras`, and this pack's `annotators` and
-`controlar` (nodes/control_preprocess.py, nodes/controlar.py).
+`controlar` (nodes/control_preprocess.py, nodes/controlar/nodes.py).
 """
 from __future__ import annotations
 

@@ -1,19 +1,23 @@
-"""Dependencies in kernels/ point one way (README, "How it is built"): the shared modules at the top of
-kernels/ import no model family, no family subpackage imports another family, and nothing in kernels/
-imports ComfyUI. Checked over the import statements themselves (ast), so a lazy import inside a function
-counts too."""
+"""Dependencies in kernels/ and nodes/ point one way (README, "How it is built"): the shared modules at the top
+of kernels/ import no model family, no family subpackage imports another family, and nothing in kernels/
+imports ComfyUI. nodes/ is laid out the same way and follows the same rules, across both trees: a shared
+node module imports no family (of nodes/ or of kernels/), and a node family imports only its own kernel
+family. Checked over the import statements themselves (ast), so a lazy import inside a function counts too."""
 import ast
 from pathlib import Path
 
 import pytest
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+NODES = KERNELS.parent / "nodes"
+# a node family's subpackage -> the kernel family it wraps, where the names differ
+NODE_FAMILY_KERNELS = {"easycontrol": "flux_easycontrol"}
 HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes",
                 "latent_preview", "server", "execution"}
 
 
-def families(kernels: Path = KERNELS) -> set:
-    return {p.name for p in kernels.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+def families(tree: Path = KERNELS) -> set:
+    return {p.name for p in tree.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
 
 
 def imported_kernel_parts(source: str, package: tuple) -> list:
@@ -48,6 +52,25 @@ def violations(path_parts: tuple, source: str, known_families: set) -> list:
     return bad
 
 
+def node_violations(path_parts: tuple, source: str, node_families: set, kernel_families: set) -> list:
+    """What a module at nodes/<path_parts> imports that breaks the direction rules: a shared node module
+    imports no family of nodes/ or kernels/; a node family imports no other node family and no kernel
+    family but its own."""
+    package = ("nodes",) + path_parts[:-1]
+    own_family = path_parts[0] if len(path_parts) > 1 else None
+    own_kernels = NODE_FAMILY_KERNELS.get(own_family, own_family)
+    where = "a shared node module" if own_family is None else f"node family {own_family}"
+    bad = []
+    for mod in imported_kernel_parts(source, package):
+        if len(mod) < 2:
+            continue
+        if mod[0] == "nodes" and mod[1] in node_families and mod[1] != own_family:
+            bad.append(f"{where} imports node family {mod[1]} ({'.'.join(mod)})")
+        elif mod[0] == "kernels" and mod[1] in kernel_families and mod[1] != own_kernels:
+            bad.append(f"{where} imports kernel family {mod[1]} ({'.'.join(mod)})")
+    return bad
+
+
 def test_kernels_import_in_one_direction():
     known = families()
     assert "pixart" in known
@@ -76,3 +99,42 @@ def test_the_check_catches_each_kind_of_violation(parts, source, expected):
 ])
 def test_allowed_imports_pass(parts, source):
     assert violations(parts, source, {"pixart", "controlar"}) == []
+
+
+def test_nodes_mirror_kernels_and_import_in_one_direction():
+    node_families, kernel_families = families(NODES), families()
+    assert {"pixart", "easycontrol", "dit4sr", "controlar"} <= node_families, node_families
+    unmatched = {NODE_FAMILY_KERNELS.get(f, f) for f in node_families} - kernel_families
+    assert not unmatched, f"node families without a kernel family of the same name: {sorted(unmatched)}"
+    problems = []
+    for path in sorted(NODES.rglob("*.py")):
+        parts = path.relative_to(NODES).parts
+        if parts == ("__init__.py",):
+            continue   # the registry: it gathers every family's NODES, which is its one job
+        problems += [f"nodes/{'/'.join(parts)}: {v}"
+                     for v in node_violations(parts, path.read_text(), node_families, kernel_families)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("parts,source,expected", [
+    (("t5_encoder.py",), "from .pixart.model import CAPTION_MASK_KEY", "a shared node module imports node family pixart"),
+    (("vae_decode.py",), "from ..kernels.pixart.model import PixArt", "a shared node module imports kernel family pixart"),
+    (("controlar", "nodes.py"), "from ..pixart.text_encode import X", "node family controlar imports node family pixart"),
+    (("controlar", "nodes.py"), "from ...kernels.pixart import model", "node family controlar imports kernel family pixart"),
+    (("easycontrol", "nodes.py"), "from ...kernels.dit4sr.model import DiT4SR",
+     "node family easycontrol imports kernel family dit4sr"),
+])
+def test_the_nodes_check_catches_each_kind_of_violation(parts, source, expected):
+    found = node_violations(parts, source, {"pixart", "controlar", "easycontrol"},
+                            {"pixart", "controlar", "flux_easycontrol", "dit4sr"})
+    assert any(expected in v for v in found), found
+
+
+@pytest.mark.parametrize("parts,source", [
+    (("easycontrol", "model.py"), "from ...kernels.flux_easycontrol import blocks\nfrom ..finite_guard import x"),
+    (("controlar", "nodes.py"), "from ..t5_encoder import PixArtT5Type\nfrom ...kernels.int8 import int8_ops"),
+    (("weight_dtype.py",), "from ..kernels.int8 import int8_ops"),
+])
+def test_allowed_node_imports_pass(parts, source):
+    assert node_violations(parts, source, {"pixart", "controlar", "easycontrol"},
+                           {"pixart", "controlar", "flux_easycontrol", "dit4sr"}) == []

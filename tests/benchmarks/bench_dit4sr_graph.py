@@ -60,9 +60,9 @@ import comfy.model_management
 
 def _dit4sr_node_module():
     for name, module in list(sys.modules.items()):
-        if name.endswith(".nodes.dit4sr") and hasattr(module, "encode_lr_image"):
+        if name.endswith(".nodes.dit4sr.nodes") and hasattr(module, "encode_lr_image"):
             return module
-    raise RuntimeError("the dit-control pack's nodes.dit4sr module is not loaded")
+    raise RuntimeError("the dit-control pack's nodes.dit4sr.nodes module is not loaded")
 
 
 class StopAfterModelCalls:

@@ -8,7 +8,7 @@ random bf16 weights (`comfy.ops.disable_weight_init`: bf16 compute on bf16 weigh
 the shipped graphs), T5-length text (512 tokens), a size×size image (4096 noise tokens at 1024²) and one
 spatial condition of cond px ((cond/16)² tokens; 1024 at 512 px) with a full-width rank-128 LoRA.
 
-The conditioned modes run exactly what the nodes install (nodes/flux_easycontrol_model.py, imported as a
+The conditioned modes run exactly what the nodes install (nodes/easycontrol/model.py, imported as a
 package): the BlockPatch on every block, the DIFFUSION_MODEL wrapper, an EasyControlSpec; they reach
 core's Flux through `transformer_options` as a ModelPatcher hands them over, and the run is wrapped in
 the spec's sampling_run() as the OUTER_SAMPLE wrapper does.
@@ -81,15 +81,14 @@ def import_comfy():
 
 
 def import_node_module():
-    """nodes/flux_easycontrol_model.py as the pack imports it (relative imports into kernels/), without
-    running nodes/__init__.py (which registers every node through comfy_api)."""
-    pack = types.ModuleType("ditcontrol_bench")
-    pack.__path__ = [str(REPO)]
-    sys.modules["ditcontrol_bench"] = pack
-    sub = types.ModuleType("ditcontrol_bench.nodes")
-    sub.__path__ = [str(REPO / "nodes")]
-    sys.modules["ditcontrol_bench.nodes"] = sub
-    return importlib.import_module("ditcontrol_bench.nodes.flux_easycontrol_model")
+    """nodes/easycontrol/model.py as the pack imports it (relative imports into kernels/), without
+    running the packages' __init__ modules (they import every node through comfy_api)."""
+    for name, folder in (("ditcontrol_bench", REPO), ("ditcontrol_bench.nodes", REPO / "nodes"),
+                         ("ditcontrol_bench.nodes.easycontrol", REPO / "nodes" / "easycontrol")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(folder)]
+        sys.modules[name] = package
+    return importlib.import_module("ditcontrol_bench.nodes.easycontrol.model")
 
 
 def build_flux(comfy, double: int, single: int, dtype):

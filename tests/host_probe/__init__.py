@@ -142,7 +142,7 @@ class SigmasReport:
         return {"ui": {"text": [json.dumps({"sigmas": [float(s) for s in sigmas], "dtype": str(sigmas.dtype)})]}}
 
 
-EASYCONTROL_SPEC_KEY = "dit_control_easycontrol"     # nodes/flux_easycontrol_model.py SPEC_KEY
+EASYCONTROL_SPEC_KEY = "dit_control_easycontrol"     # nodes/easycontrol/model.py SPEC_KEY
 BANK_WATCHES = {}                                    # tag -> record of one watched model
 
 

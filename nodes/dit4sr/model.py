@@ -20,10 +20,10 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from ..kernels.dit4sr.model import DiT4SR, DiT4SRConfig
-from ..kernels.dit4sr.tiling import TileSettings
-from .comfy_compat import build_patcher
-from .finite_guard import check_step_output
+from ...kernels.dit4sr.model import DiT4SR, DiT4SRConfig
+from ...kernels.dit4sr.tiling import TileSettings
+from ..comfy_compat import build_patcher
+from ..finite_guard import check_step_output
 
 # conditioning keys set by DiT4SR Conditioning
 LR_LATENT_KEY = "dit4sr_lr_latent"      # raw VAE latent of the upscaled LR image [B, 16, H/8, W/8]

@@ -25,11 +25,11 @@ import torch
 
 import comfy.patcher_extension
 
-from ..kernels.checkpoint_io import CheckpointError
-from ..kernels.flux_easycontrol import blocks
-from ..kernels.flux_easycontrol.condition import EasyControl
-from .finite_guard import check_step_output
-from .input_checks import refuse_over_free_memory
+from ...kernels.checkpoint_io import CheckpointError
+from ...kernels.flux_easycontrol import blocks
+from ...kernels.flux_easycontrol.condition import EasyControl
+from ..finite_guard import check_step_output
+from ..input_checks import refuse_over_free_memory
 
 SPEC_KEY = "dit_control_easycontrol"          # model_options["transformer_options"][SPEC_KEY]: the spec
 RUN_KEY = "dit_control_easycontrol_run"       # transformer_options of one call: (core Flux, ConditionRun)
@@ -55,7 +55,7 @@ class EasyControlSpec:
     easycontrol: EasyControl = field(default=None)
 
     def __post_init__(self):
-        from ..kernels.flux_easycontrol.condition import Condition
+        from ...kernels.flux_easycontrol.condition import Condition
         conditions = [Condition(s.latent, s.lora, s.strength, s.kind) for s in self.sources]
         self.easycontrol = EasyControl(conditions, cache=self.cache)
 

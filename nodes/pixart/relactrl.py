@@ -1,6 +1,6 @@
 """RelaCtrl (relevance-guided control, PixArt-α 1024-MS) through core "Apply ControlNet".
 
-The same CONTROL_NET class and loader helpers as the ControlNet-Transformer (nodes/controlnet.py), with the
+The same CONTROL_NET class and loader helpers as the ControlNet-Transformer (nodes/pixart/controlnet.py), with the
 RelaCtrl kind: the kernel's strict file preparation and loading (kernels/pixart/relactrl.py), its base check,
 and a branch per step whose TDSM permutations come from a CPU generator seeded by the loader's `seed` and the
 sampling step. The step is the index of the current σ in the sampler's σ list
@@ -17,10 +17,10 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..kernels.pixart.model import PixArtConfig
-from ..kernels.pixart.relactrl import (check_relactrl_base_compatible, load_relactrl, prepare_relactrl)
+from ...kernels.pixart.model import PixArtConfig
+from ...kernels.pixart.relactrl import (check_relactrl_base_compatible, load_relactrl, prepare_relactrl)
 from .controlnet import CATEGORY, ControlKind, bundled_base_patcher, load_controlnet
-from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES
 
 SEED_MAX = 2 ** 64 - 1
 STYLE_TAGS = ("gufeng_", "oil_", "paint_", "3d_")

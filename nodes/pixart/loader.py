@@ -7,11 +7,11 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..kernels.checkpoint_io import read_json_beside, read_state_dict
-from ..kernels.pixart.checkpoint import prepare_pixart, variant_name
-from .comfy_compat import register_reloader
-from .pixart_model import build_model_patcher
-from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from ...kernels.checkpoint_io import read_json_beside, read_state_dict
+from ...kernels.pixart.checkpoint import prepare_pixart, variant_name
+from ..comfy_compat import register_reloader
+from .model import build_model_patcher
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
 CATEGORY = "DiT Control/PixArt"
 

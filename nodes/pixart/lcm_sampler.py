@@ -13,8 +13,8 @@ from comfy_api.latest import io
 
 import comfy.samplers
 
-from ..kernels.pixart.lcm import lcm_boundary_scalings, lcm_timesteps
-from .comfy_compat import default_noise_sampler, model_trange, sampler_model_sampling
+from ...kernels.pixart.lcm import lcm_boundary_scalings, lcm_timesteps
+from ..comfy_compat import default_noise_sampler, model_trange, sampler_model_sampling
 
 CATEGORY = "DiT Control/PixArt"
 RULES = ["diffusers", "pixart_repo"]

@@ -16,11 +16,11 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..kernels.controlar.dinov2 import resize_mode
-from ..kernels.controlar.sampling import SamplingSettings, generate
-from .finite_guard import NonFiniteStepError
-from .input_checks import check_finite, log_adjusted_once
-from .controlar import (CATEGORY, VQ, ControlARConditioning, ControlARConditioningType, ControlARModel,
+from ...kernels.controlar.dinov2 import resize_mode
+from ...kernels.controlar.sampling import SamplingSettings, generate
+from ..finite_guard import NonFiniteStepError
+from ..input_checks import check_finite, log_adjusted_once
+from .nodes import (CATEGORY, VQ, ControlARConditioning, ControlARConditioningType, ControlARModel,
                         ControlARModelType, ImageTokens, ImageTokensType, VQModelType, check_vocab)
 
 CONTROL_TYPES = ("canny", "hed", "lineart", "depth", "seg")

@@ -19,12 +19,12 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..kernels.checkpoint_io import CheckpointError, read_state_dict
-from ..kernels.flux_easycontrol.condition import split_tall_latent
-from ..kernels.flux_easycontrol.condition_image import prepare_condition
-from ..kernels.flux_easycontrol.lora import load_lora
-from .flux_easycontrol_model import ConditionSource, current_spec, patch_model
-from .input_checks import check_finite
+from ...kernels.checkpoint_io import CheckpointError, read_state_dict
+from ...kernels.flux_easycontrol.condition import split_tall_latent
+from ...kernels.flux_easycontrol.condition_image import prepare_condition
+from ...kernels.flux_easycontrol.lora import load_lora
+from .model import ConditionSource, current_spec, patch_model
+from ..input_checks import check_finite
 
 CATEGORY = "DiT Control/EasyControl"
 KIND_CHOICES = ("auto", "spatial", "subject")
@@ -146,7 +146,7 @@ class ApplyEasyControl(io.ComfyNode):
 
 def apply_easycontrol(model, vae, lora: EasyControlLoRAFile, image, condition_size=512, strength=1.0,
                       kind="auto", cache=True):
-    from .flux_easycontrol_model import core_flux
+    from .model import core_flux
     core_flux(model)                     # clear error for a PixArt/SD MODEL before any VAE work
     check_finite("Apply EasyControl", strength=strength)
     if condition_size % 16:

@@ -4,7 +4,7 @@ ComfyUI has no autoregressive image model type, so ControlAR flows on wires of i
 - CONTROLAR_MODEL: the GPT (+ DINOv2 control encoder) from ControlAR Loader, under ComfyUI's memory management;
 - VQ_MODEL: the VQ-16 image tokenizer (VQ-16 Loader), which turns tokens into pixels;
 - CONTROLAR_CONDITIONING: FLAN-T5-XL caption rows, left-padded with zeroed pads (ControlAR Text Encode);
-- IMAGE_TOKENS: sampled VQ token grids (ControlAR Sampler, nodes/controlar_sampler.py) for VQ Decode -> IMAGE.
+- IMAGE_TOKENS: sampled VQ token grids (ControlAR Sampler, nodes/controlar/sampler.py) for VQ Decode -> IMAGE.
 Files come from models/controlar (ControlAR weights, LlamaGen's VQ-16 and T2I base) and models/text_encoders
 (FLAN-T5-XL, loaded by the pack's T5 loader). The math is kernels/controlar/; these nodes only move data.
 """
@@ -21,18 +21,18 @@ import comfy.ops
 import comfy.utils
 import folder_paths
 
-from ..kernels.checkpoint_io import CheckpointError, assign_load, read_state_dict
-from ..kernels.int8 import int8_ops as int8_ops_for
-from ..kernels.int8 import select_route
-from ..kernels.controlar import dinov2
-from ..kernels.controlar.checkpoint import WHAT_GPT, prepare_gpt, prepare_vq
-from ..kernels.controlar.gpt import GPT, KNOWN_HEADS, GPTConfig
-from ..kernels.controlar.pipeline import fast_decode_route
-from ..kernels.controlar.text import MAX_LENGTH, encode_caption
-from ..kernels.controlar.vq import VQModel, to_unit_range
-from .comfy_compat import new_model_patcher
-from .text_encoder import PixArtT5Type, clean_caption_text
-from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from ...kernels.checkpoint_io import CheckpointError, assign_load, read_state_dict
+from ...kernels.int8 import int8_ops as int8_ops_for
+from ...kernels.int8 import select_route
+from ...kernels.controlar import dinov2
+from ...kernels.controlar.checkpoint import WHAT_GPT, prepare_gpt, prepare_vq
+from ...kernels.controlar.gpt import GPT, KNOWN_HEADS, GPTConfig
+from ...kernels.controlar.pipeline import fast_decode_route
+from ...kernels.controlar.text import MAX_LENGTH, encode_caption
+from ...kernels.controlar.vq import VQModel, to_unit_range
+from ..comfy_compat import new_model_patcher
+from ..t5_encoder import PixArtT5Type, clean_caption_text
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
 CATEGORY = "DiT Control/ControlAR"
 CONTROLAR_FOLDER = "controlar"

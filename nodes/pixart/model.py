@@ -17,11 +17,11 @@ import comfy.model_patcher
 import comfy.supported_models
 import comfy.supported_models_base
 
-from ..kernels.pixart.model import (CONTROL_VALUES_PER_TOKEN, FORWARD_VALUES_PER_TOKEN, PixArt, PixArtConfig,
+from ...kernels.pixart.model import (CONTROL_VALUES_PER_TOKEN, FORWARD_VALUES_PER_TOKEN, PixArt, PixArtConfig,
                                     forward_bytes)
-from .finite_guard import check_step_output
-from .input_checks import refuse_over_free_memory
-from .comfy_compat import build_patcher, storage_dtypes as compat_storage_dtypes
+from ..finite_guard import check_step_output
+from ..input_checks import refuse_over_free_memory
+from ..comfy_compat import build_patcher, storage_dtypes as compat_storage_dtypes
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
 CAPTION_MASK_KEY = "pixart_caption_mask"

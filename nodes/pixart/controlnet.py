@@ -6,7 +6,7 @@ strength and start/end percent, and our PixArt MODEL runs the copied blocks (ker
 
 The CONTROL_NET class and the loader helpers are shared by every PixArt control network that plugs into
 the DiT's `control=` hook: a network is described by a `ControlKind` (its file preparation, its strict
-loader, its base compatibility check and how a step's branch is made). RelaCtrl (nodes/relactrl.py) is the
+loader, its base compatibility check and how a step's branch is made). RelaCtrl (nodes/pixart/relactrl.py) is the
 second kind.
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ import comfy.ops
 import comfy.utils
 import folder_paths
 
-from ..kernels.checkpoint_io import read_state_dict
-from ..kernels.pixart.model import PixArtConfig
-from ..kernels.pixart.controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
+from ...kernels.checkpoint_io import read_state_dict
+from ...kernels.pixart.model import PixArtConfig
+from ...kernels.pixart.controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
                                          prepare_pixart_controlnet)
-from .comfy_compat import new_model_patcher, register_reloader
-from .input_checks import check_finite
-from .pixart_model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
-from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from ..comfy_compat import new_model_patcher, register_reloader
+from ..input_checks import check_finite
+from .model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 
 CATEGORY = "DiT Control/PixArt"
 
@@ -51,7 +51,7 @@ def _controlnet_default_base(info):
 
 @dataclass(frozen=True)
 class ControlKind:
-    """What differs between the PixArt control networks sharing `PixArtControlNet` and the loader helpers.
+    """What differs between the PixArt control networks sharing `PixArtControlNetControl` and the loader helpers.
 
     prepare(sd) -> (control sd, bundled base sd or None, info); load(control sd, base config, operations=,
     dtype=, info=) -> network; check(info, base config) raises when the network does not fit the base;
@@ -72,7 +72,7 @@ CONTROLNET_TRANSFORMER = ControlKind(
     loader_hint="'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
 
 
-class PixArtControlNet(comfy.controlnet.ControlBase):
+class PixArtControlNetControl(comfy.controlnet.ControlBase):
     """A CONTROL_NET for PixArt: the control image becomes a latent through the VAE (as PixArt-δ did),
     and each sampling step hands our MODEL a control branch instead of UNet residual lists. `kind` says
     which network it is (its compatibility check and how a step's branch is made)."""
@@ -170,7 +170,7 @@ def load_control_network(path: str, weight_choice: str = "default", kind: Contro
 def load_controlnet(path: str, weight_choice: str = "default", kind: ControlKind = CONTROLNET_TRANSFORMER):
     """(CONTROL_NET, bundled base state dict or None, info) from a control network file."""
     net, patcher, base_sd, info = load_control_network(path, weight_choice, kind)
-    return PixArtControlNet(net, patcher, info, kind), base_sd, info
+    return PixArtControlNetControl(net, patcher, info, kind), base_sd, info
 
 
 class PixArtControlNetLoader(io.ComfyNode):
