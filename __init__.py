@@ -4,7 +4,7 @@ ComfyUI imports this package; it registers the nodes through the V3 entry point.
 kernels/ holds the model math and imports nothing from ComfyUI.
 """
 # ComfyUI serves this folder at /extensions/<pack folder>/; the frontend's node help panel reads each node's
-# page from docs/<node id>.md there (nodes/web/docs/, written by hand around a block tests/make_node_docs.py
+# page from docs/<node id>.md there (nodes/web/docs/, written by hand around a block tests/generators/make_node_docs.py
 # generates from the node's schema). It holds no .js, so no frontend extension is loaded from it.
 WEB_DIRECTORY = "./nodes/web"
 

@@ -92,7 +92,7 @@ class ComfyServer:
         probe_link = custom / PROBE_PACK.name
         if self.probe and not probe_link.exists():
             probe_link.symlink_to(PROBE_PACK, target_is_directory=True)
-        # our models folder (tiny checkpoints made by tests/make_checkpoints.py) as an extra search path
+        # our models folder (tiny checkpoints made by tests/generators/make_checkpoints.py) as an extra search path
         cfg = self.base_dir / "extra_model_paths.yaml"
         cfg.write_text("dit_control_tests:\n"
                        f"    base_path: {self.models_dir}\n"

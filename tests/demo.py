@@ -1,6 +1,6 @@
 """The main job: a headless run of the flagship workflow through a real ComfyUI server, on the embedded
 default checkpoints (the micro demo PixArt-δ trained here, tests/training/, installed with the other
-embedded files by tests/make_checkpoints.py).
+embedded files by tests/generators/make_checkpoints.py).
 
     .venv/bin/python tests/demo.py [workflow name]     -> output/<workflow>.png
 
@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from dit_control.tests.comfy_host import ComfyServer, execution_error, load_api_graph  # noqa: E402
-from dit_control.tests.make_checkpoints import make_all  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import make_all  # noqa: E402
 
 FLAGSHIP = "pixart_delta_lcm_t2i"
 

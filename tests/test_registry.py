@@ -1,5 +1,5 @@
 """Registry-ready: comfy-cli's `comfy node validate` passes on the pack, and [tool.comfy] Icon shows the
-icon the pack draws itself (tests/make_icon.py -> workflows/icon.png).
+icon the pack draws itself (tests/generators/make_icon.py -> workflows/icon.png).
 
 comfy-cli lives in its own venv (.comfy_host/comfy-cli-venv, made by .ci/setup, pinned there). It runs
 offline: `node validate` reads pyproject.toml with comfy-cli's registry parser and scans the code with
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_control.tests import make_icon
+from dit_control.tests.generators import make_icon
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_VENV = REPO / ".comfy_host" / "comfy-cli-venv"
@@ -145,7 +145,7 @@ def test_validate_fails_a_broken_scratch_copy(comfy_cli, tmp_path, name):
 
 
 def test_icon_is_what_the_script_draws():
-    assert make_icon.ICON_PATH.is_file(), f"run `.venv/bin/python tests/make_icon.py` to draw {make_icon.ICON_REL}"
+    assert make_icon.ICON_PATH.is_file(), f"run `.venv/bin/python tests/generators/make_icon.py` to draw {make_icon.ICON_REL}"
     with Image.open(make_icon.ICON_PATH) as im:
         assert im.format == "PNG" and im.mode == "RGBA", (im.format, im.mode)
         # the registry: square, at most 400 x 400 px
@@ -153,8 +153,8 @@ def test_icon_is_what_the_script_draws():
         committed = np.asarray(im).copy()
     drawn = make_icon.draw()
     diff = np.argwhere(np.any(committed != drawn, axis=-1))
-    assert diff.size == 0, (f"{len(diff)} pixels differ from tests/make_icon.py's drawing (first at y, x ="
-                            f" {tuple(int(v) for v in diff[0])}): re-run `.venv/bin/python tests/make_icon.py`")
+    assert diff.size == 0, (f"{len(diff)} pixels differ from tests/generators/make_icon.py's drawing (first at y, x ="
+                            f" {tuple(int(v) for v in diff[0])}): re-run `.venv/bin/python tests/generators/make_icon.py`")
     # deterministic bytes, and no stray chunk (time stamp, text) in what the script writes
     a, b = make_icon.png_bytes(drawn), make_icon.png_bytes(make_icon.draw())
     assert a == b
@@ -185,7 +185,7 @@ def test_icon_field_points_at_the_committed_icon(comfy_cli, tmp_path):
              "print(e('pyproject.toml').tool_comfy.icon)\n"
              "spec = s()\n"
              "print(*[spec.match_file(p) for p in sys.argv[1:]])\n")
-    out = subprocess.run([str(CLI_PY), "-c", probe, make_icon.ICON_REL, "tests/make_icon.py"], cwd=REPO,
+    out = subprocess.run([str(CLI_PY), "-c", probe, make_icon.ICON_REL, "tests/generators/make_icon.py"], cwd=REPO,
                          capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, HOME=str(tmp_path), DO_NOT_TRACK="1"))
     assert out.returncode == 0, out.stderr

@@ -129,8 +129,8 @@ def proc_gib(pid: int, field: str) -> float:
 def make_models(transformer: str) -> tuple:
     """(models dir, dit_name): the bench transformer folder plus the set-up's SD3 VAE."""
     from dit_control.kernels.dit4sr.model import DiT4SRConfig
-    from dit_control.tests.make_checkpoints import make_all
-    from dit_control.tests.make_dit4sr_checkpoints import (SD3_VAE_NAME, TINY_DIT4SR, diffusers_config,
+    from dit_control.tests.generators.make_checkpoints import make_all
+    from dit_control.tests.generators.make_dit4sr_checkpoints import (SD3_VAE_NAME, TINY_DIT4SR, diffusers_config,
                                                            stream_dit4sr_safetensors)
     made = make_all(REPO / ".comfy_host" / "models")
     folder = BENCH_MODELS / "diffusion_models" / f"dit4sr_{transformer}" / "transformer"

@@ -54,7 +54,7 @@ def reset_peak():
 def build_ours(layers: int):
     from dit_control.kernels.dit4sr.checkpoint import load_dit4sr
     from dit_control.kernels.dit4sr.model import DiT4SRConfig
-    from dit_control.tests.make_dit4sr_checkpoints import dit4sr_state_dict
+    from dit_control.tests.generators.make_dit4sr_checkpoints import dit4sr_state_dict
     ops, compute = comfy_ops()
     cfg = DiT4SRConfig(num_layers=layers, dual_attention_layers=tuple(range(min(13, layers - 1))))
     sd = dit4sr_state_dict(cfg, seed=0)

@@ -3,7 +3,7 @@ bounded memory, refuse clearly, or fail raw?
 
     .venv/bin/python tests/benchmarks/bench_graph_sizes.py [--workflows a,b] [--sizes 1,2,4] [--steps 1] [--with-dit4sr]
 
-Each workflow in workflows/api/ runs on a fresh server (the embedded checkpoints of tests/make_checkpoints.make_all:
+Each workflow in workflows/api/ runs on a fresh server (the embedded checkpoints of tests/generators/make_checkpoints.make_all:
 micro PixArt, tiny FLUX / ControlAR / DiT4SR networks, full-size random VAEs and HED) at its shipped size, at 2× and
 at 4× the pixels (sides × √2 and × 2, rounded to multiples of 64) and, where it fits a loaded picture to its size
 (Fit Control Image), at its shipped size with a 24 MP photo (6000×4000) as that picture. Everything runs as
@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.comfy_host import ComfyServer, PromptRejected, execution_error, load_api_graph  # noqa: E402
-from dit_control.tests.make_checkpoints import make_all, write_easycontrol_inputs, write_example_inputs  # noqa: E402
-from dit_control.tests.make_controlar_checkpoints import write_controlar_inputs  # noqa: E402
-from dit_control.tests.make_dit4sr_checkpoints import write_dit4sr_inputs  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import make_all, write_easycontrol_inputs, write_example_inputs  # noqa: E402
+from dit_control.tests.generators.make_controlar_checkpoints import write_controlar_inputs  # noqa: E402
+from dit_control.tests.generators.make_dit4sr_checkpoints import write_dit4sr_inputs  # noqa: E402
 
 WORKFLOWS = REPO / "workflows" / "api"
 GIB = 2**30

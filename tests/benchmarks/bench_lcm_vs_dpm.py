@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.comfy_host import ComfyServer, execution_error  # noqa: E402
-from dit_control.tests.make_checkpoints import make_all, save_pixart_diffusers  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import make_all, save_pixart_diffusers  # noqa: E402
 
 BENCH_MODELS = REPO / ".comfy_host" / "bench_models"
 DIT = "PixArt-XL-2-random-1024-MS/transformer/diffusion_pytorch_model.safetensors"
@@ -28,7 +28,7 @@ T5 = "t5-4096-1layer.safetensors"
 
 def make_bench_models() -> Path:
     """A full-size random XL/2 and a 1-layer T5 with the real 4096-wide output (captions must fit)."""
-    from dit_control.tests.make_checkpoints import save_tiny_t5
+    from dit_control.tests.generators.make_checkpoints import save_tiny_t5
     made = make_all(REPO / ".comfy_host" / "models")
     dm = BENCH_MODELS / "diffusion_models"
     if not (dm / DIT).exists():

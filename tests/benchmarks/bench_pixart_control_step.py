@@ -21,8 +21,8 @@ from dit_control.kernels.pixart.model import PixArt, pixart_xl2_1024_ms  # noqa:
 from dit_control.kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.benchmarks.timing import round_robin_medians  # noqa: E402
-from dit_control.tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
-from dit_control.tests.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import random_pixart_state_dict  # noqa: E402
+from dit_control.tests.generators.make_relactrl_checkpoints import RELACTRL_EXPERTS  # noqa: E402
 
 
 def randomised(module):

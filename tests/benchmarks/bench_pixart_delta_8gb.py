@@ -37,7 +37,7 @@ from dit_control.kernels.t5 import T5Config, T5Encoder, load_t5_encoder_file  # 
 from dit_control.tests.benchmarks.bench_lcm_vs_dpm import DIT, make_bench_models  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.comfy_host import ComfyServer, execution_error  # noqa: E402
-from dit_control.tests.make_checkpoints import random_t5_tensor  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import random_t5_tensor  # noqa: E402
 
 T5_FILE = "t5xxl_fp16.safetensors"
 T5_INIT = "hf-init-v2"   # bump when the random T5 changes: the file is rewritten

@@ -30,7 +30,7 @@ from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402  (DIT_
 from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from dit_control.kernels.pixart.checkpoint import load_pixart, original_to_diffusers  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
-from dit_control.tests.make_checkpoints import random_pixart_state_dict  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-compute": torch.bfloat16}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_control.tests.api_graphs import at_size, canny_instead_of_hed, with_prompt
+from dit_control.tests.api.api_graphs import at_size, canny_instead_of_hed, with_prompt
 
 from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
 from dit_control.tests.training.pixel_vae import save_pixel_vae

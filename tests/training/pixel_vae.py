@@ -3,7 +3,7 @@
 encode = an exact 8× average pool of the image (RGB in latent channels 0-2, channel 3 zero) and
 decode = an exact 8× nearest upsample, so the micro PixArt learns in a latent space that is simply a
 small picture. Core's `VAELoader` reads the file as any SD VAE (same tensor names and shapes as
-`tests/make_checkpoints.py::sd_vae_shapes`).
+`tests/generators/make_checkpoints.py::sd_vae_shapes`).
 
 How the non-linear stages stay linear (exact up to float rounding, ~1e-6):
 - every ResnetBlock has conv2 = 0, so it is its shortcut: the identity, or (where the width changes) a
@@ -47,7 +47,7 @@ def _pairs(k: int) -> tuple:
 
 def pixel_vae_state_dict() -> dict:
     """{name: float32 tensor} in the ldm layout of core's SD VAE."""
-    from dit_control.tests.make_checkpoints import sd_vae_shapes
+    from dit_control.tests.generators.make_checkpoints import sd_vae_shapes
     shapes = sd_vae_shapes()
     sd = {name: torch.zeros(shape) for name, shape in shapes.items()}
     for name in sd:                                   # norm scales 1 (they never reach the output anyway)

@@ -15,7 +15,7 @@ ComfyUI's folder layout, under the file names the shipped workflows and our load
 - lcm:        diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/diffusion_pytorch_model.safetensors + config.json;
 - controlnet: controlnet/PixArt-XL-2-1024-ControlNet.pth (full layout: `base_model.*` + `controlnet.*`);
 - text_encoders/t5xxl_fp16.safetensors: the frozen tiny T5 (random embeddings, hand-set positional attention: make_checkpoints.save_context_t5) the captions are encoded with (the same
-  seed and config as tests/make_checkpoints.py's, so it equals the embedded default file).
+  seed and config as tests/generators/make_checkpoints.py's, so it equals the embedded default file).
 
 Model and data (see tests/training/scenes.py, pixel_vae.py):
 - latents are the pixel VAE's: the 256 px scene average-pooled 8× to 32×32, mapped to [-1, 1], channel 3
@@ -58,7 +58,7 @@ from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d 
 MICRO_PIXART = dict(hidden_size=144, depth=6, num_heads=2, patch_size=4, sample_size=128, pe_interpolation=2.0,
                     micro_condition=True)
 CONTROL_BLOCKS = MICRO_PIXART["depth"] // 2   # PixArt-δ copies 13 of 28 blocks; half the depth here (1…3)
-T5_SEED = 4                   # tests/make_checkpoints.py::make_all's seed of t5xxl_fp16.safetensors
+T5_SEED = 4                   # tests/generators/make_checkpoints.py::make_all's seed of t5xxl_fp16.safetensors
 TOKENS = 48                   # caption tokens (longest caption: 37); masked, so equal to the node's 120
 LATENT = 32                   # 256 px
 CFG_DISTILLED = 4.5           # PixArt-δ LCM: cond + w·(cond − uncond), w = 4.5 (= CFG 5.5)
@@ -122,7 +122,7 @@ STAGES = {
 def model_config(hidden: int = 0, depth: int = 0, patch: int = 0) -> PixArtConfig:
     """MICRO_PIXART, optionally resized; heads follow the loaders' inference rule (72-wide, else 64-wide),
     since a .pth file does not record them."""
-    from dit_control.tests.make_checkpoints import TINY_T5
+    from dit_control.tests.generators.make_checkpoints import TINY_T5
     over = {k: v for k, v in (("hidden_size", hidden), ("depth", depth), ("patch_size", patch)) if v}
     cfg = {**MICRO_PIXART, **over}
     h = cfg["hidden_size"]
@@ -151,7 +151,7 @@ def tokenize(tok, captions, length: int = TOKENS):
 
 
 def ensure_t5(out: Path) -> Path:
-    from dit_control.tests.make_checkpoints import save_context_t5
+    from dit_control.tests.generators.make_checkpoints import save_context_t5
     path = out / "models" / "text_encoders" / "t5xxl_fp16.safetensors"
     if not path.exists():
         save_context_t5(path, seed=T5_SEED)
@@ -439,7 +439,7 @@ def save_base_files(model: PixArt, models: Path) -> list:
 
 
 def save_lcm_files(model: PixArt, models: Path) -> list:
-    """The diffusers transformer layout (+ config.json), as tests/make_checkpoints.py writes it."""
+    """The diffusers transformer layout (+ config.json), as tests/generators/make_checkpoints.py writes it."""
     import safetensors.torch
     from dit_control.kernels.pixart.checkpoint import original_to_diffusers
     cfg = model.config

@@ -1,5 +1,5 @@
 """DiT4SR (issue 12) through a real ComfyUI server's API: the shipped workflow on checkpoints made at set-up
-(tests/make_dit4sr_checkpoints.py: a tiny DiT4SR transformer in the released folder layout with SD3's text
+(tests/generators/make_dit4sr_checkpoints.py: a tiny DiT4SR transformer in the released folder layout with SD3's text
 widths, a random full-size SD3 VAE), plus the in-process pieces (preparation sizes, colour fix).
 
 Stand-in: TripleCLIPLoader + CLIPTextEncode are swapped for tests/host_probe's
@@ -7,7 +7,7 @@ DiTControlProbe_SD3ConditioningStandIn (SD3-shaped CONDITIONING: tokens [1, 154,
 from the text): real CLIP-L/G and T5-XXL are too heavy for CI. Everything else runs as shipped, with 2 steps.
 
 The tiling itself (a latent that fits: bit-identical on/off; 2×2 tiles vs a hand-written Gaussian blend; no seam
-on a smooth input) is checked on the kernel in tests/test_dit4sr_golden.py; here the shipped graph runs a
+on a smooth input) is checked on the kernel in tests/kernels/test_dit4sr_golden.py; here the shipped graph runs a
 non-square input whose latent (64×85) is larger than one tile.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
-from dit_control.tests.make_dit4sr_checkpoints import write_dit4sr_inputs
+from dit_control.tests.generators.make_dit4sr_checkpoints import write_dit4sr_inputs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME = "dit4sr_upscale_x4"
 STEPS = 2
 OURS = ("DiTControl_DiT4SRLoader", "DiTControl_DiT4SRConditioning", "DiTControl_DiT4SRColourFix")
@@ -142,7 +142,7 @@ def test_nodes_are_registered_with_descriptions_and_tooltips(server):
 
 def test_ui_workflow_is_the_api_workflow_with_the_reference_settings(server):
     from dit_control.kernels.dit4sr.preprocess import PROCESS_SIZE
-    from dit_control.tests.workflow_format import strip_meta, ui_to_api
+    from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
     ui = json.loads((REPO / "workflows" / f"{NAME}.json").read_text())
     api = load_api_graph(REPO / "workflows" / "api" / f"{NAME}.json")
     assert ui_to_api(ui, server.get("/object_info")) == strip_meta(api)
@@ -518,7 +518,7 @@ def bad_config_files(server):
     """Copies of the tiny DiT4SR folder with a broken config.json, and one whose weights lost the second half of
     their tensors (sorted by name: whole blocks gone, so the shapes alone read as a smaller model)."""
     import safetensors.torch
-    from dit_control.tests.make_dit4sr_checkpoints import DIT4SR_FOLDER
+    from dit_control.tests.generators.make_dit4sr_checkpoints import DIT4SR_FOLDER
     good = server.models_dir / "diffusion_models" / DIT4SR_FOLDER
     for case, (config_text, half, _) in BAD_CONFIGS.items():
         folder = server.models_dir / "diffusion_models" / BAD_CONFIG_FOLDER / case

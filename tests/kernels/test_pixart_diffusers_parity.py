@@ -5,7 +5,7 @@ import torch
 
 from dit_control.kernels.pixart.model import PixArtConfig
 from dit_control.kernels.pixart.checkpoint import load_pixart, original_to_diffusers
-from dit_control.tests.make_checkpoints import random_pixart_state_dict
+from dit_control.tests.generators.make_checkpoints import random_pixart_state_dict
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is installed by .ci/setup (test dependency)")
 

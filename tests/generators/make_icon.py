@@ -11,7 +11,7 @@ arithmetic, so the pixels are the same on every machine and numpy version (no si
 differs by ulps).
 Pillow only encodes the PNG, without any time stamp or text chunk: the same bytes on every run.
 
-Usage: python tests/make_icon.py [out.png]   (default: workflows/icon.png, the committed file)
+Usage: python tests/generators/make_icon.py [out.png]   (default: workflows/icon.png, the committed file)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ICON_REL = "workflows/icon.png"
 ICON_PATH = REPO / ICON_REL
 SIZE = 400

@@ -1,10 +1,10 @@
 """Convert example workflows between ComfyUI's API format (headless, /prompt) and its UI format
 (drag and drop), using a server's /object_info for input order and types.
 
-`python tests/workflow_format.py` rewrites every workflows/<name>.json (UI) from workflows/api/<name>.json,
+`python tests/generators/workflow_format.py` rewrites every workflows/<name>.json (UI) from workflows/api/<name>.json,
 with a running throw-away server; tests check that each UI file converts back to its API graph. A shipped UI
 file also carries what the API graph cannot: on each loader node `properties.models` (name, download URL and
-models folder of the file it loads, tests/model_files.py), which ComfyUI's frontend shows as download links
+models folder of the file it loads, tests/generators/model_files.py), which ComfyUI's frontend shows as download links
 when the file is missing, and a Markdown note at the top that says in three lines what the graph does and
 which files it needs. The note is a frontend-only node: the page leaves it out of the prompt, as ui_to_api does.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # node types the frontend defines itself (virtual: never in /object_info, never in a prompt)
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -67,7 +67,7 @@ def _inputs(info: dict) -> list:
 # and outputs) + each widget row's height + 4 (+ 8 once) + 6; width = the largest of 140 (210 with
 # widgets), the title (14px Inter) + 40, the input + output labels (12px Inter) + 45 and a widget label
 # + 104. Heights are reproduced exactly below; widths come from a per-character estimate that is at or
-# above what the page measured for every title and label of our workflows (tests/test_frontend.py
+# above what the page measured for every title and label of our workflows (tests/api/test_frontend.py
 # checks the rendered graphs for overlaps). Each node gets that size in the file, so the page keeps it.
 SLOT_H, WIDGET_H, TITLE_H = 20, 20, 30
 MULTILINE_H = 50            # a multiline STRING (DOM textarea) widget's minimum height
@@ -158,7 +158,7 @@ def layout(api: dict, object_info: dict, top: int = ORIGIN[1]) -> dict:
 # fit (frontend 1.48.7, measured at zoom 1: 10 px Inter, 12 px lines, 10 px between paragraphs, no padding;
 # code spans in a monospace font). The note gets the graph's width (at least NOTE_MIN_W, at most NOTE_MAX_W) and
 # the height its wrapped text needs by _text_width's upper estimate at 11 px, with 13 px lines and 10 px of
-# room around, so the text shows whole (tests/test_frontend.py checks that it does not scroll).
+# room around, so the text shows whole (tests/api/test_frontend.py checks that it does not scroll).
 NOTE_MIN_W, NOTE_MAX_W = 720, 1000
 NOTE_FONT_PX, NOTE_LINE_H, NOTE_PARA_GAP, NOTE_PAD = 11, 13, 10, 10
 
@@ -171,7 +171,7 @@ def _plain(markdown: str) -> str:
 
 def note_text(workflow: str, api: dict) -> str:
     """Three paragraphs: what the graph does, the files it loads and their folders, where missing ones come from."""
-    from dit_control.tests.model_files import files_of
+    from dit_control.tests.generators.model_files import files_of
     files = files_of(workflow, api)
 
     def phrase(f):
@@ -224,7 +224,7 @@ def api_to_ui(api: dict, object_info: dict, workflow: str | None = None) -> dict
             links.append([link_id, ids[src], slot, ids[dst], None, out_type, name])
     note, top = None, ORIGIN[1]
     if workflow is not None:
-        from dit_control.tests.model_files import FAMILY_OF_WORKFLOW, is_model_file
+        from dit_control.tests.generators.model_files import FAMILY_OF_WORKFLOW, is_model_file
         family = FAMILY_OF_WORKFLOW[workflow]
         text = note_text(workflow, api)
         placed = layout(api, object_info)
@@ -314,7 +314,7 @@ def strip_meta(api: dict) -> dict:
 
 def main():
     from dit_control.tests.comfy_host import ComfyServer
-    from dit_control.tests.make_checkpoints import make_all
+    from dit_control.tests.generators.make_checkpoints import make_all
     models = make_all(REPO / ".comfy_host" / "models")
     with ComfyServer(models) as server:
         object_info = server.get("/object_info")

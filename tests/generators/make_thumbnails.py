@@ -1,12 +1,12 @@
 """Write workflows/<name>.jpg, the thumbnail ComfyUI's template browser shows beside each shipped workflow.
 
-    .venv/bin/python tests/make_thumbnails.py
+    .venv/bin/python tests/generators/make_thumbnails.py
 
 The pinned frontend asks a custom node pack's templates for `/api/workflow_templates/<pack>/<name>.jpg`
 (core serves the pack's workflows/ folder there), so each UI file gets a same-name JPEG:
 - the PixArt graphs the micro demo model draws (tests/training/): the picture the graph draws on it, at the
   thumbnail's size (256 px, the micro model's training size; the graph otherwise as shipped; the ControlNet graph with the Canny stand-in
-  of tests/test_api_micro_model.py, as the micro ControlNet is trained on Canny maps);
+  of tests/api/test_api_micro_model.py, as the micro ControlNet is trained on Canny maps);
 - the other graphs, whose embedded weights are random (nothing can be trained here at their size): their
   example input, labelled as such — a random model's output would only show noise.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.tests.comfy_host import ComfyServer  # noqa: E402
-from dit_control.tests.make_checkpoints import make_all, write_example_inputs  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import make_all, write_example_inputs  # noqa: E402
 
 THUMB = 256
 # the graphs the micro model draws; each is run as shipped at THUMB px
@@ -29,7 +29,7 @@ MICRO_DRAWN = ("pixart_delta_lcm_t2i", "pixart_delta_lcm_t2i_int8", "pixart_alph
 
 
 def micro_graph(name: str) -> dict:
-    from dit_control.tests.api_graphs import at_size, canny_instead_of_hed
+    from dit_control.tests.api.api_graphs import at_size, canny_instead_of_hed
     graph = at_size(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()), THUMB)
     if name == "pixart_delta_controlnet":
         canny_instead_of_hed(graph)

@@ -1,7 +1,7 @@
 """Damaged weights are named, never drawn: through the API, a file with NaN or Inf values in one tensor,
 in each loader's folder (DiT, T5, ControlNet, HED), is refused with an error that names the tensor, and
 the server runs the next prompt; a model whose maths overflows stops at the step instead of decoding
-black. The files are made by tests/make_checkpoints.py (write_damaged_weights)."""
+black. The files are made by tests/generators/make_checkpoints.py (write_damaged_weights)."""
 import json
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dit_control.tests.comfy_host import REPO, execution_error
-from dit_control.tests.make_checkpoints import DAMAGED_SOURCES
+from dit_control.tests.generators.make_checkpoints import DAMAGED_SOURCES
 
 T2I = REPO / "workflows" / "api" / "pixart_alpha_t2i.json"
 CONTROLNET = REPO / "workflows" / "api" / "pixart_delta_controlnet.json"

@@ -23,7 +23,7 @@ import torch
 
 from dit_control.tests.comfy_host import comfy_dir, execution_error, load_api_graph
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = ("easycontrol_canny", "easycontrol_subject", "easycontrol_subject_canny")
 # the largest |σ_core − σ_reference| allowed: core keeps σ in float32 (its table is float32, t = k/10000)
 FLOAT32_SIGMA_TOL = 2e-7

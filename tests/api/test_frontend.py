@@ -1,4 +1,4 @@
-"""The shipped UI workflows in ComfyUI's real web frontend (headless chromium, tests/frontend_page.py).
+"""The shipped UI workflows in ComfyUI's real web frontend (headless chromium, tests/api/frontend_page.py).
 
 One page on the session's server, whose models folders hold every file the workflows name: every
 workflows/<name>.json is loaded through the page's own app.loadGraphData, and must load without a page error,
@@ -19,11 +19,11 @@ import re
 import pytest
 
 from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, ComfyServer, execution_error
-from dit_control.tests.frontend_page import FrontendPage
-from dit_control.tests.make_checkpoints import write_example_inputs
-from dit_control.tests.make_node_docs import DOCS
-from dit_control.tests.model_files import FAMILY_OF_WORKFLOW, model_inputs
-from dit_control.tests.workflow_format import FRONTEND_ONLY, _inputs, strip_meta
+from dit_control.tests.api.frontend_page import FrontendPage
+from dit_control.tests.generators.make_checkpoints import write_example_inputs
+from dit_control.tests.generators.make_node_docs import DOCS
+from dit_control.tests.generators.model_files import FAMILY_OF_WORKFLOW, model_inputs
+from dit_control.tests.generators.workflow_format import FRONTEND_ONLY, _inputs, strip_meta
 
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 SCREENSHOTS = REPO / "output" / "frontend"
@@ -301,7 +301,7 @@ def size_probe_refused(problem: str, urls: set) -> bool:
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_missing_files_are_listed_with_our_links(bare_frontend, name):
     """Every model file input of the graph is a missing model carrying the name, folder and URL of
-    tests/model_files.py (the frontend took them from the loader's properties.models); offline: no request
+    tests/generators/model_files.py (the frontend took them from the loader's properties.models); offline: no request
     leaves the page, the only errors are the CSP's refusals of the list's size look-ups of those URLs."""
     family = FAMILY_OF_WORKFLOW[name]
     inputs = model_inputs(api_file(name))

@@ -95,7 +95,7 @@ def save_vq16(path: Path, seed: int):
 
 def save_flan_t5(folder: Path, seed: int):
     """A tiny FLAN-T5 encoder as HF shards (model-0000i-of-00002.safetensors + model.safetensors.index.json)."""
-    from dit_control.tests.make_checkpoints import save_tiny_t5, shard_t5
+    from dit_control.tests.generators.make_checkpoints import save_tiny_t5, shard_t5
     single = folder.parent / f".{folder.name}-single.safetensors"
     save_tiny_t5(single, seed=seed, **TINY_FLAN_T5)
     shard_t5(single, folder)

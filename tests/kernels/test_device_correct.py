@@ -65,7 +65,7 @@ from dit_control.kernels.pixart.model import PixArt, pixart_xl2_1024_ms
 from dit_control.kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig, load_relactrl, prepare_relactrl
 from dit_control.kernels.t5 import T5Config, T5Encoder
 from dit_control.kernels.tiled_decode import tiled_decode
-from dit_control.tests.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
+from dit_control.tests.kernels.golden_data import golden_config, golden_io, one_intra_op_thread, relative_error
 
 META = torch.device("meta")
 HALF_DTYPES = [torch.float16, torch.bfloat16]

@@ -1,9 +1,9 @@
 """The released files the shipped workflows load: the name a loader's dropdown shows, the models folder it sits in,
 and where users download it (README, "Where the real checkpoints go" and each family's Files table;
-../shared/specs and manifests). tests/workflow_format.py writes them into every UI workflow — each loader node's
+../shared/specs and manifests). tests/generators/workflow_format.py writes them into every UI workflow — each loader node's
 `properties.models` (`name`, `url`, `directory`), which ComfyUI's frontend (1.48.7) reads when a graph opens: a
 file its dropdown does not list is shown under "Missing Models" with this link and folder — and the graph's
-Markdown note. tests/test_node_docs.py and tests/test_frontend.py check them.
+Markdown note. tests/test_node_docs.py and tests/api/test_frontend.py check them.
 
 `directory` is the folder key of ComfyUI's model registry (folder_paths), the name the frontend files a model
 under: core's `diffusion_models`, `text_encoders`, `vae`, `controlnet`, `loras`, and this pack's `annotators` and
@@ -128,7 +128,7 @@ def files_of(workflow: str, api_graph: dict) -> list:
     out = []
     for _nid, _cls, _name, value in model_inputs(api_graph):
         if value not in family:
-            raise KeyError(f"{workflow}: {value} has no entry in tests/model_files.py")
+            raise KeyError(f"{workflow}: {value} has no entry in tests/generators/model_files.py")
         if family[value] not in out:
             out.append(family[value])
     return out

@@ -1,4 +1,4 @@
-"""ComfyUI's real web frontend, headless, driven through its own JavaScript API (for tests/test_frontend.py).
+"""ComfyUI's real web frontend, headless, driven through its own JavaScript API (for tests/api/test_frontend.py).
 
 Browser: Debian's /usr/bin/chromium, driven by the PyPI `playwright` package (never `playwright install`).
 Recipe: ../shared/specs/comfy_host.md §8 (written for frontend 1.32.9), re-checked on 1.48.7 (ComfyUI

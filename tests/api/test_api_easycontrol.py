@@ -1,5 +1,5 @@
 """EasyControl (issue 11) through a real ComfyUI server's API: the shipped workflows on checkpoints made at
-set-up (tests/make_checkpoints.py: a full-width 1 + 1 block FLUX.1 that core's UNETLoader detects, rank-4
+set-up (tests/generators/make_checkpoints.py: a full-width 1 + 1 block FLUX.1 that core's UNETLoader detects, rank-4
 LoRAs in the released naming, a random full-size FLUX VAE).
 
 Stand-in: DualCLIPLoader + CLIPTextEncode are swapped for tests/host_probe's
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
-from dit_control.tests.make_checkpoints import write_easycontrol_inputs
+from dit_control.tests.generators.make_checkpoints import write_easycontrol_inputs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = ("easycontrol_canny", "easycontrol_subject", "easycontrol_subject_canny")
 SIZE, COND_SIZE, STEPS, TOKENS = 128, 128, 2, 32
 
@@ -129,7 +129,7 @@ def test_nodes_are_registered_with_descriptions_and_tooltips(server):
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_is_the_api_workflow_and_a_template(server, name):
-    from dit_control.tests.workflow_format import strip_meta, ui_to_api
+    from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     api = load_api_graph(REPO / "workflows" / "api" / f"{name}.json")
     assert ui_to_api(ui, server.get("/object_info")) == strip_meta(api)

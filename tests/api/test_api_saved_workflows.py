@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-from dit_control.tests.api_graphs import at_size
+from dit_control.tests.api.api_graphs import at_size
 from dit_control.tests.comfy_host import REPO, execution_error
-from dit_control.tests.make_checkpoints import write_example_inputs
-from dit_control.tests.workflow_format import FRONTEND_ONLY, strip_meta, ui_to_api
+from dit_control.tests.generators.make_checkpoints import write_example_inputs
+from dit_control.tests.generators.workflow_format import FRONTEND_ONLY, strip_meta, ui_to_api
 
 SHIPPED = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
 SAVED_BEFORE_MOVE = REPO / "tests" / "api" / "data" / "pixart_relactrl_canny_saved_before_nodes_move.json"

@@ -152,7 +152,7 @@ def save_sd35_base(path: Path, cfg: DiT4SRConfig, seed: int):
 def save_random_sd3_vae(path: Path, seed: int):
     """Full-size SD3 VAE, random weights: the same kl-f8 16-channel architecture as FLUX's `ae`."""
     import safetensors.torch
-    from dit_control.tests.make_checkpoints import _random_like, flux_vae_shapes
+    from dit_control.tests.generators.make_checkpoints import _random_like, flux_vae_shapes
     sd = _random_like(flux_vae_shapes(), seed, dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.to(torch.float16) for k, v in sd.items()}, str(path))

@@ -92,7 +92,7 @@ def test_controlnet_file_is_the_full_released_layout(trained):
 
 
 def test_curves_reports_and_t5(trained):
-    from dit_control.tests.make_checkpoints import save_context_t5
+    from dit_control.tests.generators.make_checkpoints import save_context_t5
     for stage in ("base", "lcm", "controlnet"):
         rows = loss_rows(trained / stage / "loss.csv")
         assert len(rows) >= 2 and all(float(r[1]) > 0 for r in rows)

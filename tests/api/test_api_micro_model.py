@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_control.tests.api_graphs import at_size, canny_instead_of_hed, first_node as first, with_prompt
+from dit_control.tests.api.api_graphs import at_size, canny_instead_of_hed, first_node as first, with_prompt
 from dit_control.tests.comfy_host import REPO
 from dit_control.tests.training.install import available as micro_model_available
 from dit_control.tests.training.metrics import caption_agreement, image_edge_f1

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dit_control.tests.comfy_host import REPO, assert_documented, execution_error
-from dit_control.tests.workflow_format import strip_meta, ui_to_api
+from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_alpha_t2i.json"
 OUR_NODES = ("DiTControl_PixArtDiTLoader", "DiTControl_PixArtT5Loader", "DiTControl_PixArtT5TextEncode",
@@ -175,5 +175,5 @@ def test_int8_weights_run_and_stay_close_to_full_precision(comfy):
     rel = ((int8 - full).norm() / full.norm()).item()
     # 0.1: on the embedded micro model int8 is noisy (its passthrough path needs ~0.1% precision, README
     # "Shortcuts"): 0.076 on the session-7 weights, under 0.05 on the earlier ones; int8's exactness is
-    # tested on its own (tests/test_int8.py)
+    # tested on its own (tests/kernels/test_int8.py)
     assert 0 < rel < 0.1, rel

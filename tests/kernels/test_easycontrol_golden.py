@@ -22,7 +22,7 @@ from dit_control.kernels.flux_easycontrol.condition import (Condition, EasyContr
                                                             spatial_ids, split_tall_latent, subject_ids)
 from dit_control.kernels.flux_easycontrol.lora import load_lora
 from dit_control.kernels.flux_easycontrol.model import grid_ids, pack_latents
-from dit_control.tests.golden_data import golden_fixtures, relative_error
+from dit_control.tests.kernels.golden_data import golden_fixtures, relative_error
 
 CASES = ("spatial", "subject", "multi")
 LAYOUTS = {"comfy": "flux_tiny_comfy.safetensors", "diffusers": "flux_tiny_diffusers.safetensors"}

@@ -95,7 +95,7 @@ def test_foreign_checkpoints_are_named(family):
 
 
 def test_config_inference_from_small_weights():
-    from dit_control.tests.make_checkpoints import TINY_PIXART, random_pixart_state_dict
+    from dit_control.tests.generators.make_checkpoints import TINY_PIXART, random_pixart_state_dict
     from dit_control.kernels.pixart.model import PixArtConfig
     cfg = PixArtConfig(sample_size=64, pe_interpolation=1.0, micro_condition=False, **TINY_PIXART)
     sd = random_pixart_state_dict(cfg, seed=0)

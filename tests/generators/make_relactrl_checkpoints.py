@@ -2,7 +2,7 @@
 
 `make_relactrl(models_dir)` writes `controlnet/relactrl_pixart_canny_1024.pth` (the code default name of the
 `qihoo360/RelaCtrl` "RelaCtrl_PixArt_Canny" weights): `{"state_dict": {base_model.* , controlnet.*}}` with a
-tiny PixArtMS base (tests/make_checkpoints.TINY_PIXART widths, so the tiny T5 conditions it, 1024-MS
+tiny PixArtMS base (tests/generators/make_checkpoints.TINY_PIXART widths, so the tiny T5 conditions it, 1024-MS
 micro-conditions and its stale `base_model.pos_embed`) of depth 21 — the least depth the release's placement
 (last RGLC block after base block 19) fits — and the 11 RGLC blocks with the release's expert counts
 G = 6,2,6,4,2,2,4,4,6,6,6 at width 144 (experts of 24 / 72 / 36 channels, 4 heads each). Seeded random
@@ -12,7 +12,7 @@ control shows). Idempotent: an existing file is left alone.
 `save_relactrl_control_only` / `save_relactrl_base` split the same weights into the other accepted set-up
 (a control-only file + a separate base), for the loader tests.
 
-Usage: python tests/make_relactrl_checkpoints.py [models_dir]   (default .comfy_host/models)
+Usage: python tests/generators/make_relactrl_checkpoints.py [models_dir]   (default .comfy_host/models)
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.kernels.pixart.model import PixArtConfig  # noqa: E402
-from dit_control.tests.make_checkpoints import TINY_PIXART, random_pixart_pth_state_dict  # noqa: E402
+from dit_control.tests.generators.make_checkpoints import TINY_PIXART, random_pixart_pth_state_dict  # noqa: E402
 
 RELACTRL_FILE = "relactrl_pixart_canny_1024.pth"
 RELACTRL_EXPERTS = (6, 2, 6, 4, 2, 2, 4, 4, 6, 6, 6)     # G_k of the release

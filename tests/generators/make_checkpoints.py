@@ -16,9 +16,9 @@ No weights can be downloaded here: every file is made by our own code from fixed
 - vae/ae.safetensors: a FULL-SIZE FLUX VAE (16 latent channels) with random weights;
 - text_encoders/clip_l.safetensors: a placeholder (the DualCLIPLoader name of the EasyControl workflows; never loaded).
 - controlar/ (canny_MR, hed, LlamaGen base, VQ-16) and text_encoders/flan-t5-xl/: tiny ControlAR files in the
-  released layouts, made by tests/make_controlar_checkpoints.py.
+  released layouts, made by tests/generators/make_controlar_checkpoints.py.
 
-Usage: python tests/make_checkpoints.py [models_dir]   (default .comfy_host/models; cached by a stamp)
+Usage: python tests/generators/make_checkpoints.py [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
-from dit_control.tests.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
-from dit_control.tests.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
+from dit_control.tests.generators.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
+from dit_control.tests.generators.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
 from dit_control.tests.training.install import (available as micro_model_available, digest as micro_model_digest)  # noqa: E402
 from dit_control.tests.training.install import install_micro_model  # noqa: E402
 
@@ -318,7 +318,7 @@ def make_all(models_dir: Path) -> Path:
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     make_easycontrol_files(models_dir)
     make_dit4sr_files(models_dir)
-    from dit_control.tests.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
+    from dit_control.tests.generators.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
     make_relactrl(models_dir)
     make_controlar_files(models_dir)
     stamp.write_text(stamp_version())

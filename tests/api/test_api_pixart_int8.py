@@ -75,7 +75,7 @@ def test_int8_graph_stays_close_to_the_float_graph(comfy, dtype, tolerance):
 def wide_t5(models_dir):
     """A T5 with a 500k-wide feed-forward (caption width 64, as the tiny DiT wants): 384 MB in fp32,
     big enough for the server's resident memory to show whether it is held or released."""
-    from dit_control.tests.make_checkpoints import save_tiny_t5
+    from dit_control.tests.generators.make_checkpoints import save_tiny_t5
     path = models_dir / "text_encoders" / "t5_wide_ff.safetensors"
     if not path.exists():
         save_tiny_t5(path, seed=11, d_ff=500_000, num_layers=1)

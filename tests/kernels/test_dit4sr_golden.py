@@ -20,7 +20,7 @@ import torch
 from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
 from dit_control.kernels.dit4sr.checkpoint import dead_tensor_names, load_dit4sr, load_dit4sr_file
 from dit_control.kernels.dit4sr.tiling import TileSettings, gaussian_weights, grid_starts, run_tiled, tile_layout
-from dit_control.tests.golden_data import golden_fixtures, relative_error
+from dit_control.tests.kernels.golden_data import golden_fixtures, relative_error
 
 
 one_thread, golden, io, config = golden_fixtures("dit4sr")

@@ -10,9 +10,9 @@ from dit_control.kernels.checkpoint_io import read_state_dict
 from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
-from dit_control.tests.api_graphs import add_lcm_control_latents
+from dit_control.tests.api.api_graphs import add_lcm_control_latents
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
-from dit_control.tests.make_checkpoints import write_example_inputs
+from dit_control.tests.generators.make_checkpoints import write_example_inputs
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_delta_controlnet.json"
 CONTROLNET_FILE = "controlnet/PixArt-XL-2-1024-ControlNet.pth"

@@ -15,10 +15,10 @@ from dit_control.kernels.checkpoint_io import read_state_dict
 from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.pixart.relactrl import load_bundled_base, load_relactrl, prepare_relactrl
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
-from dit_control.tests.api_graphs import add_lcm_control_latents
+from dit_control.tests.api.api_graphs import add_lcm_control_latents
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
-from dit_control.tests.make_checkpoints import write_example_inputs
-from dit_control.tests.make_relactrl_checkpoints import (RELACTRL_FILE, relactrl_state_dict,
+from dit_control.tests.generators.make_checkpoints import write_example_inputs
+from dit_control.tests.generators.make_relactrl_checkpoints import (RELACTRL_FILE, relactrl_state_dict,
                                                                      save_relactrl_base, save_relactrl_control_only)
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_relactrl_canny.json"

@@ -21,7 +21,7 @@ from dit_control.kernels.controlar.gpt import rope_table_2d
 from dit_control.kernels.controlar.sampling import (SamplingSettings, combine_cfg, filter_logits, generate,
                                                    sample_token)
 from dit_control.kernels.controlar.text import left_pad
-from dit_control.tests.golden_data import golden_fixtures, relative_error
+from dit_control.tests.kernels.golden_data import golden_fixtures, relative_error
 
 TOL = 1e-4
 # The token ids are compared exactly with the reference's (computed on another machine), so each pick must not sit
