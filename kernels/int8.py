@@ -192,12 +192,26 @@ def _auto_route(device_type: str) -> Tuple[str, str]:
                        f"weights are dequantised into a native {compute} GEMM (exact activations)")
 
 
-def fast_route(device="cpu") -> Tuple[str, str]:
-    """The fastest int8 route for a device, trading accuracy for speed where the choice exists:
-    on CPUs without VNNI that is "qlinear" (int8 activations too); elsewhere the default route."""
-    device_type = torch.device(device).type
-    if device_type == "cpu" and not cpu_has_fast_int8() and qlinear_engine() is not None:
-        return "qlinear", (f"{qlinear_engine()} dynamic int8 linear: int8 weights and per-tensor 7-bit "
+def fast_route(device="cpu", few_rows: bool = False) -> Tuple[Optional[str], str]:
+    """(route, reason): the `int8_fast` weight choice's policy, in one place — the fastest int8 route for a
+    device, trading accuracy for speed where the choice exists. route None: the default route (select_route
+    when the layer runs).
+
+    Many rows (a DiT's tokens; the default): on CPUs without VNNI "qlinear" (int8 activations too), elsewhere
+    the default route. Few rows (an autoregressive decode step multiplies only 2·batch rows, CFG): there the
+    exact routes dequantise each weight into a float GEMM (torch._int_mm is only used above 16 rows), which
+    moves more bytes than the float weights themselves, so on any CPU with an engine "qlinear" (it reads the
+    packed int8 weights directly at any row count, per-tensor 7-bit activations: less exact); elsewhere, or
+    when DIT_CONTROL_INT8_ROUTE is set, the default route."""
+    device = torch.device(device)
+    engine = qlinear_engine() if device.type == "cpu" else None
+    if few_rows:
+        if os.environ.get(ROUTE_ENV, "").strip().lower() not in ("", "auto") or engine is None:
+            return None, select_route(device)[1]
+        return "qlinear", (f"{engine} dynamic int8 linear: reads the int8 weights directly at the decode steps' "
+                           f"few rows; per-tensor 7-bit activations")
+    if engine is not None and not cpu_has_fast_int8():
+        return "qlinear", (f"{engine} dynamic int8 linear: int8 weights and per-tensor 7-bit "
                            f"activations (u8·s8 on AVX2); faster than float, less exact")
     return select_route(device)
 

@@ -16,7 +16,6 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.model_patcher
-import comfy.ops
 import comfy.sd1_clip
 import folder_paths
 
@@ -24,7 +23,7 @@ from ..kernels.checkpoint_io import release_free_heap
 from ..kernels.int8 import release_scratch
 from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
 from .comfy_compat import new_model_patcher
-from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, operations_for, storage_choice
 
 CATEGORY = "DiT Control/PixArt"
 PixArtT5Type = io.Custom("PIXART_T5")
@@ -95,7 +94,7 @@ def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype):
         storage, ops = compute, int8_ops      # linear layers int8, embeddings and norms in the compute dtype
     else:
         storage = dtype or t5_stored_dtype(path)
-        ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+        ops = operations_for(casts=storage != compute)
     encoder, config = load_t5_encoder_file(path, operations=ops, dtype=storage, device=offload_device)
     patcher = new_model_patcher(encoder, load_device, offload_device)   # the class core's text encoders get
     description = (f"T5 d_model {config.d_model}, {config.num_layers} layers, storage "

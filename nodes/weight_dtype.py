@@ -1,7 +1,10 @@
-"""The `weight_dtype` choice shared by the DiT, ControlNet and T5 loaders."""
+"""The `weight_dtype` choice shared by the DiT, ControlNet, T5 and ControlAR loaders, and the operations
+namespace a loader builds its layers from (`operations_for`)."""
 from __future__ import annotations
 
 import torch
+
+import comfy.ops
 
 from ..kernels.int8 import fast_route, int8_backend, int8_ops
 
@@ -31,3 +34,12 @@ def storage_choice(name: str):
         route, why = fast_route("cuda" if torch.cuda.is_available() else "cpu")
         return None, int8_ops(route), f"int8 weights: {route} — {why}"
     return WEIGHT_DTYPES[name], None, ""
+
+
+def operations_for(casts: bool, int8_ops=None):
+    """The layers a loader builds: the int8 choice's namespace when there is one; else core's layers that
+    skip init (weights are assigned from the file) and, where the stored dtype differs from the compute
+    dtype (`casts`), cast the weights per call."""
+    if int8_ops is not None:
+        return int8_ops
+    return comfy.ops.manual_cast if casts else comfy.ops.disable_weight_init

@@ -1,49 +1,38 @@
-"""ControlAR text-to-image in one call, for the nodes: control image -> control tokens -> tokens -> image.
+"""ControlAR text-to-image in one call: control image -> control tokens -> tokens -> image (the golden test's
+end-to-end check and any script's entry point), and what the ControlAR nodes share with it: the one size
+check (`token_grid`).
 
-The node supplies the caption (text.encode_caption), a seeded torch.Generator and a per-token callback
-(progress, interrupts, previews); everything else is the kernel. Facts: ../shared/specs/controlar.md.
+The ControlAR Sampler node (nodes/controlar/sampler.py) runs the same steps itself, one token at a time
+(sampling.generate, with progress, interrupts and row previews), after checking the size with `token_grid`.
+Facts: ../shared/specs/controlar.md.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from ..int8 import ROUTE_ENV, qlinear_engine, select_route
-
 from .dinov2 import resize_mode
-from .gpt import GPT
+from .gpt import GPT, GPTConfig
 from .sampling import SamplingSettings, TokenCallback, generate
 from .vq import VQModel
 
 
-def fast_decode_route(device) -> tuple:
-    """(int8 route or None for the default, reason): the fastest route for the GPT's int8 linear layers.
-
-    A decode step multiplies only 2·batch rows (CFG). There the exact routes dequantise each weight into a
-    float GEMM (torch._int_mm is only used above 16 rows), which moves more bytes than the float weights
-    themselves. On the CPU, torch's dynamic quantized linear ("qlinear", fbgemm / oneDNN) reads the packed
-    int8 weights directly at any row count, with per-tensor 7-bit activations (less exact). Elsewhere, or
-    when DIT_CONTROL_INT8_ROUTE is set, the default route."""
-    device = torch.device(device)
-    if os.environ.get(ROUTE_ENV, "").strip().lower() not in ("", "auto"):
-        return None, select_route(device)[1]
-    if device.type == "cpu" and qlinear_engine() is not None:
-        return "qlinear", (f"{qlinear_engine()} dynamic int8 linear: reads the int8 weights directly at the "
-                           f"decode steps' few rows; per-tensor 7-bit activations")
-    return None, select_route(device)[1]
-
-
-def check_size(model: GPT, height: int, width: int) -> tuple:
-    """(rows, cols) of image tokens; H and W must be multiples of 16 and (H/16)(W/16) ≤ block size."""
+def token_grid(config: GPTConfig, height: int, width: int, name: str = "this model") -> tuple:
+    """(rows, cols) of image tokens; refuses sizes that are not multiples of 16 (one VQ-16 token is 16×16 px)
+    or over the model's token budget ((H/16)·(W/16) ≤ block size). The one size check: the pipeline and the
+    ControlAR Sampler node (before it makes the control map) both call it."""
     if height % 16 or width % 16:
-        raise ValueError(f"ControlAR generates multiples of 16 px (one VQ-16 token each); got {width}×{height}")
-    h, w = height // 16, width // 16
-    if h * w > model.cfg.block_size:
-        raise ValueError(f"{width}×{height} needs {h * w} image tokens; this model's block size is "
-                         f"{model.cfg.block_size} (e.g. {16 * model.cfg.grid}×{16 * model.cfg.grid})")
-    return h, w
+        raise ValueError(f"{width}×{height} is not a multiple of 16 px (ControlAR generates multiples of 16 px: "
+                         f"one VQ-16 token is 16×16 px)")
+    rows, cols = height // 16, width // 16
+    budget = config.block_size
+    if rows * cols > budget:
+        g = 16 * config.grid
+        raise ValueError(f"{width}×{height} needs {cols}×{rows} = {rows * cols} image tokens, over the token budget "
+                         f"of {budget} tokens (block size) of {name} (width/16 · height/16 ≤ {budget}, e.g. "
+                         f"{g}×{g}); choose a smaller size")
+    return rows, cols
 
 
 @torch.no_grad()
@@ -55,7 +44,7 @@ def text_to_image(gpt: GPT, vq: VQModel, caption: torch.Tensor, caption_mask: to
     generation size (None: no control). Returns (tokens [B, N], image [B, 3, H, W] ≈[−1, 1], not clamped).
     `size` (H, W) is needed only without a control image."""
     height, width = control_image.shape[2:] if control_image is not None else size
-    h, w = check_size(gpt, height, width)
+    h, w = token_grid(gpt.cfg, height, width)
     control = None
     if control_image is not None:
         control = gpt.control_tokens(gpt.adapter_features(control_image, resize_mode(condition_type)))

@@ -71,7 +71,7 @@ class DiT4SRConfig:
 #                                        Small pieces
 # ---------------------------------------------------------------------------------------------
 
-def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+def sd3_timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """[B] (SD3 units, 0..1000) -> [B, dim], cos half first (diffusers `Timesteps(flip_sin_to_cos=True,
     downscale_freq_shift=0)`). Computed in float64: it costs nothing and removes the float32 island that
     moves diffusers' own output by ~2e-6."""
@@ -86,8 +86,9 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift with [B, D] modulation broadcast over tokens."""
+def modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D] * (1 + scale) + shift with [B, D] modulation broadcast over the tokens (PixArt's and FLUX's
+    `modulate` take it already shaped; a different contract, so another name)."""
     return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
@@ -143,7 +144,7 @@ class PatchEmbed(nn.Module):
         return tokens + self.cropped_table(h, w).to(dtype=tokens.dtype, device=tokens.device)
 
 
-class MLPEmbedder(nn.Module):
+class TimestepEmbedding(nn.Module):
     """in -> Linear -> SiLU -> Linear (diffusers `TimestepEmbedding` / `PixArtAlphaTextProjection(act='silu')`)."""
 
     def __init__(self, in_dim: int, out_dim: int, ops, **kw):
@@ -160,11 +161,11 @@ class TimeTextEmbed(nn.Module):
 
     def __init__(self, cfg: DiT4SRConfig, ops, **kw):
         super().__init__()
-        self.timestep_embedder = MLPEmbedder(256, cfg.hidden_size, ops, **kw)
-        self.text_embedder = MLPEmbedder(cfg.pooled_projection_dim, cfg.hidden_size, ops, **kw)
+        self.timestep_embedder = TimestepEmbedding(256, cfg.hidden_size, ops, **kw)
+        self.text_embedder = TimestepEmbedding(cfg.pooled_projection_dim, cfg.hidden_size, ops, **kw)
 
     def forward(self, timestep, pooled, dtype):
-        return self.timestep_embedder(timestep_sinusoid(timestep).to(dtype)) + self.text_embedder(pooled.to(dtype))
+        return self.timestep_embedder(sd3_timestep_sinusoid(timestep).to(dtype)) + self.text_embedder(pooled.to(dtype))
 
 
 class AdaLN(nn.Module):
@@ -327,23 +328,24 @@ class JointBlock(nn.Module):
         xn = _layer_norm(x)
         if self.context_pre_only:
             c_scale, c_shift = self.norm1_context(temb)             # AdaLayerNormContinuous: scale first
-            cn = modulate(_layer_norm(c), c_shift, c_scale)
+            cn = modulate_tokens(_layer_norm(c), c_shift, c_scale)
         else:
             c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-            cn = modulate(_layer_norm(c), c_shift, c_scale)
+            cn = modulate_tokens(_layer_norm(c), c_shift, c_scale)
 
-        attn_x, attn_c = self.attn(modulate(xn, shift, scale), cn)
+        attn_x, attn_c = self.attn(modulate_tokens(xn, shift, scale), cn)
         x = torch.addcmul(x, gate[:, None], attn_x)
         if self.dual:
             shift2, scale2, gate2 = mod[6:]
-            attn2_x, _ = self.attn2(modulate(xn, shift2, scale2))   # same LayerNorm, its own modulation
+            attn2_x, _ = self.attn2(modulate_tokens(xn, shift2, scale2))   # same LayerNorm, its own modulation
             x = torch.addcmul(x, gate2[:, None], attn2_x)
-        x = torch.addcmul(x, gate_mlp[:, None], self.ff(modulate(_layer_norm(x), shift_mlp, scale_mlp), grid))
+        x = torch.addcmul(x, gate_mlp[:, None], self.ff(modulate_tokens(_layer_norm(x), shift_mlp, scale_mlp), grid))
 
         if self.context_pre_only:
             return x, None
         c = torch.addcmul(c, c_gate[:, None], attn_c)
-        c = torch.addcmul(c, c_gate_mlp[:, None], self.ff_context(modulate(_layer_norm(c), c_shift_mlp, c_scale_mlp)))
+        ff_c = self.ff_context(modulate_tokens(_layer_norm(c), c_shift_mlp, c_scale_mlp))
+        c = torch.addcmul(c, c_gate_mlp[:, None], ff_c)
         return x, c
 
 
@@ -397,10 +399,10 @@ class DiT4SR(nn.Module):
         for block in self.transformer_blocks:
             tokens, c = block(tokens, c, temb, (h, w))
         scale, shift = self.norm_out(temb)                          # AdaLayerNormContinuous: scale first
-        out = self.proj_out(modulate(_layer_norm(tokens[:, :h * w]), shift, scale))  # noise half only
+        out = self.proj_out(modulate_tokens(_layer_norm(tokens[:, :h * w]), shift, scale))  # noise half only
         return self.unpatchify(out, h, w)
 
-    def forward(self, x, timesteps, context, pooled, lr_latent, tiles: Optional[TileSettings] = TileSettings(),
+    def forward(self, x, timesteps, context, pooled, lr_latent, tiles: Optional[TileSettings] = TileSettings(),  # noqa: B008 -- frozen
                 dtype=None, **_unused):
         """Tiled as the reference pipeline tiles (tiling.py) unless `tiles` is None: a latent that fits in one
         tile runs in a single pass, a larger one in square tiles blended with Gaussian weights."""

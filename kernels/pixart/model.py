@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # ---------------------------------------------------------------------------------------------
 #                                          Config
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
-class MLPEmbedder(nn.Module):
+class TimestepEmbedder(nn.Module):
     """Sinusoid(256) -> Linear -> SiLU -> Linear: DiT's TimestepEmbedder, also PixArt's size embedders."""
 
     def __init__(self, out_dim: int, ops, freq_dim: int = 256, **kw):
@@ -180,7 +179,7 @@ class MLPEmbedder(nn.Module):
         return self.mlp(timestep_sinusoid(values, self.freq_dim).to(dtype))
 
 
-class SizeEmbedder(MLPEmbedder):
+class SizeEmbedder(TimestepEmbedder):
     """[B, k] micro-condition values -> [B, k * out_dim], each value embedded on its own."""
 
     def forward(self, values: torch.Tensor, dtype) -> torch.Tensor:
@@ -318,7 +317,7 @@ class PixArt(nn.Module):
         ops = operations
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg, ops, **kw)
-        self.t_embedder = MLPEmbedder(d, ops, **kw)
+        self.t_embedder = TimestepEmbedder(d, ops, **kw)
         self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(d, 6 * d, **kw))
         self.y_embedder = CaptionEmbedder(cfg, ops, **kw)
         if cfg.micro_condition:

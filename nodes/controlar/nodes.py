@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+
 import torch
 from comfy_api.latest import io
 
@@ -22,17 +23,16 @@ import comfy.utils
 import folder_paths
 
 from ...kernels.checkpoint_io import CheckpointError, assign_load, read_state_dict
-from ...kernels.int8 import int8_ops as int8_ops_for
-from ...kernels.int8 import select_route
 from ...kernels.controlar import dinov2
 from ...kernels.controlar.checkpoint import WHAT_GPT, prepare_gpt, prepare_vq
 from ...kernels.controlar.gpt import GPT, KNOWN_HEADS, GPTConfig
-from ...kernels.controlar.pipeline import fast_decode_route
 from ...kernels.controlar.text import MAX_LENGTH, encode_caption
 from ...kernels.controlar.vq import VQModel, to_unit_range
+from ...kernels.int8 import fast_route, select_route
+from ...kernels.int8 import int8_ops as int8_ops_for
 from ..comfy_compat import new_model_patcher
 from ..t5_encoder import PixArtT5Type, clean_caption_text
-from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, operations_for, storage_choice
 
 CATEGORY = "DiT Control/ControlAR"
 CONTROLAR_FOLDER = "controlar"
@@ -175,9 +175,9 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default") -> C
     if int8_ops is not None:
         # linear layers int8, embeddings and norms in the compute dtype. int8: the exact route (at the decode
         # steps' 2·batch rows it dequantises: a quarter of the memory, not faster); int8_fast: the route that
-        # reads int8 weights at so few rows (fast_decode_route)
+        # reads int8 weights at so few rows (kernels/int8.py fast_route, few_rows)
         if weight_dtype == "int8_fast":
-            route, why = fast_decode_route(load_device)
+            route, why = fast_route(load_device, few_rows=True)
             int8_ops = int8_ops_for(route)
             storage_note = f"int8 weights: {route or select_route(load_device)[0]} — {why}"
         elif select_route(load_device)[0] in ("int8_mm", "dequant"):
@@ -185,7 +185,7 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default") -> C
         storage, ops = compute, int8_ops
     else:
         storage = dtype or compute
-        ops = comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+        ops = operations_for(casts=storage != compute)
     gpt = assign_load(lambda: GPT(cfg, operations=ops, dtype=storage), sd, storage, offload_device)
     sd.clear()
     gpt.compute_dtype = compute

@@ -17,11 +17,22 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ...kernels.controlar.dinov2 import resize_mode
+from ...kernels.controlar.pipeline import token_grid as kernel_token_grid
 from ...kernels.controlar.sampling import SamplingSettings, generate
 from ..finite_guard import NonFiniteStepError
 from ..input_checks import check_finite, log_adjusted_once
-from .nodes import (CATEGORY, VQ, ControlARConditioning, ControlARConditioningType, ControlARModel,
-                        ControlARModelType, ImageTokens, ImageTokensType, VQModelType, check_vocab)
+from .nodes import (
+    CATEGORY,
+    VQ,
+    ControlARConditioning,
+    ControlARConditioningType,
+    ControlARModel,
+    ControlARModelType,
+    ImageTokens,
+    ImageTokensType,
+    VQModelType,
+    check_vocab,
+)
 
 CONTROL_TYPES = ("canny", "hed", "lineart", "depth", "seg")
 MAX_SIDE = 4096
@@ -37,18 +48,11 @@ def preview_size() -> int:
 
 
 def token_grid(model: ControlARModel, width: int, height: int) -> tuple:
-    """(rows, cols) of image tokens; refuses sizes that are not multiples of 16 or over the token budget."""
-    if width % 16 or height % 16:
-        raise ValueError(f"ControlAR Sampler: {width}×{height} is not a multiple of 16 px (one VQ-16 token is "
-                         f"16×16 px)")
-    rows, cols = height // 16, width // 16
-    budget = model.config.block_size
-    if rows * cols > budget:
-        g = 16 * model.config.grid
-        raise ValueError(f"ControlAR Sampler: {width}×{height} needs {cols}×{rows} = {rows * cols} image tokens, "
-                         f"over the token budget of {budget} tokens of '{model.name}' (width/16 · height/16 ≤ "
-                         f"{budget}, e.g. {g}×{g}); choose a smaller size")
-    return rows, cols
+    """(rows, cols) of image tokens: the kernel's one size check, naming the node and the model file."""
+    try:
+        return kernel_token_grid(model.config, height, width, name=f"'{model.name}'")
+    except ValueError as exc:
+        raise ValueError(f"ControlAR Sampler: {exc}") from None
 
 
 def control_batch(image: torch.Tensor, width: int, height: int, batch: int) -> torch.Tensor:

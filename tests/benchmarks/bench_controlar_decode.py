@@ -28,9 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.kernels.controlar.dinov2 import Dinov2Config  # noqa: E402
 from dit_control.kernels.controlar.gpt import GPT, GPTConfig  # noqa: E402
-from dit_control.kernels.controlar.pipeline import fast_decode_route  # noqa: E402
 from dit_control.kernels.controlar.sampling import SamplingSettings, combine_cfg, sample_token  # noqa: E402
-from dit_control.kernels.int8 import Int8Linear, int8_backend, quantize_model_linears, weight_bytes  # noqa: E402
+from dit_control.kernels.int8 import (  # noqa: E402
+    Int8Linear,
+    fast_route,  # noqa: E402
+    int8_backend,
+    quantize_model_linears,
+    weight_bytes,
+)
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.benchmarks.timing import median_seconds  # noqa: E402
 
@@ -152,7 +157,7 @@ def main():
             quantize_model_linears(model, include=lambda n, _: n == "output")
             results["int8_route"] = int8_backend()
         if name == "int8_fast":                               # int8_fast: the same int8 weights, fast route
-            route, why = fast_decode_route("cpu")
+            route, why = fast_route("cpu", few_rows=True)
             for m in model.modules():
                 if isinstance(m, Int8Linear):
                     m.route = route

@@ -18,8 +18,7 @@ import torch
 from dit_control.kernels.controlar.checkpoint import load_gpt_file, load_vq_file
 from dit_control.kernels.controlar.dinov2 import resize_mode, to_patch14
 from dit_control.kernels.controlar.gpt import rope_table_2d
-from dit_control.kernels.controlar.sampling import (SamplingSettings, combine_cfg, filter_logits, generate,
-                                                   sample_token)
+from dit_control.kernels.controlar.sampling import SamplingSettings, combine_cfg, filter_logits, generate, sample_token
 from dit_control.kernels.controlar.text import left_pad
 from dit_control.tests.kernels.golden_data import golden_fixtures, relative_error
 
@@ -276,17 +275,17 @@ def test_c2i_controlar_runs_end_to_end():
 
 def test_pipeline_text_to_image(gpt, vq, io, config):
     """The one-call API the nodes use: control image -> tokens -> image, same as the reference end to end."""
-    from dit_control.kernels.controlar.pipeline import check_size, text_to_image
+    from dit_control.kernels.controlar.pipeline import text_to_image, token_grid
     model, _ = gpt
     s, seed = settings(config, "sampling")
     tokens, image = text_to_image(model, vq[0], io["caption_emb"], io["emb_mask"], io["control_image"], "canny", s,
                                   torch.Generator().manual_seed(seed))
     assert torch.equal(tokens, io["sampled_tokens"])       # its picks survive PICK_SLACK: test_tokens_exact
     assert relative_error(image, io["sampled_image"]) <= TOL
-    with pytest.raises(ValueError, match="multiples of 16"):
-        check_size(model, 64, 72)
-    with pytest.raises(ValueError, match="block size is 16"):
-        check_size(model, 64, 80)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        token_grid(model.cfg, 64, 72)
+    with pytest.raises(ValueError, match="token budget of 16 tokens"):
+        token_grid(model.cfg, 64, 80)
 
 
 def test_bf16_weights(golden, config, io):

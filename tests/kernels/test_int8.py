@@ -199,6 +199,11 @@ def test_route_override_and_backend_text(monkeypatch):
     assert auto == ("int8_mm" if int8.cpu_has_fast_int8() else "dequant") and reason
     fast, why = int8.fast_route("cpu")
     assert fast == ("qlinear" if not int8.cpu_has_fast_int8() and int8.qlinear_engine() else auto) and why
+    # few rows (a decode step): qlinear on any CPU with an engine, as the ControlAR loader's int8_fast asks
+    few, why = int8.fast_route("cpu", few_rows=True)
+    assert few == ("qlinear" if int8.qlinear_engine() else None) and why
+    monkeypatch.setenv(int8.ROUTE_ENV, "dequant")          # a forced route wins: the default (None) route
+    assert int8.fast_route("cpu", few_rows=True) == (None, int8.select_route("cpu")[1])
     monkeypatch.setenv(int8.ROUTE_ENV, "int4")
     with pytest.raises(ValueError, match="int4"):
         layer(x)
