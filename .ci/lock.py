@@ -24,8 +24,9 @@ import platform
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 try:
     from packaging.markers import default_environment
@@ -55,7 +56,10 @@ def requirement_lines(path: Path) -> list[str]:
 
 
 def pyproject_dependencies() -> list[str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The pack's dependencies with every optional extra: CI tests each route, bitsandbytes' included."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [line for group in project.get("optional-dependencies", {}).values() for line in group]
+    return project["dependencies"] + extras
 
 
 def v0375_pinned() -> list[str]:

@@ -16,7 +16,7 @@ kind and position (optionally its size). How each is read off the image:
   ±2 blocks of the blob's centre): the kind of the least squared difference. (The first reader cut the
   coverage at 0.5 and thresholded fill / solidity / bottom mass; one ragged block on a generated outline
   made any shape a "star" there, so it read the model's shapes as 0.33 where this reads what they
-  resemble — `classify_kind_by_outline`, kept for the record);
+  resemble; tests/training/README.md keeps the numbers);
 - size (optional): the blob's box side against a per-kind threshold between the two sizes.
 A scene's ground-truth rendering scores ≥ 0.98 (tests); noise or a plain image scores near zero.
 
@@ -119,19 +119,6 @@ def shape_features(blocks: np.ndarray, blob: np.ndarray, colour: np.ndarray, bac
     mid = (y0 + y1) / 2
     return {"fill": area / ((y1 - y0) * (x1 - x0)), "solidity": min(area / hull_area, 1.0),
             "bottom": float((ys >= mid).mean()), "side": float(max(y1 - y0, x1 - x0))}
-
-
-def classify_kind_by_outline(f: dict) -> Optional[str]:
-    if f["side"] == 0:
-        return None
-    # calibrated on 300 rendered scenes (blocks of 8 px: small stars read as blunt pentagons)
-    if f["solidity"] < 0.97:
-        return "star"
-    if f["bottom"] > 0.6:
-        return "triangle"
-    if f["fill"] > 0.9:
-        return "square"
-    return "circle"
 
 
 TEMPLATE_SHIFT = 2                     # px between the template positions tried
