@@ -317,7 +317,8 @@ class SafetensorsStream:
         return self.entries.keys()
 
     def meta_state_dict(self) -> dict:
-        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (_, dtype, shape, _, _) in self.entries.items()}
+        return {k: torch.empty(shape, dtype=dtype, device="meta")
+                for k, (_, dtype, shape, _, _) in self.entries.items()}
 
     def read(self, name: str) -> torch.Tensor:
         path, dtype, shape, offset, nbytes = self.entries[name]

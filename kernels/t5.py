@@ -24,9 +24,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_io import (CheckpointError, SafetensorsStream, check_strict, describe_foreign, meta_shapes,
-                           read_state_dict, safetensors_paths, stream_into)
-
+from .checkpoint_io import (
+    CheckpointError,
+    SafetensorsStream,
+    check_strict,
+    describe_foreign,
+    meta_shapes,
+    read_state_dict,
+    safetensors_paths,
+    stream_into,
+)
 
 # ---------------------------------------------------------------------------------------------
 #                                          Config

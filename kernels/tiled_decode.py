@@ -6,7 +6,8 @@ AutoencoderKL.tiled_decode does) costs a third of that; memory is one tile's act
 
 Tiles are the fewest no larger than `tile` whose neighbours overlap by at least `overlap` latent pixels,
 all of one length and spread evenly (a 1024 px image in 512 px tiles, 64 px overlap: 3 x 3 tiles of
-384 px, 1.27x the pixels of one untiled decode; core's three passes decode ~4.7x). Inside an overlap each output pixel is a convex combination of the tiles covering it,
+384 px, 1.27x the pixels of one untiled decode; core's three passes decode ~4.7x). Inside an overlap each output pixel
+is a convex combination of the tiles covering it,
 with weights rising linearly from the tile's inner edge; image borders get full weight.
 """
 from __future__ import annotations

@@ -2,9 +2,10 @@
 cost of core's tiled decode (which decodes everything three times). Wraps kernels/tiled_decode.py."""
 from __future__ import annotations
 
+from comfy_api.latest import io
+
 import comfy.model_management as mm
 import comfy.utils
-from comfy_api.latest import io
 
 from ..kernels.tiled_decode import tiled_decode
 from .input_checks import log_adjusted_once, refuse_over_free_memory

@@ -41,8 +41,13 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The tiny checkpoints (made once, cached in .comfy_host/models) plus deliberately broken files."""
-    from dit_control.tests.generators.make_checkpoints import (make_all, write_bad_checkpoints, write_bad_controlnets,
-                                                    write_damaged_weights, write_easycontrol_bad_files)
+    from dit_control.tests.generators.make_checkpoints import (
+        make_all,
+        write_bad_checkpoints,
+        write_bad_controlnets,
+        write_damaged_weights,
+        write_easycontrol_bad_files,
+    )
     made = make_all(REPO / ".comfy_host" / "models")
     root = tmp_path_factory.mktemp("models")
     for folder in made.iterdir():

@@ -117,10 +117,14 @@ def test_nodes_mirror_kernels_and_import_in_one_direction():
 
 
 @pytest.mark.parametrize("parts,source,expected", [
-    (("t5_encoder.py",), "from .pixart.model import CAPTION_MASK_KEY", "a shared node module imports node family pixart"),
-    (("vae_decode.py",), "from ..kernels.pixart.model import PixArt", "a shared node module imports kernel family pixart"),
-    (("controlar", "nodes.py"), "from ..pixart.text_encode import X", "node family controlar imports node family pixart"),
-    (("controlar", "nodes.py"), "from ...kernels.pixart import model", "node family controlar imports kernel family pixart"),
+    (("t5_encoder.py",), "from .pixart.model import CAPTION_MASK_KEY",
+     "a shared node module imports node family pixart"),
+    (("vae_decode.py",), "from ..kernels.pixart.model import PixArt",
+     "a shared node module imports kernel family pixart"),
+    (("controlar", "nodes.py"), "from ..pixart.text_encode import X",
+     "node family controlar imports node family pixart"),
+    (("controlar", "nodes.py"), "from ...kernels.pixart import model",
+     "node family controlar imports kernel family pixart"),
     (("easycontrol", "nodes.py"), "from ...kernels.dit4sr.model import DiT4SR",
      "node family easycontrol imports kernel family dit4sr"),
 ])

@@ -1,7 +1,8 @@
 """Help pages and model links, without a server (the frontend side is tests/api/test_frontend.py).
 
 - Every node the pack registers has its help page, nodes/web/docs/<node id>.md, in the folder `__init__.py`
-  exports as WEB_DIRECTORY; its inputs and outputs block is what tests/generators/make_node_docs.py writes from the node's
+  exports as WEB_DIRECTORY; its inputs and outputs block is what tests/generators/make_node_docs.py writes from the
+  node's
   schema now; its hand-written parts are there (title = the node's display name, what it does, Files,
   Example, Limits); a loader's page names the files the shipped workflows load with it, with their links.
 - Every model file a shipped UI workflow loads is in its loader node's `properties.models` under the name the
@@ -18,7 +19,13 @@ import pytest
 import dit_control
 from dit_control.tests.comfy_host import REPO
 from dit_control.tests.generators.make_node_docs import BEGIN, DOCS, END, SECTIONS, expected_pages, io_block, with_block
-from dit_control.tests.generators.model_files import CORE_LOADER_FOLDERS, FAMILY_OF_WORKFLOW, HF, files_of, is_model_file
+from dit_control.tests.generators.model_files import (
+    CORE_LOADER_FOLDERS,
+    FAMILY_OF_WORKFLOW,
+    HF,
+    files_of,
+    is_model_file,
+)
 from dit_control.tests.generators.node_schemas import file_folder, node_schemas
 from dit_control.tests.generators.workflow_format import FRONTEND_ONLY, note_size, note_text
 
@@ -61,13 +68,15 @@ def test_web_directory_holds_the_help_pages():
 
 def test_every_registered_node_has_a_help_page(schemas):
     pages = {p.stem for p in DOCS.glob("*.md")}
-    assert sorted(set(schemas) - pages) == [], "registered nodes without a help page (run tests/generators/make_node_docs.py)"
+    assert sorted(set(schemas) - pages) == [], \
+        "registered nodes without a help page (run tests/generators/make_node_docs.py)"
     assert sorted(pages - set(schemas)) == [], "help pages of nodes the pack does not register"
 
 
 def test_generated_blocks_are_current(schemas):
     stale = [p.name for p, text in expected_pages(schemas).items() if not p.exists() or p.read_text() != text]
-    assert stale == [], f"inputs/outputs out of date with the schemas: run python tests/generators/make_node_docs.py ({stale})"
+    assert stale == [], \
+        f"inputs/outputs out of date with the schemas: run python tests/generators/make_node_docs.py ({stale})"
 
 
 def test_the_block_follows_the_schema(schemas):
@@ -167,7 +176,8 @@ def test_each_graph_has_the_generators_note(name):
     assert len(notes) == 1, f"{name}: {len(notes)} notes"
     (note,) = notes
     text = note["widgets_values"][0]
-    assert text == note_text(name, api), f"{name}: the note is not the generator's (python tests/generators/workflow_format.py)"
+    assert text == note_text(name, api), \
+        f"{name}: the note is not the generator's (python tests/generators/workflow_format.py)"
     assert len(text.split("\n\n")) == 3
     for f in files_of(name, api):
         assert f"`{f.name}`" in text and f"`models/{f.directory}/`" in text, f"{name}: {f.name} not in the note"

@@ -32,12 +32,13 @@ def test_repository_root_not_on_sys_path():
 
 def test_pack_beside_transformers_diffusers_bitsandbytes_in_this_process():
     """In the test process itself: the pack first, then the three libraries that import `kernels`."""
-    from dit_control.kernels.int8 import Int8Ops                                   # noqa: F401
-    from dit_control.kernels.pixart.model import PixArt                           # noqa: F401
+    import bitsandbytes  # noqa: F401
     import transformers.integrations.hub_kernels as hub
+    from diffusers import PixArtTransformer2DModel  # noqa: F401
     from transformers.utils import is_kernels_available
-    from diffusers import PixArtTransformer2DModel                                 # noqa: F401
-    import bitsandbytes                                                             # noqa: F401
+
+    from dit_control.kernels.int8 import Int8Ops  # noqa: F401
+    from dit_control.kernels.pixart.model import PixArt  # noqa: F401
 
     spec = importlib.util.find_spec("kernels")
     assert not _inside(spec.origin, OURS), f"`import kernels` finds this checkout's {spec.origin}"

@@ -19,12 +19,12 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import tomllib
 from PIL import Image
 
 from dit_control.tests.generators import make_icon
@@ -145,7 +145,8 @@ def test_validate_fails_a_broken_scratch_copy(comfy_cli, tmp_path, name):
 
 
 def test_icon_is_what_the_script_draws():
-    assert make_icon.ICON_PATH.is_file(), f"run `.venv/bin/python tests/generators/make_icon.py` to draw {make_icon.ICON_REL}"
+    assert make_icon.ICON_PATH.is_file(), \
+        f"run `.venv/bin/python tests/generators/make_icon.py` to draw {make_icon.ICON_REL}"
     with Image.open(make_icon.ICON_PATH) as im:
         assert im.format == "PNG" and im.mode == "RGBA", (im.format, im.mode)
         # the registry: square, at most 400 x 400 px
@@ -153,8 +154,9 @@ def test_icon_is_what_the_script_draws():
         committed = np.asarray(im).copy()
     drawn = make_icon.draw()
     diff = np.argwhere(np.any(committed != drawn, axis=-1))
-    assert diff.size == 0, (f"{len(diff)} pixels differ from tests/generators/make_icon.py's drawing (first at y, x ="
-                            f" {tuple(int(v) for v in diff[0])}): re-run `.venv/bin/python tests/generators/make_icon.py`")
+    assert diff.size == 0, (f"{len(diff)} pixels differ from tests/generators/make_icon.py's drawing (first at "
+                            f"y, x = {tuple(int(v) for v in diff[0])}): re-run "
+                            f"`.venv/bin/python tests/generators/make_icon.py`")
     # deterministic bytes, and no stray chunk (time stamp, text) in what the script writes
     a, b = make_icon.png_bytes(drawn), make_icon.png_bytes(make_icon.draw())
     assert a == b

@@ -8,7 +8,7 @@
 - `vq`: the VQ-16 tokenizer (decoder runs; encoder built for strict loading)
 - `checkpoint`: layouts, config from the weights, strict loading, foreign files
 - `text`: FLAN-T5-XL captions through kernels/t5.py, left-padded with zeroed pads
-- `pipeline`: control image + caption -> tokens -> image in one call; the fast int8 route for decode steps
+- `pipeline`: control image + caption -> tokens -> image in one call; the one size check (`token_grid`)
 
 Imports only the shared modules at the top of `kernels/`, never another family, never ComfyUI.
 """

@@ -16,8 +16,15 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..checkpoint_io import (CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes,
-                             read_json_beside, read_state_dict)
+from ..checkpoint_io import (
+    CheckpointError,
+    assign_load,
+    check_strict,
+    describe_foreign,
+    meta_shapes,
+    read_json_beside,
+    read_state_dict,
+)
 from .model import DiT4SR, DiT4SRConfig
 
 # The dead tensors, per dual-attention block i: transformer_blocks.{i}.attn2.<part>. (130 tensors / 122.8 M

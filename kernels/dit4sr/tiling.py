@@ -21,10 +21,9 @@ one tile's activations, at least one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
-
-import math
 
 import torch
 

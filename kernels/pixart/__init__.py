@@ -1,3 +1,3 @@
 """PixArt-α / PixArt-δ: the DiT (`model`), its checkpoint layouts and strict loading (`checkpoint`), the
-ControlNet-Transformer (`controlnet`) and LCM sampling (`lcm`). Imports only the shared modules at the
-top of `kernels/`, never another family."""
+ControlNet-Transformer (`controlnet`), RelaCtrl's relevance-guided control (`relactrl`) and LCM sampling
+(`lcm`). Imports only the shared modules at the top of `kernels/`, never another family."""

@@ -21,9 +21,15 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
+from .checkpoint import (
+    block_to_original,
+    detect_layout,
+    load_pixart,
+    prepare_pixart,
+    released_base_mismatch,
+    variant_name,
+)
 from .model import BlockContext, ControlFn, PixArt, PixArtBlock, PixArtConfig
-from .checkpoint import (block_to_original, detect_layout, load_pixart, prepare_pixart, released_base_mismatch,
-                         variant_name)
 
 BASE_PREFIX = "base_model."
 CONTROL_PREFIX = "controlnet."

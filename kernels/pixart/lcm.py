@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-
 NUM_TRAIN_TIMESTEPS = 1000
 ORIGINAL_STEPS = 50        # the 50-point DDIM grid 19, 39, …, 999 that PixArt-LCM was distilled on
 TIMESTEP_SCALING = 10.0

@@ -30,8 +30,16 @@ import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .checkpoint import detect_layout, released_base_mismatch, variant_name
-from .controlnet import (ADAPTER_PREFIX, BASE_PREFIX, CONTROL_PREFIX, _prepare_bundled_base, _split_full,
-                         block_config, load_bundled_base, match_control_latent)
+from .controlnet import (
+    ADAPTER_PREFIX,
+    BASE_PREFIX,
+    CONTROL_PREFIX,
+    _prepare_bundled_base,
+    _split_full,
+    block_config,
+    load_bundled_base,
+    match_control_latent,
+)
 from .model import BlockContext, PixArt, PixArtConfig, SelfAttention, _cast, _layer_norm, modulate
 
 __all__ = ["RelaCtrlConfig", "RelaCtrl", "RGLCBlock", "TDSM", "TokenMixer", "RelaCtrlBranch",

@@ -12,13 +12,14 @@ TILES_KEY. The kernel tiles inside the call (kernels/dit4sr/tiling.py).
 """
 from __future__ import annotations
 
+import torch
+
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
-import torch
 
 from ...kernels.dit4sr.model import DiT4SR, DiT4SRConfig
 from ...kernels.dit4sr.tiling import TileSettings
@@ -38,7 +39,7 @@ class ComfyDiT4SR(DiT4SR):
         self.dtype = dtype  # BaseModel.get_dtype reads it
 
     def forward(self, x, timesteps, context=None, y=None, lr_latent=None, dit4sr_tiles=None, control=None,
-                transformer_options={}, **kwargs):
+                transformer_options={}, **kwargs):  # noqa: B006 -- core's model signature; read, never written
         if lr_latent is None:
             raise ValueError("DiT4SR needs the LR image: connect the positive and negative conditioning through "
                              "'DiT4SR Conditioning' (it adds the LR latent both CFG branches need)")

@@ -19,23 +19,23 @@ import math
 import time
 
 import torch
+from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 import node_helpers
-from comfy_api.latest import io
 
 from ...kernels.checkpoint_io import CheckpointError, read_json_beside, read_state_dict
 from ...kernels.dit4sr.checkpoint import prepare_dit4sr, variant_name
 from ...kernels.dit4sr.colour_fix import METHODS, colour_fix
-from ...kernels.dit4sr.preprocess import PROCESS_SIZE, upscale_image, resize_bicubic
+from ...kernels.dit4sr.preprocess import PROCESS_SIZE, resize_bicubic, upscale_image
 from ...kernels.dit4sr.sizes import SizeLimits, check_output_size
 from ...kernels.dit4sr.tiled_encode import ENCODE_OVERLAP_PX, encode_spans, encode_tile_side, tiled_encode
 from ...kernels.dit4sr.tiling import TileSettings, tile_and_overlap
 from ..comfy_compat import register_reloader
-from .model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from .model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
 
 CATEGORY = "DiT Control/DiT4SR"
 

@@ -73,7 +73,8 @@ def core_flux(model_patcher):
                               f"flux1-dev.safetensors); this MODEL is {what}")
     if getattr(dm.params, "global_modulation", False) or len(getattr(dm, "double_blocks", [])) == 0:
         raise CheckpointError("Apply EasyControl needs FLUX.1 (dev/schnell) blocks; this FLUX variant "
-                              "(FLUX.2-style global modulation or no double blocks) is not what the LoRAs were trained on")
+                              "(FLUX.2-style global modulation or no double blocks) is not what the LoRAs were "
+                              "trained on")
     for b in dm.double_blocks[:1]:
         blocks.check_flux1_block(b, "double")
     for b in dm.single_blocks[:1]:
@@ -127,7 +128,7 @@ class BlockPatch:
 # ---------------------------------------------------------------------------------------------
 
 def diffusion_model_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                            transformer_options={}, **kwargs):
+                            transformer_options={}, **kwargs):  # noqa: B006 -- core's model signature; read, never written
     """Per model call: begin the condition state (fills the bank on a miss) and pass it to the blocks."""
     spec = (transformer_options or {}).get(SPEC_KEY)
     flux = executor.class_obj

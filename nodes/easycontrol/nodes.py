@@ -14,7 +14,6 @@ import logging
 import os
 
 import torch
-
 from comfy_api.latest import io
 
 import folder_paths
@@ -23,8 +22,8 @@ from ...kernels.checkpoint_io import CheckpointError, read_state_dict
 from ...kernels.flux_easycontrol.condition import split_tall_latent
 from ...kernels.flux_easycontrol.condition_image import prepare_condition
 from ...kernels.flux_easycontrol.lora import load_lora
-from .model import ConditionSource, current_spec, patch_model
 from ..input_checks import check_finite
+from .model import ConditionSource, current_spec, patch_model
 
 CATEGORY = "DiT Control/EasyControl"
 KIND_CHOICES = ("auto", "spatial", "subject")
@@ -71,7 +70,8 @@ class EasyControlLoRALoader(io.ComfyNode):
                         "LoRA or another model's file is refused with what it is.",
             inputs=[
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="An EasyControl LoRA from models/loras (Xiaojiu-Z/EasyControl models/*.safetensors). "
+                               tooltip="An EasyControl LoRA from models/loras (Xiaojiu-Z/EasyControl "
+                                       "models/*.safetensors). "
                                        "Plain FLUX LoRAs go into core's LoraLoaderModelOnly instead."),
             ],
             outputs=[EasyControlLoRAType.Output(display_name="easycontrol_lora",
@@ -95,7 +95,8 @@ def encode_tall(vae, latent_format, pixels: list) -> list:
     reference does so: slight mixing across the seams); -> one model-space latent per condition."""
     batch = {p.shape[0] for p in pixels}
     if len(batch) != 1:
-        raise ValueError(f"EasyControl: chained conditions of one kind need the same number of images, got {sorted(batch)}")
+        raise ValueError(f"EasyControl: chained conditions of one kind need the same number of images, "
+                         f"got {sorted(batch)}")
     tall = torch.cat(pixels, dim=1)
     z = vae.encode(tall[..., :3])
     z = latent_format.process_in(z.float())

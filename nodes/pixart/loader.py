@@ -10,8 +10,8 @@ import folder_paths
 from ...kernels.checkpoint_io import read_json_beside, read_state_dict
 from ...kernels.pixart.checkpoint import prepare_pixart, variant_name
 from ..comfy_compat import register_reloader
-from .model import build_model_patcher
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from .model import build_model_patcher
 
 CATEGORY = "DiT Control/PixArt"
 

@@ -17,11 +17,17 @@ import comfy.model_patcher
 import comfy.supported_models
 import comfy.supported_models_base
 
-from ...kernels.pixart.model import (CONTROL_VALUES_PER_TOKEN, FORWARD_VALUES_PER_TOKEN, PixArt, PixArtConfig,
-                                    forward_bytes)
+from ...kernels.pixart.model import (
+    CONTROL_VALUES_PER_TOKEN,
+    FORWARD_VALUES_PER_TOKEN,
+    PixArt,
+    PixArtConfig,
+    forward_bytes,
+)
+from ..comfy_compat import build_patcher
+from ..comfy_compat import storage_dtypes as compat_storage_dtypes
 from ..finite_guard import check_step_output
 from ..input_checks import refuse_over_free_memory
-from ..comfy_compat import build_patcher, storage_dtypes as compat_storage_dtypes
 
 # cond-dict key of the caption padding mask ([B, L], 1 = valid), set by our text encode node
 CAPTION_MASK_KEY = "pixart_caption_mask"
@@ -39,7 +45,7 @@ class ComfyPixArt(PixArt):
         self.dtype = dtype  # BaseModel.get_dtype reads it
 
     def forward(self, x, timesteps, context, c_size=None, c_ar=None, caption_mask=None, control=None,
-                transformer_options={}, **kwargs):
+                transformer_options={}, **kwargs):  # noqa: B006 -- core's model signature; read, never written
         control_fn = control_branch_from(control)
         check_latent_fits(self.config, x, control_fn is not None)
         out = super().forward(x, timesteps, context, caption_mask, img_hw=c_size, aspect_ratio=c_ar,
@@ -84,7 +90,7 @@ class PixArtDiTModel(comfy.model_base.BaseModel):
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.EPS, device=None):
         super().__init__(model_config, model_type, device=device, unet_model=ComfyPixArt)
 
-    def memory_required(self, input_shape, cond_shapes={}):
+    def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 -- core's signature; read, never written
         """The kernel's own estimate of a forward (core's batching of the CFG halves and its weight offloading
         go by this), in the dtype the forward computes in."""
         dtype = self.manual_cast_dtype or self.get_dtype()

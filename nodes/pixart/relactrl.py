@@ -18,9 +18,9 @@ from comfy_api.latest import io
 import folder_paths
 
 from ...kernels.pixart.model import PixArtConfig
-from ...kernels.pixart.relactrl import (check_relactrl_base_compatible, load_relactrl, prepare_relactrl)
-from .controlnet import CATEGORY, ControlKind, bundled_base_patcher, load_controlnet
+from ...kernels.pixart.relactrl import check_relactrl_base_compatible, load_relactrl, prepare_relactrl
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES
+from .controlnet import CATEGORY, ControlKind, bundled_base_patcher, load_controlnet
 
 SEED_MAX = 2 ** 64 - 1
 STYLE_TAGS = ("gufeng_", "oil_", "paint_", "3d_")

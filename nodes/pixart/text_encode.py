@@ -82,7 +82,7 @@ class PixArtNullCaption(io.ComfyNode):
                                   "diffusers-layout files drop it. Encode an empty prompt as the negative.")
         null = embedder.y_embedding.detach().float().to(mm.intermediate_device())[None]  # [1, L, C]
         out = []
-        for cond, extras in positive:
+        for _cond, extras in positive:
             mask = extras.get(CAPTION_MASK_KEY)
             if mask is None:
                 raise ValueError("PixArt Null Caption needs the positive from 'PixArt T5 Text Encode' "

@@ -8,7 +8,8 @@ def add_lcm_control_latents(g: dict, *, model: str, apply_controlnet: str, empty
     latent (node 23), and the control latent the control network sees — the VAE encode of the (already
     latent-sized) control image — saved as node 25. The kernel-loop references of the per-step control tests
     are built from these two."""
-    g["20"] = {"class_type": "DiTControl_LCMScheduler", "inputs": {"model": [model, 0], "steps": 4, "rule": "diffusers"}}
+    g["20"] = {"class_type": "DiTControl_LCMScheduler", "inputs": {"model": [model, 0], "steps": 4,
+                                                                   "rule": "diffusers"}}
     g["21"] = {"class_type": "DiTControl_LCMSampler", "inputs": {}}
     g["22"] = {"class_type": "SamplerCustom", "inputs": {
         "model": [model, 0], "add_noise": True, "noise_seed": seed, "cfg": 1.0, "positive": [apply_controlnet, 0],

@@ -51,11 +51,13 @@ STORES = """() => {
   const s = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
   const nodes = s.get('missingNodesError').missingNodesError;
   return {missing_nodes: nodes ? nodes.nodeTypes.map(t => typeof t == 'string' ? t : t.type) : [],
-          missing_models: (s.get('missingModel').missingModelCandidates || []).map(c => `${c.nodeType}.${c.widgetName}=${c.name}`),
+          missing_models: (s.get('missingModel').missingModelCandidates || []).map(c =>
+          `${c.nodeType}.${c.widgetName}=${c.name}`),
           missing_model_links: (s.get('missingModel').missingModelCandidates || []).map(c => ({
               node_type: c.nodeType, widget: c.widgetName, name: c.name, directory: c.directory ?? null,
               url: c.url ?? null})),
-          missing_media: (s.get('missingMedia').missingMediaCandidates || []).map(c => `${c.nodeType}.${c.widgetName}=${c.name}`),
+          missing_media: (s.get('missingMedia').missingMediaCandidates || []).map(c =>
+          `${c.nodeType}.${c.widgetName}=${c.name}`),
           missing_nodes_hook: window.__ditMissingNodes || [],
           error_overlay: s.get('executionError').isErrorOverlayOpen,
           dialogs: [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText.slice(0, 200))};
@@ -188,7 +190,8 @@ class FrontendPage:
         self.page.evaluate("""() => {            // record the missing-node hook too (loadApiJson uses it)
             window.__ditMissingNodes = [];
             const show = app.showMissingNodesError.bind(app);
-            app.showMissingNodesError = (types, ...rest) => { window.__ditMissingNodes.push(...types); return show(types, ...rest); };
+            app.showMissingNodesError = (types, ...rest) => { window.__ditMissingNodes.push(...types); return
+            show(types, ...rest); };
         }""")
         if fresh:   # a fresh user: the frontend opens the Templates browser once the blank workflow is loaded
             dialog = self.page.locator(TEMPLATES_DIALOG)
@@ -197,8 +200,9 @@ class FrontendPage:
             dialog.wait_for(state="detached", timeout=10_000)
         # screenshots: no minimap over the bottom right corner, and text at any zoom (FitView zooms wide
         # graphs out below the font size where the canvas stops drawing text)
-        self.page.evaluate("""async () => { await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
-                                            await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 0); }""")
+        self.page.evaluate("""async () => {
+            await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
+            await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 0); }""")
         self.settle()
         self._starting = False
 
@@ -303,8 +307,10 @@ class FrontendPage:
     def wait_for_output(self, node_id: str, timeout: float = 60.0) -> dict:
         """The outputs the page received over its websocket for a node (app.nodeOutputs)."""
         self.page.wait_for_function(
-            "(id) => { const o = app.nodeOutputs || {}; return Object.keys(o).some(k => String(k) === id || String(k).endsWith(':' + id)); }",
+            "(id) => { const o = app.nodeOutputs || {}; "
+            "return Object.keys(o).some(k => String(k) === id || String(k).endsWith(':' + id)); }",
             arg=node_id, timeout=timeout * 1000)
         return self.page.evaluate(
-            "(id) => { const o = app.nodeOutputs; const k = Object.keys(o).find(k => String(k) === id || String(k).endsWith(':' + id)); return o[k]; }",
+            "(id) => { const o = app.nodeOutputs; "
+            "const k = Object.keys(o).find(k => String(k) === id || String(k).endsWith(':' + id)); return o[k]; }",
             node_id)

@@ -196,6 +196,7 @@ def test_fit_refuses_a_strip_it_would_blow_up_and_stretches_it_in_resize_mode(co
 def test_hed_refuses_an_image_whose_feature_maps_the_memory_cannot_hold(comfy):
     """~800 bytes of feature maps a pixel (kernels/hed.py): a square image past this machine's free memory."""
     import math
+
     import psutil
     side = 8 * math.ceil(math.sqrt(1.5 * psutil.virtual_memory().available / 800) / 8)
     assert side <= 16384, (f"this machine has {psutil.virtual_memory().available / 2**30:.0f} GiB free: past it "

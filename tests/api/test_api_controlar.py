@@ -1,5 +1,6 @@
 """ControlAR (issue 13) through a real ComfyUI server's API: the shipped workflows on tiny checkpoints in the
-released layouts (tests/generators/make_controlar_checkpoints.py: ControlAR GPT + DINOv2 flat .safetensors, LlamaGen base
+released layouts (tests/generators/make_controlar_checkpoints.py: ControlAR GPT + DINOv2 flat .safetensors, LlamaGen
+base
 and VQ-16 as {"model": …} .pt, FLAN-T5 shards).
 
 The sampled token ids are read through tests/host_probe's DiTControlProbe_ImageTokens (the pack has no node
@@ -16,8 +17,8 @@ import pytest
 from PIL import Image
 
 from dit_control.tests.comfy_host import PromptRejected, assert_documented, execution_error, load_api_graph
-from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
 from dit_control.tests.generators.make_controlar_checkpoints import GPT_FILES, write_controlar_inputs
+from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLER = "DiTControl_ControlARSampler"
@@ -180,6 +181,7 @@ def server_threads() -> int:
     (neither ComfyUI nor the pack sets it), whatever earlier tests left this pytest process at."""
     import os
     import subprocess
+
     from dit_control.tests.comfy_host import PYTHON
     out = subprocess.run([str(PYTHON), "-c", "import torch; print(torch.get_num_threads())"], check=True,
                          capture_output=True, text=True, env=dict(os.environ))

@@ -84,7 +84,8 @@ def test_damaged_file_is_refused_naming_the_tensor(comfy, models_dir, folder, ki
 
 @pytest.mark.both_hosts
 def test_overflowing_step_stops_with_the_step_named_instead_of_a_black_image(comfy):
-    err = execution_error(comfy.run(t2i(steps=3, inputs={("1", "dit_name"): "damaged/overflow-PixArt-XL-2-512x512.pth"})))
+    damaged = {("1", "dit_name"): "damaged/overflow-PixArt-XL-2-512x512.pth"}
+    err = execution_error(comfy.run(t2i(steps=3, inputs=damaged)))
     assert err is not None, "the overflowing model decoded an image"
     assert err["node_type"] == "KSampler", err["node_type"]
     message = err["exception_message"]

@@ -88,6 +88,7 @@ def test_processed_size_follows_the_reference(size, upscale, expected):
 
 def test_upscaled_image_is_pil_bicubic_of_the_8_bit_image():
     from PIL import Image
+
     from dit_control.kernels.dit4sr.preprocess import _from_pil, _to_pil, upscale_image
     img = torch.rand(1, 33, 45, 3)
     out = upscale_image(img, 4)
@@ -165,11 +166,13 @@ def test_ui_workflow_is_the_api_workflow_with_the_reference_settings(server):
 # per host: (input, conditioning overrides, output size, latent shape, the node's log line). The default host runs
 # the shipped settings on a 96×128 input: short side to 128 (→ 128×170), ×4 → 512×680, latent 64×85 > one 64²
 # tile, so 2 square tiles. The floor host (the compatibility pass) runs the same graph cheaper: 40×32 ×4 →
-# 160×128 (min_short_side 128) with 16-latent tiles (latent 20×16: 2 tiles), so the full-size VAE costs seconds, not a minute.
+# 160×128 (min_short_side 128) with 16-latent tiles (latent 20×16: 2 tiles), so the full-size VAE costs seconds, not a
+# minute.
 SHIPPED_RUNS = {
     "default": ("dit4sr_input.png", {}, (512, 680), (1, 16, 85, 64),
                 "DiT4SR input 96x128 -> 512x680 (x4), latent 64x85"),
-    "floor": ("dit4sr_input_small.png", {"tile_size": 16, "tile_overlap": 6, "min_short_side": 128}, (160, 128), (1, 16, 16, 20),
+    "floor": ("dit4sr_input_small.png", {"tile_size": 16, "tile_overlap": 6, "min_short_side": 128}, (160, 128),
+              (1, 16, 16, 20),
               "DiT4SR input 40x32 -> 160x128 (x4), latent 20x16"),
 }
 
@@ -180,6 +183,7 @@ def test_shipped_workflow_upscales_a_non_square_image_larger_than_a_tile(server)
     then the same seed again through SamplerCustomAdvanced gives the same latent bit for bit."""
     import numpy as np
     from PIL import Image
+
     from dit_control.kernels.dit4sr.preprocess import upscale_image
     from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
     from dit_control.tests.comfy_host import FLOOR_HOST
@@ -247,6 +251,7 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     upscaled image in SD3's latent format `(z − 0.0609)·1.5305`, pooled text as the AdaLN input — equals the
     KSampler result (σ from the host's 'normal' schedule)."""
     from safetensors.torch import load_file
+
     from dit_control.kernels.dit4sr.checkpoint import load_dit4sr_file
     from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
     steps, seed = 3, 5
@@ -355,7 +360,8 @@ def test_schedule_of_the_shipped_sampler_is_the_reference_scheduler(server, step
 # ---------------------------------------------------------------------------------------------
 
 BAD_FILES = {
-    "dit4sr_bad/sd3.5_medium_base_no_control.safetensors": ("SD3.5 base transformer", "without DiT4SR's control tensors"),
+    "dit4sr_bad/sd3.5_medium_base_no_control.safetensors": ("SD3.5 base transformer",
+                                                            "without DiT4SR's control tensors"),
     "broken/flux1-dev-like.safetensors": ("expected a DiT4SR transformer", "a FLUX transformer"),
     "dit4sr_bad/dit4sr_truncated.safetensors": ("dit4sr_truncated.safetensors", "truncated"),
 }
@@ -405,7 +411,8 @@ def test_wrong_vae_and_missing_lr_conditioning_are_clear_errors(server):
 #                     Bounded end to end: sizes checked up front, the LR encode tiled
 # ---------------------------------------------------------------------------------------------
 
-TRANSFORMER_PEAK_GIB = 8.45      # the transformer benchmark's peak RSS at 1024² and 2048² (tests/benchmarks/README.md, DiT4SR step)
+# the transformer benchmark's peak RSS at 1024² and 2048² (tests/benchmarks/README.md, DiT4SR step)
+TRANSFORMER_PEAK_GIB = 8.45
 
 
 def server_memory_gib(server, field: str = "VmRSS") -> float:
@@ -518,6 +525,7 @@ def bad_config_files(server):
     """Copies of the tiny DiT4SR folder with a broken config.json, and one whose weights lost the second half of
     their tensors (sorted by name: whole blocks gone, so the shapes alone read as a smaller model)."""
     import safetensors.torch
+
     from dit_control.tests.generators.make_dit4sr_checkpoints import DIT4SR_FOLDER
     good = server.models_dir / "diffusion_models" / DIT4SR_FOLDER
     for case, (config_text, half, _) in BAD_CONFIGS.items():

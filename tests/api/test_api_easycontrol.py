@@ -60,7 +60,8 @@ def api_graph(name: str, size=SIZE, cond_size=COND_SIZE, steps=STEPS, tokens=TOK
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = steps
     if save_latent:
-        g["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [one(g, "KSampler"), 0], "filename_prefix": f"ec_test/{name}"}}
+        g["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [one(g, "KSampler"), 0],
+                                                          "filename_prefix": f"ec_test/{name}"}}
     return g
 
 
@@ -320,6 +321,7 @@ def test_diffusers_layout_flux_through_core_unet_loader(server, models_dir):
     """The test FLUX saved in diffusers names: core's UNETLoader converts it on load, and the shipped graph
     gives the comfy-layout file's latent."""
     from safetensors.torch import load_file, save_file
+
     from dit_control.kernels.flux_easycontrol.checkpoint import diffusers_to_native
     name = "flux1-dev-diffusers-layout.safetensors"
     path = models_dir / "diffusion_models" / name
@@ -355,7 +357,8 @@ def test_cfg_branches(server):
     for cache in (True, False):
         g = with_cache(api_graph("easycontrol_canny"), cache)
         ks = one(g, "KSampler")
-        g["70"] = {"class_type": "DiTControlProbe_FluxConditioningStandIn", "inputs": {"text": "blurry", "tokens": TOKENS}}
+        g["70"] = {"class_type": "DiTControlProbe_FluxConditioningStandIn", "inputs": {"text": "blurry",
+                                                                                       "tokens": TOKENS}}
         g[ks]["inputs"].update(cfg=3.0, negative=["70", 0])
         out[cache] = server.saved_latent(server.run_ok(g))
     assert rel(out[True], out[False]) <= 1e-6

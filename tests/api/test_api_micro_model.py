@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_control.tests.api.api_graphs import at_size, canny_instead_of_hed, first_node as first, with_prompt
+from dit_control.tests.api.api_graphs import at_size, canny_instead_of_hed, with_prompt
+from dit_control.tests.api.api_graphs import first_node as first
 from dit_control.tests.comfy_host import REPO
 from dit_control.tests.training.install import available as micro_model_available
 from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
@@ -69,8 +70,7 @@ def adherence(comfy, workflow: str, captions: list, scored_against: list) -> flo
 
 def test_the_micro_model_is_the_embedded_default(models_dir):
     assert micro_model_available(), "tests/training/weights/ is missing: the micro demo model is not committed"
-    from dit_control.tests.training.install import BASE
-    from dit_control.tests.training.install import WEIGHTS
+    from dit_control.tests.training.install import BASE, WEIGHTS
     assert (models_dir / BASE).resolve().read_bytes() == (WEIGHTS / BASE).read_bytes()
 
 

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from dit_control.kernels.checkpoint_io import read_state_dict
-from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
+from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
 from dit_control.tests.api.api_graphs import add_lcm_control_latents
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
@@ -102,7 +102,8 @@ def kernel_models(models_dir):
         {k: v.float() for k, v in read_state_dict(str(models_dir / CONTROLNET_FILE)).items()})
     base = load_bundled_base(base_sd, info).eval()
     net = load_pixart_controlnet(control_sd, base.config, info=info).eval()
-    t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"), dtype=torch.float32)
+    t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"),
+                            dtype=torch.float32)
     tok = T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy/text_encoders/t5_tokenizer"))
     ids = tok(PROMPT, max_length=120, padding="max_length", truncation=True, return_tensors="pt")
     with torch.no_grad():

@@ -110,7 +110,8 @@ def decode_graph():
     g["42"] = {"class_type": "DiTControl_VAEDecodeTiledOnePass",
                "inputs": {"samples": ["8", 0], "vae": ["9", 0], "tile_size": 256, "overlap": 64}}
     for node in ("40", "41", "42"):
-        g[f"5{node}"] = {"class_type": "SaveImage", "inputs": {"images": [node, 0], "filename_prefix": f"decode/{node}"}}
+        g[f"5{node}"] = {"class_type": "SaveImage", "inputs": {"images": [node, 0],
+                                                               "filename_prefix": f"decode/{node}"}}
     return g
 
 
@@ -150,6 +151,7 @@ def test_one_pass_tiled_decode_refuses_an_image_the_memory_cannot_hold(comfy):
     """The decoded float32 image (+ blend weights + the clamped copy: 28 bytes a pixel) is checked against the
     free memory before the first tile: a batch of 16384² latents (core's largest) past what this machine has."""
     import math
+
     import psutil
     pixels = 16384 * 16384
     batch = math.ceil(1.5 * psutil.virtual_memory().available / (28 * pixels))

@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
-from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.pixart.checkpoint import load_pixart
+from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, execution_error
 
@@ -39,7 +39,8 @@ def latent_graph(steps=4, rule="diffusers", native_ksampler=False):
     if native_ksampler:
         for k in ("6", "7", "8"):
             del g[k]
-        g["20"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm", "zsnr": False}}
+        g["20"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm",
+                                                                     "zsnr": False}}
         g["21"] = {"class_type": "KSampler", "inputs": {
             "model": ["20", 0], "seed": SEED, "steps": steps, "cfg": 1.0, "sampler_name": "lcm", "scheduler": "simple",
             "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
@@ -64,7 +65,8 @@ def kernel_loop(models_dir):
     dit = load_pixart({k: v.float() for k, v in read_state_dict(str(dit_path)).items()},
                       num_heads=cfg["num_attention_heads"],
                       sample_size=cfg["sample_size"]).eval()
-    t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"), dtype=torch.float32)
+    t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"),
+                            dtype=torch.float32)
     tok = T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy/text_encoders/t5_tokenizer"))
     ids = tok(PROMPT, max_length=120, padding="max_length", truncation=True, return_tensors="pt")
     with torch.no_grad():
@@ -73,8 +75,12 @@ def kernel_loop(models_dir):
     def run(comfy, steps, rule):
         # the initial and per-step noise exactly as the running host's samplers draw them
         x_T, step_noise = comfy.sampler_noise(WIDTH, HEIGHT, SEED, draws=steps)
-        eps = lambda x, t: dit(x, torch.tensor([float(t)]), caption, ids.attention_mask)[:, :4]
-        noise = lambda i, like: step_noise[i]
+        def eps(x, t):
+            return dit(x, torch.tensor([float(t)]), caption, ids.attention_mask)[:, :4]
+
+        def noise(i, like):
+            return step_noise[i]
+
         with torch.no_grad():
             x0 = lcm_sample(eps, x_T, lcm_timesteps(steps, rule=rule), ddpm_alphas_cumprod(), noise)
         return x0 / SD15_SCALE                                      # ComfyUI returns process_latent_out(x0)

@@ -18,8 +18,12 @@ from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
 from dit_control.tests.api.api_graphs import add_lcm_control_latents
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
 from dit_control.tests.generators.make_checkpoints import write_example_inputs
-from dit_control.tests.generators.make_relactrl_checkpoints import (RELACTRL_FILE, relactrl_state_dict,
-                                                                     save_relactrl_base, save_relactrl_control_only)
+from dit_control.tests.generators.make_relactrl_checkpoints import (
+    RELACTRL_FILE,
+    relactrl_state_dict,
+    save_relactrl_base,
+    save_relactrl_control_only,
+)
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_relactrl_canny.json"
 TEST_DIR = "relactrl_test"
@@ -159,7 +163,8 @@ def kernel_models(models_dir):
     control_sd, base_sd, info = prepare_relactrl(read_state_dict(str(models_dir / "controlnet" / RELACTRL_FILE)))
     base = load_bundled_base(base_sd, info).eval()
     net = load_relactrl(control_sd, base.config, info=info).eval()
-    t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"), dtype=torch.float32)
+    t5, _ = load_t5_encoder(read_t5_state_dict(models_dir / "text_encoders/t5xxl_fp16.safetensors"),
+                            dtype=torch.float32)
     tok = T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy/text_encoders/t5_tokenizer"))
     ids = tok(PROMPT, max_length=120, padding="max_length", truncation=True, return_tensors="pt")
     with torch.no_grad():

@@ -18,8 +18,8 @@ import re
 
 import pytest
 
-from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, ComfyServer, execution_error
 from dit_control.tests.api.frontend_page import FrontendPage
+from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, ComfyServer, execution_error
 from dit_control.tests.generators.make_checkpoints import write_example_inputs
 from dit_control.tests.generators.make_node_docs import DOCS
 from dit_control.tests.generators.model_files import FAMILY_OF_WORKFLOW, model_inputs
@@ -79,7 +79,8 @@ def node_problems(ui: dict, canvas: list, object_info: dict) -> list[str]:
             out.append(f"node {nid} ({node['type']}) is not on the canvas")
             continue
         if (here["type"], here["title"]) != (node["type"], node["title"]):
-            out.append(f"node {nid}: canvas has {here['type']} {here['title']!r}, file {node['type']} {node['title']!r}")
+            out.append(f"node {nid}: canvas has {here['type']} {here['title']!r}, "
+                       f"file {node['type']} {node['title']!r}")
         if node["type"] in FRONTEND_ONLY:          # a note: the frontend's own node, its one widget the text
             if [w[1] for w in here["widgets"]] != node["widgets_values"]:
                 out.append(f"node {nid} ({node['title']}): the canvas shows other text than the file")
@@ -123,7 +124,8 @@ def overlaps(canvas: list) -> list[str]:
 
 def prompt_problems(prompt: dict, api: dict) -> list[str]:
     got, want = strip_meta(prompt), strip_meta(api)
-    out = [f"graphToPrompt has node {k} ({got[k]['class_type']}), the API file not" for k in sorted(set(got) - set(want))]
+    out = [f"graphToPrompt has node {k} ({got[k]['class_type']}), the API file not"
+           for k in sorted(set(got) - set(want))]
     out += [f"graphToPrompt lacks node {k} ({want[k]['class_type']})" for k in sorted(set(want) - set(got))]
     for k in sorted(set(got) & set(want), key=int):
         if got[k]["class_type"] != want[k]["class_type"]:

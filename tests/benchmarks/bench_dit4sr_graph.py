@@ -45,8 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-from dit_control.tests.comfy_host import ComfyServer, execution_error, load_api_graph  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.comfy_host import ComfyServer, execution_error, load_api_graph  # noqa: E402
 
 GIB = 2 ** 30
 BENCH_MODELS = REPO / ".comfy_host" / "bench_models_dit4sr"
@@ -130,8 +130,12 @@ def make_models(transformer: str) -> tuple:
     """(models dir, dit_name): the bench transformer folder plus the set-up's SD3 VAE."""
     from dit_control.kernels.dit4sr.model import DiT4SRConfig
     from dit_control.tests.generators.make_checkpoints import make_all
-    from dit_control.tests.generators.make_dit4sr_checkpoints import (SD3_VAE_NAME, TINY_DIT4SR, diffusers_config,
-                                                           stream_dit4sr_safetensors)
+    from dit_control.tests.generators.make_dit4sr_checkpoints import (
+        SD3_VAE_NAME,
+        TINY_DIT4SR,
+        diffusers_config,
+        stream_dit4sr_safetensors,
+    )
     made = make_all(REPO / ".comfy_host" / "models")
     folder = BENCH_MODELS / "diffusion_models" / f"dit4sr_{transformer}" / "transformer"
     weights = folder / "diffusion_pytorch_model.safetensors"
@@ -279,6 +283,7 @@ def full_size_child(size: int, method: str) -> dict:
     import numpy as np
     import torch
     from PIL import Image
+
     from dit_control.kernels.dit4sr.colour_fix import colour_fix
     from dit_control.kernels.tiled_decode import tiled_decode
     torch.set_num_threads(2)

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402
 from dit_control.tests.benchmarks.timing import median_seconds, peak_rss_bytes  # noqa: E402
+from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402
 
 TEXT_TOKENS = 154
 
@@ -68,7 +68,8 @@ def build_native(layers: int):
     ops, compute = comfy_ops()
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
     model = OpenAISignatureMMDITWrapper(
-        in_channels=16, patch_size=2, out_channels=16, depth=24, num_blocks=layers, input_size=None, adm_in_channels=2048,
+        in_channels=16, patch_size=2, out_channels=16, depth=24, num_blocks=layers, input_size=None,
+        adm_in_channels=2048,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
         num_patches=384 * 384, pos_embed_max_size=384, qk_norm="rms", pos_embed_scaling_factor=None,
         x_block_self_attn_layers=list(range(min(13, layers - 1))), dtype=torch.float16, device="cpu",

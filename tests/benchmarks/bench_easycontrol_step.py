@@ -22,7 +22,8 @@ A step is one forward of the transformer at a timestep of the 25-step schedule. 
 process on the same weights, interleaved round by round (the machine is shared: its load hits every mode
 alike); round 0 is not timed. Each step records wall time and the process's CPU time (all threads); the
 ratios use the median CPU time (wall time on a loaded 2-core machine varied ±30 % between rounds of the
-same mode), the fastest wall-clock round gives a second set of ratios as a check. Core's attention is set to PyTorch SDPA
+same mode), the fastest wall-clock round gives a second set of ratios as a check. Core's attention is set to PyTorch
+SDPA
 (`--use-pytorch-cross-attention`, the default on NVIDIA; on CPU core would pick sub-quadratic attention),
 the function our block patches use, so the ratios compare like with like. Memory: each mode once more in
 its own fresh subprocess (bank fill + two steps); peak RSS of that process, weights included

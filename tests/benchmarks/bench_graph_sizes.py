@@ -3,7 +3,8 @@ bounded memory, refuse clearly, or fail raw?
 
     .venv/bin/python tests/benchmarks/bench_graph_sizes.py [--workflows a,b] [--sizes 1,2,4] [--steps 1] [--with-dit4sr]
 
-Each workflow in workflows/api/ runs on a fresh server (the embedded checkpoints of tests/generators/make_checkpoints.make_all:
+Each workflow in workflows/api/ runs on a fresh server (the embedded checkpoints of
+tests/generators/make_checkpoints.make_all:
 micro PixArt, tiny FLUX / ControlAR / DiT4SR networks, full-size random VAEs and HED) at its shipped size, at 2× and
 at 4× the pixels (sides × √2 and × 2, rounded to multiples of 64) and, where it fits a loaded picture to its size
 (Fit Control Image), at its shipped size with a 24 MP photo (6000×4000) as that picture. Everything runs as
@@ -254,7 +255,8 @@ def machine() -> str:
 
 
 def cell(row) -> str:
-    """One run as tests/benchmarks/README.md shows it: result, peak RSS, wall time (what a refusal said is in the json)."""
+    """One run as tests/benchmarks/README.md shows it: result, peak RSS, wall time (what a refusal said is in
+    the json)."""
     if row is None:
         return "not run"
     what = {"completed": "✅", "refused": "refused", "failed raw": "**failed raw**"}[row["result"]]

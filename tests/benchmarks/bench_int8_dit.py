@@ -25,8 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.kernels import int8  # noqa: E402
-from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from dit_control.kernels.pixart.checkpoint import load_pixart  # noqa: E402
+from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from dit_control.tests.benchmarks.bench_pixart_forward import comfy_policy, timed  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.generators.make_checkpoints import random_pixart_state_dict  # noqa: E402

@@ -14,7 +14,6 @@ import platform
 import statistics
 import time
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
@@ -45,10 +44,13 @@ def make_bench_models() -> Path:
 
 def base_graph(seed):
     return {
-        "1": {"class_type": "DiTControl_PixArtDiTLoader", "inputs": {"dit_name": DIT, "weight_dtype": "default", "resolution": "auto"}},
+        "1": {"class_type": "DiTControl_PixArtDiTLoader", "inputs": {"dit_name": DIT, "weight_dtype": "default",
+                                                                     "resolution": "auto"}},
         "2": {"class_type": "DiTControl_PixArtT5Loader", "inputs": {"t5_name": T5, "weight_dtype": "default"}},
-        "3": {"class_type": "DiTControl_PixArtT5TextEncode", "inputs": {"t5": ["2", 0], "text": "a lighthouse at dusk", "max_length": 120, "clean_caption": True}},
-        "4": {"class_type": "DiTControl_PixArtT5TextEncode", "inputs": {"t5": ["2", 0], "text": "", "max_length": 120, "clean_caption": True}},
+        "3": {"class_type": "DiTControl_PixArtT5TextEncode", "inputs": {"t5": ["2", 0], "text": "a lighthouse at dusk",
+                                                                        "max_length": 120, "clean_caption": True}},
+        "4": {"class_type": "DiTControl_PixArtT5TextEncode", "inputs": {"t5": ["2", 0], "text": "", "max_length": 120,
+                                                                        "clean_caption": True}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
     }
 
@@ -57,7 +59,8 @@ def lcm_graph(seed):
     g = base_graph(seed)
     g["6"] = {"class_type": "DiTControl_LCMScheduler", "inputs": {"model": ["1", 0], "steps": 4, "rule": "diffusers"}}
     g["7"] = {"class_type": "DiTControl_LCMSampler", "inputs": {}}
-    g["8"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": seed, "cfg": 1.0,
+    g["8"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": seed,
+                                                        "cfg": 1.0,
                                                        "positive": ["3", 0], "negative": ["4", 0], "sampler": ["7", 0],
                                                        "sigmas": ["6", 0], "latent_image": ["5", 0]}}
     g["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "bench/lcm"}}
@@ -67,7 +70,8 @@ def lcm_graph(seed):
 def dpm_graph(seed):
     g = base_graph(seed)
     g["8"] = {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 20, "cfg": 4.5,
-                                                  "sampler_name": "dpmpp_2m", "scheduler": "simple", "positive": ["3", 0],
+                                                  "sampler_name": "dpmpp_2m", "scheduler": "simple", "positive": ["3",
+                                                                                                                  0],
                                                   "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
     g["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "bench/dpm"}}
     return g

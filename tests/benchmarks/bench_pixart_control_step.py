@@ -4,7 +4,8 @@ release's expert counts) — full-size random weights, one run, 512 and 1024 px.
 
     .venv/bin/python tests/benchmarks/bench_pixart_control_step.py [--sizes 512 1024] [--batch 2] [--repeats 3]
 
-A step is one forward of the DiT (batch 2 = a CFG step), fp32, after one warm-up forward each, the three taking turns. The issue's
+A step is one forward of the DiT (batch 2 = a CFG step), fp32, after one warm-up forward each, the three taking turns.
+The issue's
 goal: RelaCtrl's overhead ≤ 1/3 of the ControlNet-Transformer's.
 """
 from __future__ import annotations

@@ -173,7 +173,8 @@ def t5_quality_and_bytes(path: Path) -> dict:
     cos = torch.nn.functional.cosine_similarity(q[0, valid], ref[0, valid], dim=-1)
     return {"cosine_min": round(cos.min().item(), 5), "cosine_mean": round(cos.mean().item(), 5),
             "rel_l2": round(((q - ref)[0, valid].norm() / ref[0, valid].norm()).item(), 5),
-            "fp32": {"load_s": round(ref_load, 1), "encode_s": round(ref_enc, 1), "weight_gib": round(ref_bytes / GIB, 3)},
+            "fp32": {"load_s": round(ref_load, 1), "encode_s": round(ref_enc, 1), "weight_gib": round(ref_bytes / GIB,
+                                                                                                      3)},
             "int8": {"load_s": round(q_load, 1), "encode_s": round(q_enc, 1), "weight_gib": round(q_bytes / GIB, 3)},
             "int8_bytes_vs_fp32": round(q_bytes / ref_bytes, 4)}
 

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
-
-from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from dit_control.kernels.pixart.checkpoint import load_pixart, original_to_diffusers  # noqa: E402
+from dit_control.kernels.pixart.model import pixart_xl2_1024_ms  # noqa: E402
 from dit_control.tests.benchmarks.results import save_results  # noqa: E402
+from dit_control.tests.comfy_host import COMFY_DIR as COMFY  # noqa: E402  (DIT_CONTROL_COMFY_HOST chooses the host)
 from dit_control.tests.generators.make_checkpoints import random_pixart_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-compute": torch.bfloat16}
@@ -138,8 +137,10 @@ def main():
         xs, ys = x.to(compute), y.to(compute)
         candidates = []
         if "ours" in only:
-            candidates += [("ours", lambda: build_ours(sd, dname), lambda m: m(xs, t, ys, None, img_hw=hw, aspect_ratio=ar)),
-                           ("ours (padded caption mask)", None, lambda m: m(xs, t, ys, padded, img_hw=hw, aspect_ratio=ar))]
+            candidates += [("ours", lambda: build_ours(sd, dname), lambda m: m(xs, t, ys, None, img_hw=hw,
+                                                                               aspect_ratio=ar)),
+                           ("ours (padded caption mask)", None, lambda m: m(xs, t, ys, padded, img_hw=hw,
+                                                                            aspect_ratio=ar))]
         if "diffusers" in only:
             candidates.append(("diffusers PixArtTransformer2DModel", lambda: build_diffusers(sd, dtype, cfg),
                                lambda m: m(x.to(dtype), encoder_hidden_states=y.to(dtype), timestep=t,
@@ -156,7 +157,8 @@ def main():
                 gc.collect()
                 model = build()
             median, times = timed(lambda: outputs.__setitem__(name, run(model).float()), args.repeats)
-            row = {"dtype": dname, "compute": str(compute if "diffusers" not in name else dtype), "impl": name, "median_s": round(median, 3), "times": [round(v, 3) for v in times]}
+            row = {"dtype": dname, "compute": str(compute if "diffusers" not in name else dtype), "impl": name,
+                   "median_s": round(median, 3), "times": [round(v, 3) for v in times]}
             results["rows"].append(row)
             print(f"{dname:5s} {name:40s} {median:8.3f} s   {[round(v, 2) for v in times]}", flush=True)
         model = None

@@ -31,9 +31,10 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d  # noqa: E402
-from dit_control.tests.generators.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
 from dit_control.tests.generators.make_controlar_checkpoints import make_controlar_files, write_controlar_inputs  # noqa: E402
-from dit_control.tests.training.install import (available as micro_model_available, digest as micro_model_digest)  # noqa: E402
+from dit_control.tests.generators.make_dit4sr_checkpoints import make_dit4sr_files, write_dit4sr_inputs  # noqa: E402
+from dit_control.tests.training.install import available as micro_model_available  # noqa: E402
+from dit_control.tests.training.install import digest as micro_model_digest  # noqa: E402
 from dit_control.tests.training.install import install_micro_model  # noqa: E402
 
 STAMP_VERSION = "11"
@@ -73,8 +74,9 @@ def save_pixart_pth(path: Path, cfg: PixArtConfig, seed: int):
 
 def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
     """The diffusers transformer layout: renamed keys, split q/k/v, no pos_embed / null caption."""
-    from dit_control.kernels.pixart.checkpoint import original_to_diffusers
     import safetensors.torch
+
+    from dit_control.kernels.pixart.checkpoint import original_to_diffusers
     out = original_to_diffusers(random_pixart_state_dict(cfg, seed))
     folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(out, str(folder / "diffusion_pytorch_model.safetensors"))
@@ -318,7 +320,7 @@ def make_all(models_dir: Path) -> Path:
     save_comfy_native_pixart(dm / "comfy-native-pixart-depth1.safetensors", seed=8)
     make_easycontrol_files(models_dir)
     make_dit4sr_files(models_dir)
-    from dit_control.tests.generators.make_relactrl_checkpoints import make_relactrl   # imports this module: import here
+    from dit_control.tests.generators.make_relactrl_checkpoints import make_relactrl  # imports this module: import here
     make_relactrl(models_dir)
     make_controlar_files(models_dir)
     stamp.write_text(stamp_version())
@@ -334,7 +336,8 @@ def write_bad_checkpoints(folder: Path, made: Path):
     safetensors.torch.save_file({"double_blocks.0.img_attn.qkv.weight": z(), "single_blocks.0.linear1.weight": z(),
                                  "img_in.weight": z()}, str(folder / "flux1-dev-like.safetensors"))
     safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": z(),
-                                 "first_stage_model.decoder.conv_in.weight": z()}, str(folder / "sd15-like.safetensors"))
+                                 "first_stage_model.decoder.conv_in.weight": z()},
+                                str(folder / "sd15-like.safetensors"))
     good = (made / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer" /
             "diffusion_pytorch_model.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
@@ -424,6 +427,7 @@ def write_example_inputs(input_dir: Path):
     """Control images for the ControlNet workflow, drawn here (no image is downloaded or committed)."""
     import numpy as np
     from PIL import Image, ImageDraw
+
     from dit_control.tests.training.scenes import render
     input_dir = Path(input_dir)
     input_dir.mkdir(parents=True, exist_ok=True)
@@ -476,7 +480,8 @@ def shard_t5(single: Path, folder: Path):
         shard = f"model-{i + 1:05d}-of-00002.safetensors"
         safetensors.torch.save_file({k: sd[k] for k in part}, str(folder / shard))
         weight_map.update({k: shard for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                    indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,6 +519,7 @@ def save_easycontrol_flux(path: Path, seed: int):
     """FLUX.1-dev layout in ComfyUI/BFL native names (what `flux1-dev.safetensors` holds), full width,
     1 + 1 blocks, random bf16 weights; core's UNETLoader detects it as FLUX (dev: guidance_in present)."""
     import safetensors.torch
+
     from dit_control.kernels.flux_easycontrol.checkpoint import expected_shapes
     from dit_control.kernels.flux_easycontrol.model import FluxConfig
     sd = _random_like(expected_shapes(FluxConfig(**EASYCONTROL_FLUX)), seed, gain=0.5)
@@ -526,6 +532,7 @@ def save_easycontrol_lora(path: Path, seed: int, rank: int = EASYCONTROL_LORA_RA
     """An EasyControl condition LoRA in the released names for EASYCONTROL_FLUX's block counts (or the
     ones given: 19 + 38 is the released FLUX.1-dev layout), bf16."""
     import safetensors.torch
+
     from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRAConfig, expected_shapes
     cfg = EasyControlLoRAConfig(hidden_size=EASYCONTROL_FLUX["hidden_size"], rank=rank,
                                 double_blocks=double_blocks or EASYCONTROL_FLUX["depth"],
@@ -581,13 +588,17 @@ def write_easycontrol_bad_files(folder: Path, made: Path):
     # composition test's core LoRA)
     gen = torch.Generator().manual_seed(25)
     d = EASYCONTROL_FLUX["hidden_size"]
-    safetensors.torch.save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, d, generator=gen) / d ** 0.5,
-                                 "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(3 * d, 4, generator=gen) * 0.5,
+    down = torch.randn(4, d, generator=gen) / d ** 0.5
+    up = torch.randn(3 * d, 4, generator=gen) * 0.5
+    safetensors.torch.save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+                                 "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
                                  "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)},
                                 str(folder / "flux_style_lora.safetensors"))
-    safetensors.torch.save_file({"t_block.1.weight": z(), "blocks.0.attn.qkv.weight": z()}, str(folder / "pixart-like.safetensors"))
+    safetensors.torch.save_file({"t_block.1.weight": z(), "blocks.0.attn.qkv.weight": z()},
+                                str(folder / "pixart-like.safetensors"))
     safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": z(),
-                                 "first_stage_model.decoder.conv_in.weight": z()}, str(folder / "sd15-like.safetensors"))
+                                 "first_stage_model.decoder.conv_in.weight": z()},
+                                str(folder / "sd15-like.safetensors"))
     good = (made / "loras" / "canny.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
     # not broken: the released FLUX.1-dev layout (19 double + 38 single blocks) at rank 1 — it loads, and

@@ -71,6 +71,7 @@ def random_state_dict(build, seed: int) -> dict:
 def save_controlar_gpt(path: Path, block_size: int, seed: int):
     """The released ControlAR T2I file: flat .safetensors, no prefix, buffers included, no freqs_cis/kv_cache."""
     import safetensors.torch
+
     from dit_control.kernels.controlar.gpt import GPT
     cfg = gpt_config(block_size)
     path.parent.mkdir(parents=True, exist_ok=True)

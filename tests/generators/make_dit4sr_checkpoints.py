@@ -115,7 +115,7 @@ def stream_dit4sr_safetensors(path: Path, cfg: DiT4SRConfig, seed: int) -> Path:
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for name, t in dit4sr_tensors(cfg, seed):
+        for _name, t in dit4sr_tensors(cfg, seed):
             f.write(t.numpy().tobytes())
     return path
 
@@ -152,6 +152,7 @@ def save_sd35_base(path: Path, cfg: DiT4SRConfig, seed: int):
 def save_random_sd3_vae(path: Path, seed: int):
     """Full-size SD3 VAE, random weights: the same kl-f8 16-channel architecture as FLUX's `ae`."""
     import safetensors.torch
+
     from dit_control.tests.generators.make_checkpoints import _random_like, flux_vae_shapes
     sd = _random_like(flux_vae_shapes(), seed, dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
 The pinned frontend asks a custom node pack's templates for `/api/workflow_templates/<pack>/<name>.jpg`
 (core serves the pack's workflows/ folder there), so each UI file gets a same-name JPEG:
 - the PixArt graphs the micro demo model draws (tests/training/): the picture the graph draws on it, at the
-  thumbnail's size (256 px, the micro model's training size; the graph otherwise as shipped; the ControlNet graph with the Canny stand-in
+  thumbnail's size (256 px, the micro model's training size; the graph otherwise as shipped; the ControlNet graph with
+  the Canny stand-in
   of tests/api/test_api_micro_model.py, as the micro ControlNet is trained on Canny maps);
 - the other graphs, whose embedded weights are random (nothing can be trained here at their size): their
   example input, labelled as such — a random model's output would only show noise.

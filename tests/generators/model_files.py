@@ -1,6 +1,7 @@
 """The released files the shipped workflows load: the name a loader's dropdown shows, the models folder it sits in,
 and where users download it (README, "Where the real checkpoints go" and each family's Files table;
-../shared/specs and manifests). tests/generators/workflow_format.py writes them into every UI workflow — each loader node's
+../shared/specs and manifests). tests/generators/workflow_format.py writes them into every UI workflow — each loader
+node's
 `properties.models` (`name`, `url`, `directory`), which ComfyUI's frontend (1.48.7) reads when a graph opens: a
 file its dropdown does not list is shown under "Missing Models" with this link and folder — and the graph's
 Markdown note. tests/test_node_docs.py and tests/api/test_frontend.py check them.

@@ -23,8 +23,8 @@ NOTE_TITLE = "About this workflow"
 SUMMARIES = {
     "pixart_delta_lcm_t2i": "**PixArt-δ (LCM) text to image**: 1024×1024 in 4 steps at cfg 1 — SamplerCustom with "
                             "LCM Sampler + LCM Scheduler (PixArt-δ).",
-    "pixart_alpha_t2i": "**PixArt-α 512 text to image**: KSampler DPM-Solver++(2M), 20 steps, CFG 4.5, the checkpoint's "
-                        "learned null caption as the negative.",
+    "pixart_alpha_t2i": "**PixArt-α 512 text to image**: KSampler DPM-Solver++(2M), 20 steps, CFG 4.5, the "
+                        "checkpoint's learned null caption as the negative.",
     "pixart_delta_controlnet": "**PixArt-δ ControlNet-Transformer**: HED soft edges of the input picture steer a "
                                "1024×1024 image (Apply ControlNet; KSampler DPM-Solver++(2M), 14 steps, CFG 4.5).",
     "pixart_delta_lcm_t2i_int8": "**PixArt-δ in 8 bit**: int8 DiT and int8 T5 (released after encoding), 1024×1024 in "
@@ -56,7 +56,8 @@ def _inputs(info: dict) -> list:
             kind, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
             type_name = "COMBO" if isinstance(kind, list) else kind
             widget = type_name in WIDGET_TYPES and not opts.get("forceInput", False)
-            control = bool(opts.get("control_after_generate")) or (type_name == "INT" and name in ("seed", "noise_seed"))
+            control = (bool(opts.get("control_after_generate"))
+                       or (type_name == "INT" and name in ("seed", "noise_seed")))
             out.append((name, type_name, widget, control))
     return out
 
@@ -114,7 +115,10 @@ def _node_size(info: dict, title: str) -> list:
     height = SLOT_H * max(len(plain_inputs), len(outputs), 1) + 6
     if widget_rows:
         height += sum(h + 4 for h in widget_rows) + 8
-    label = lambda names: max((_text_width(n, 12) for n in names), default=0)
+
+    def label(names):
+        return max((_text_width(n, 12) for n in names), default=0)
+
     width = max(210 if widget_rows else 140, _text_width(title, 14) + 40,
                 label(plain_inputs) + label(outputs) + 45, label(widget_labels) + 104 if widget_rows else 0)
     return [int(-(-width // 10) * 10), height]
@@ -261,7 +265,7 @@ def api_to_ui(api: dict, object_info: dict, workflow: str | None = None) -> dict
         outputs = []
         for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"])):
             outputs.append({"name": out_name, "type": out_type, "slot_index": slot,
-                            "links": [l[0] for l in links if l[1] == ids[nid] and l[2] == slot]})
+                            "links": [lk[0] for lk in links if lk[1] == ids[nid] and lk[2] == slot]})
         pos, size = placed[nid]
         properties = {"Node name for S&R": node["class_type"]}
         if workflow is not None:
@@ -275,13 +279,14 @@ def api_to_ui(api: dict, object_info: dict, workflow: str | None = None) -> dict
     if note is not None:
         nodes.append(note)
     return {"last_node_id": len(nodes), "last_link_id": link_id, "nodes": nodes,
-            "links": [l[:6] for l in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "links": [lk[:6] for lk in links], "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0,
+                                                                                                                     0]}},
             "version": 0.4}
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """What the frontend's 'Export (API)' produces for a UI graph (no reroutes or groups here)."""
-    links = {l[0]: l for l in ui["links"]}
+    links = {lk[0]: lk for lk in ui["links"]}
     api = {}
     for node in ui["nodes"]:
         if node["type"] in FRONTEND_ONLY:        # the page never puts a note into the prompt
@@ -290,7 +295,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         values = iter(node.get("widgets_values", []))
         by_name = {e["name"]: e for e in node.get("inputs", [])}
         inputs = {}
-        for name, type_name, widget, control in _inputs(info):
+        for name, _type_name, widget, control in _inputs(info):
             entry = by_name.get(name)
             if widget:
                 value = next(values)

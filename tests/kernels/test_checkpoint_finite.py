@@ -4,8 +4,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from dit_control.kernels.checkpoint_io import (DamagedWeightsError, SafetensorsStream, check_finite, nonfinite_counts,
-                                                           read_state_dict)
+from dit_control.kernels.checkpoint_io import (
+    DamagedWeightsError,
+    SafetensorsStream,
+    check_finite,
+    nonfinite_counts,
+    read_state_dict,
+)
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2]
 

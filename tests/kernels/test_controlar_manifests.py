@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from dit_control.kernels.checkpoint_io import CheckpointError
-from dit_control.kernels.controlar.checkpoint import (infer_gpt_config, load_gpt, load_gpt_file, load_vq, load_vq_file,
-                                                                  prepare_gpt, prepare_vq)
-from dit_control.kernels.t5 import T5Config, T5Encoder, infer_t5_config, t5_expected_shapes
+from dit_control.kernels.controlar.checkpoint import (
+    infer_gpt_config,
+    load_gpt,
+    load_gpt_file,
+    load_vq,
+    load_vq_file,
+    prepare_gpt,
+    prepare_vq,
+)
 from dit_control.kernels.controlar.text import encode_caption
+from dit_control.kernels.t5 import T5Config, T5Encoder, infer_t5_config, t5_expected_shapes
 
 GPT_MANIFESTS = ["controlar_t2i_XL_dinov2s_512", "controlar_t2i_XL_dinov2s_768_MR", "controlar_t2i_XL_dinov2b_512",
                  "controlar_c2i_B_vits_256", "controlar_c2i_L_vits_256", "llamagen_t2i_XL", "llamagen_c2i_B",

@@ -58,9 +58,14 @@ from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRA, EasyContr
 from dit_control.kernels.flux_easycontrol.model import Flux, FluxConfig
 from dit_control.kernels.hed import HEDNetwork, hed_edges
 from dit_control.kernels.int8 import Int8Linear, int8_ops, quantize_model_linears
-from dit_control.kernels.pixart.controlnet import (PixArtControlNet, block_config, combine_controls,
-                                                   load_bundled_base, load_pixart_controlnet,
-                                                   prepare_pixart_controlnet)
+from dit_control.kernels.pixart.controlnet import (
+    PixArtControlNet,
+    block_config,
+    combine_controls,
+    load_bundled_base,
+    load_pixart_controlnet,
+    prepare_pixart_controlnet,
+)
 from dit_control.kernels.pixart.model import PixArt, pixart_xl2_1024_ms
 from dit_control.kernels.pixart.relactrl import RelaCtrl, RelaCtrlConfig, load_relactrl, prepare_relactrl
 from dit_control.kernels.t5 import T5Config, T5Encoder

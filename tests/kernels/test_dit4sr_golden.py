@@ -22,7 +22,6 @@ from dit_control.kernels.dit4sr.checkpoint import dead_tensor_names, load_dit4sr
 from dit_control.kernels.dit4sr.tiling import TileSettings, gaussian_weights, grid_starts, run_tiled, tile_layout
 from dit_control.tests.kernels.golden_data import golden_fixtures, relative_error
 
-
 one_thread, golden, io, config = golden_fixtures("dit4sr")
 
 
@@ -201,8 +200,8 @@ def _smooth_inputs(h, w, batch=2, seed=3):
                             indexing="ij")
 
     def field():
-        a, fy, fx, ph = (torch.rand(4, batch, 16, 1, 1, generator=g) * torch.tensor([1.0, 0.3, 0.3, 6.3])[:, None,
-                                                                                                             None, None, None])
+        scale = torch.tensor([1.0, 0.3, 0.3, 6.3])[:, None, None, None, None]
+        a, fy, fx, ph = torch.rand(4, batch, 16, 1, 1, generator=g) * scale
         return a * torch.sin(fy * yy + fx * xx + ph)
     return field(), field()
 

@@ -18,8 +18,14 @@ import torch
 from dit_control.kernels.checkpoint_io import read_state_dict
 from dit_control.kernels.flux_easycontrol import blocks, condition
 from dit_control.kernels.flux_easycontrol.checkpoint import load_flux
-from dit_control.kernels.flux_easycontrol.condition import (Condition, EasyControl, condition_attention_mask,
-                                                            spatial_ids, split_tall_latent, subject_ids)
+from dit_control.kernels.flux_easycontrol.condition import (
+    Condition,
+    EasyControl,
+    condition_attention_mask,
+    spatial_ids,
+    split_tall_latent,
+    subject_ids,
+)
 from dit_control.kernels.flux_easycontrol.lora import load_lora
 from dit_control.kernels.flux_easycontrol.model import grid_ids, pack_latents
 from dit_control.tests.kernels.golden_data import golden_fixtures, relative_error
@@ -34,7 +40,8 @@ one_thread, golden, io, config = golden_fixtures("easycontrol")
 
 @pytest.fixture(scope="module")
 def loras(golden):
-    return {kind: load_lora(read_state_dict(str(golden / f"lora_{kind}.safetensors"))) for kind in ("spatial", "subject")}
+    return {kind: load_lora(read_state_dict(str(golden / f"lora_{kind}.safetensors")))
+            for kind in ("spatial", "subject")}
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from dit_control.kernels.checkpoint_io import CheckpointError
-from dit_control.kernels.flux_easycontrol.checkpoint import (SWAPPED_HALVES, diffusers_to_native, expected_shapes,
-                                                             load_flux, prepare_flux)
+from dit_control.kernels.flux_easycontrol.checkpoint import (
+    SWAPPED_HALVES,
+    diffusers_to_native,
+    expected_shapes,
+    load_flux,
+    prepare_flux,
+)
 from dit_control.kernels.flux_easycontrol.condition import Condition, EasyControl
 from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRAConfig, load_lora, prepare_lora
 from dit_control.kernels.flux_easycontrol.lora import expected_shapes as lora_shapes
@@ -166,7 +171,8 @@ FOREIGN = {
     "kohya FLUX LoRA": (_meta("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
                               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"), "kohya-style FLUX LoRA"),
     "PEFT FLUX LoRA": (_meta("transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
-                             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"), "PEFT/diffusers-style FLUX LoRA"),
+                             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"),
+                       "PEFT/diffusers-style FLUX LoRA"),
     "ComfyUI FLUX LoRA": (_meta("diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight",
                                 "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"),
                           "FLUX LoRA with lora_down/lora_up"),

@@ -8,8 +8,14 @@ import torch
 
 from dit_control.kernels.canny import canny_edges
 from dit_control.kernels.control_image import edges_to_control_rgb, fit_control_image
-from dit_control.kernels.hed import (HEDCheckpointError, HEDNetwork, hed_edges, hed_expected_shapes, load_hed,
-                                                 read_hed_file)
+from dit_control.kernels.hed import (
+    HEDCheckpointError,
+    HEDNetwork,
+    hed_edges,
+    hed_expected_shapes,
+    load_hed,
+    read_hed_file,
+)
 
 # Layout of ControlNetHED.pth (lllyasviel/Annotators), read from PixArt-alpha/PixArt-alpha@cac2fd3b
 # diffusion/model/hed.py: ControlNetHED_Apache2 = norm [1,3,1,1] + block1..5 = DoubleConvBlock

@@ -6,9 +6,17 @@ import math
 import pytest
 import torch
 
-from dit_control.kernels.pixart.lcm import (ddpm_alphas_cumprod, lcm_boundary_scalings, lcm_sample,
-                                            lcm_sample_kdiffusion, lcm_schedule, lcm_sigmas, lcm_step, lcm_timesteps,
-                                            sigma_to_timestep)
+from dit_control.kernels.pixart.lcm import (
+    ddpm_alphas_cumprod,
+    lcm_boundary_scalings,
+    lcm_sample,
+    lcm_sample_kdiffusion,
+    lcm_schedule,
+    lcm_sigmas,
+    lcm_step,
+    lcm_timesteps,
+    sigma_to_timestep,
+)
 
 # specs/lcm.md, "Timestep rules".
 EVEN = {1: [999], 2: [999, 499], 3: [999, 679, 339], 4: [999, 759, 499, 259],

@@ -7,11 +7,16 @@ import torch
 from safetensors.torch import load_file
 
 from dit_control.kernels.checkpoint_io import CheckpointError, read_state_dict
-from dit_control.kernels.pixart.model import pixart_xl2_1024_ms, pixart_xl2_512
 from dit_control.kernels.pixart.checkpoint import expected_shapes, load_pixart
-from dit_control.kernels.pixart.controlnet import (adapter_to_original, check_base_compatible, combine_controls,
-                                                   load_bundled_base, load_pixart_controlnet,
-                                                   prepare_pixart_controlnet)
+from dit_control.kernels.pixart.controlnet import (
+    adapter_to_original,
+    check_base_compatible,
+    combine_controls,
+    load_bundled_base,
+    load_pixart_controlnet,
+    prepare_pixart_controlnet,
+)
+from dit_control.kernels.pixart.model import pixart_xl2_512, pixart_xl2_1024_ms
 
 GOLDEN = "golden/pixart_controlnet"
 

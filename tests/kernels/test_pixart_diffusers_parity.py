@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dit_control.kernels.pixart.model import PixArtConfig
 from dit_control.kernels.pixart.checkpoint import load_pixart, original_to_diffusers
+from dit_control.kernels.pixart.model import PixArtConfig
 from dit_control.tests.generators.make_checkpoints import random_pixart_state_dict
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is installed by .ci/setup (test dependency)")

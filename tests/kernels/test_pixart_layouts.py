@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from dit_control.kernels.checkpoint_io import CheckpointError, check_strict
-from dit_control.kernels.pixart.checkpoint import (TOLERATED_KEYS, diffusers_to_original, expected_shapes, infer_config,
-                                                               load_pixart, prepare_pixart)
+from dit_control.kernels.pixart.checkpoint import (
+    TOLERATED_KEYS,
+    diffusers_to_original,
+    expected_shapes,
+    infer_config,
+    load_pixart,
+    prepare_pixart,
+)
 
 BASE_MANIFESTS = {
     # file: (trained latent size, micro-conditions)
@@ -95,8 +101,8 @@ def test_foreign_checkpoints_are_named(family):
 
 
 def test_config_inference_from_small_weights():
-    from dit_control.tests.generators.make_checkpoints import TINY_PIXART, random_pixart_state_dict
     from dit_control.kernels.pixart.model import PixArtConfig
+    from dit_control.tests.generators.make_checkpoints import TINY_PIXART, random_pixart_state_dict
     cfg = PixArtConfig(sample_size=64, pe_interpolation=1.0, micro_condition=False, **TINY_PIXART)
     sd = random_pixart_state_dict(cfg, seed=0)
     inferred = infer_config(sd, sample_size=64)

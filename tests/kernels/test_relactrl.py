@@ -13,9 +13,19 @@ from dit_control.kernels.checkpoint_io import CheckpointError, read_state_dict
 from dit_control.kernels.pixart.checkpoint import expected_shapes
 from dit_control.kernels.pixart.controlnet import combine_controls, prepare_pixart_controlnet
 from dit_control.kernels.pixart.model import _layer_norm, pixart_xl2_1024_ms
-from dit_control.kernels.pixart.relactrl import (PLACEMENT, TDSM, IdentityPermutations, RecordedPermutations,
-                                                 SeededPermutations, check_relactrl_base_compatible, load_bundled_base,
-                                                 load_relactrl, permutation_source, prepare_relactrl, step_seed)
+from dit_control.kernels.pixart.relactrl import (
+    PLACEMENT,
+    TDSM,
+    IdentityPermutations,
+    RecordedPermutations,
+    SeededPermutations,
+    check_relactrl_base_compatible,
+    load_bundled_base,
+    load_relactrl,
+    permutation_source,
+    prepare_relactrl,
+    step_seed,
+)
 
 GOLDEN = "golden/relactrl"
 NUM_DRAWS = 59          # per forward: 11 channel permutations + one per expert (sum of G = 48)

@@ -3,14 +3,21 @@ import json
 import sys
 from pathlib import Path
 
-
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from dit_control.kernels.t5 import (T5CheckpointError, T5Config, T5Encoder, infer_t5_config, load_t5_encoder,
-                                                load_t5_encoder_file, read_t5_state_dict, relative_position_bucket)
+from dit_control.kernels.t5 import (
+    T5CheckpointError,
+    T5Config,
+    T5Encoder,
+    infer_t5_config,
+    load_t5_encoder,
+    load_t5_encoder_file,
+    read_t5_state_dict,
+    relative_position_bucket,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -27,8 +27,16 @@ from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_
 from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
 from dit_control.tests.training.pixel_vae import decode_model_latent, encode_model_latent
 from dit_control.tests.training.scenes import edge_map, heldout_scenes, render
-from dit_control.tests.training.train import (LATENT, TOKENS, ensure_t5, load_lcm_transformer, load_t5, tokenize,
-                                              tokenizer, write_png)
+from dit_control.tests.training.train import (
+    LATENT,
+    TOKENS,
+    ensure_t5,
+    load_lcm_transformer,
+    load_t5,
+    tokenize,
+    tokenizer,
+    write_png,
+)
 
 AC = ddpm_alphas_cumprod(dtype=torch.float64)
 SIGMAS = ((1 - AC) / AC).sqrt()                       # k-diffusion σ of each training timestep
@@ -107,8 +115,11 @@ def grid_png(path: Path, images: list, cols: int = 8):
 def load_models(out: Path):
     from dit_control.kernels.checkpoint_io import read_state_dict
     from dit_control.kernels.pixart.checkpoint import load_pixart
-    from dit_control.kernels.pixart.controlnet import (load_bundled_base, load_pixart_controlnet,
-                                                       prepare_pixart_controlnet)
+    from dit_control.kernels.pixart.controlnet import (
+        load_bundled_base,
+        load_pixart_controlnet,
+        prepare_pixart_controlnet,
+    )
     models = out / "models"
     got = {}
     base_path = models / "diffusion_models" / "PixArt-XL-2-1024-MS.pth"

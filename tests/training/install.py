@@ -11,7 +11,8 @@ the repository small:
                                                       file is the released full layout, `base_model.*` = the
                                                       base file's tensors (the ControlNet was trained on it);
 - vae/sd-vae-ft-ema.safetensors                       made: the pixel VAE (tests/training/pixel_vae.py);
-- text_encoders/t5xxl_fp16.safetensors                made by tests/generators/make_checkpoints.py from the same seed the
+- text_encoders/t5xxl_fp16.safetensors                made by tests/generators/make_checkpoints.py from the same seed
+the
                                                       captions were encoded with (not touched here).
 """
 from __future__ import annotations

@@ -40,7 +40,8 @@ HELDOUT_COUNT = 64
 # small ones; 0: every shape at its cell's centre). The micro model is trained at 0: with the shift, its
 # 8×8 tokens (32 px each) had to draw a shape at any sub-token offset, and after 24 000 steps it drew one
 # kind-averaged blob for every kind (kind read right 0.19, chance 0.25); on centred shapes 2000 steps
-# separated circle from square, 7000 reached kind 0.33 (README, "The micro demo model"). The shift is still drawn from the scene's random stream, so the
+# separated circle from square, 7000 reached kind 0.33 (README, "The micro demo model"). The shift is still drawn from
+# the scene's random stream, so the
 # captions, colours and sizes of every seed are the same at any scale.
 JITTER = 0.0
 

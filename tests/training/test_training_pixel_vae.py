@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit_control.kernels.tiled_decode import tiled_decode
-from dit_control.tests.training.pixel_vae import (SD15_SCALE, decode_model_latent, encode_model_latent, save_pixel_vae)
+from dit_control.tests.training.pixel_vae import SD15_SCALE, decode_model_latent, encode_model_latent, save_pixel_vae
 
 
 @pytest.fixture(scope="module")

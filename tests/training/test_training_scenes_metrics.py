@@ -4,10 +4,28 @@ import numpy as np
 import pytest
 
 from dit_control.kernels.canny import canny_edges
-from dit_control.tests.training.metrics import (DEFAULT_RADIUS, _blocks, caption_agreement, edge_f1, image_edge_f1,
-                                                            parse_caption, read_scene_attributes)
-from dit_control.tests.training.scenes import (COLOURS, POSITIONS, SHAPES, Scene, Shape, edge_map, heldout_captions,
-                                                           heldout_scenes, render, sample, training_scene)
+from dit_control.tests.training.metrics import (
+    DEFAULT_RADIUS,
+    _blocks,
+    caption_agreement,
+    edge_f1,
+    image_edge_f1,
+    parse_caption,
+    read_scene_attributes,
+)
+from dit_control.tests.training.scenes import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    Shape,
+    edge_map,
+    heldout_captions,
+    heldout_scenes,
+    render,
+    sample,
+    training_scene,
+)
 
 N = 120
 
@@ -127,7 +145,8 @@ def kind_accuracy(images, scenes):
 def test_kind_reader_survives_ragged_outlines_and_is_not_fooled_by_an_averaged_blob():
     """Generated outlines are ragged. With per-block speckle of σ 0.1 the first reader (coverage cut at 0.5,
     solidity < 0.97 -> star) read 0.69 of these kinds, the template reader all; on the micro model's base
-    samples the two read 0.33 and 0.70 (tests/training/README.md). A blob that is the mean of the four kinds' renders (what a
+    samples the two read 0.33 and 0.70 (tests/training/README.md). A blob that is the mean of the four kinds' renders
+    (what a
     model that ignores kind draws) is read as one kind whatever the caption says: near chance (0.25)."""
     rng = np.random.default_rng(1)
     scenes = [training_scene(i) for i in range(60)]

@@ -123,6 +123,7 @@ def test_data_cache_holds_the_pixel_vae_latents_of_the_scenes(trained):
 def test_evaluation_samplers_return_x0_for_an_oracle_model():
     """evaluate.py's DPM-Solver++(2M) and LCM loops on an ε that knows the answer give the answer back."""
     import math
+
     from dit_control.tests.training.evaluate import AC, dpmpp_2m, lcm
     x0 = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
 

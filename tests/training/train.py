@@ -14,7 +14,8 @@ ComfyUI's folder layout, under the file names the shipped workflows and our load
               `state_dict`, stale `pos_embed`, learned null caption `y_embedder.y_embedding`);
 - lcm:        diffusion_models/PixArt-LCM-XL-2-1024-MS/transformer/diffusion_pytorch_model.safetensors + config.json;
 - controlnet: controlnet/PixArt-XL-2-1024-ControlNet.pth (full layout: `base_model.*` + `controlnet.*`);
-- text_encoders/t5xxl_fp16.safetensors: the frozen tiny T5 (random embeddings, hand-set positional attention: make_checkpoints.save_context_t5) the captions are encoded with (the same
+- text_encoders/t5xxl_fp16.safetensors: the frozen tiny T5 (random embeddings, hand-set positional attention:
+make_checkpoints.save_context_t5) the captions are encoded with (the same
   seed and config as tests/generators/make_checkpoints.py's, so it equals the embedded default file).
 
 Model and data (see tests/training/scenes.py, pixel_vae.py):
@@ -34,10 +35,10 @@ import csv
 import json
 import math
 import os
+import struct
 import sys
 import time
 import zlib
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,7 +55,8 @@ from dit_control.kernels.pixart.model import PixArt, PixArtConfig, pos_embed_2d 
 # ---------------------------------------------------------------------------------------------
 
 # hidden % 3 == 0 (size embedders), 72-wide heads as XL/2 (the loaders infer 2 heads from 144);
-# patch 4: 8×8 tokens for a 32×32 latent — the cost that fits a CPU session (tests/training/README.md, "How it is trained")
+# patch 4: 8×8 tokens for a 32×32 latent — the cost that fits a CPU session (tests/training/README.md, "How it is
+# trained")
 MICRO_PIXART = dict(hidden_size=144, depth=6, num_heads=2, patch_size=4, sample_size=128, pe_interpolation=2.0,
                     micro_condition=True)
 CONTROL_BLOCKS = MICRO_PIXART["depth"] // 2   # PixArt-δ copies 13 of 28 blocks; half the depth here (1…3)
@@ -139,6 +141,7 @@ def model_config(hidden: int = 0, depth: int = 0, patch: int = 0) -> PixArtConfi
 def tokenizer():
     """The T5-v1.1 tokenizer ComfyUI ships (the one our PixArt T5 Text Encode node uses)."""
     from transformers import T5TokenizerFast
+
     from dit_control.tests.comfy_host import COMFY_DIR
     return T5TokenizerFast.from_pretrained(str(COMFY_DIR / "comfy" / "text_encoders" / "t5_tokenizer"))
 
@@ -167,8 +170,8 @@ def load_t5(path: Path):
 def build_dataset(out: Path, count: int, with_edges: bool, seed0: int = 0) -> dict:
     """Scenes seed0 … seed0+count-1 as model-space latents (fp16, 3 channels), token ids and masks, and
     (with_edges) the pixel-VAE latents of their Canny maps; cached in DIR/data/."""
-    from dit_control.tests.training.scenes import edge_map, render, training_scene
     from dit_control.tests.training import scenes
+    from dit_control.tests.training.scenes import edge_map, render, training_scene
     jitter = "" if scenes.JITTER == 0 else f"_jitter{scenes.JITTER:g}"
     cache = out / "data" / f"scenes_{seed0}_{count}{'_edges' if with_edges else ''}{jitter}.pt"
     if cache.exists():
@@ -441,6 +444,7 @@ def save_base_files(model: PixArt, models: Path) -> list:
 def save_lcm_files(model: PixArt, models: Path) -> list:
     """The diffusers transformer layout (+ config.json), as tests/generators/make_checkpoints.py writes it."""
     import safetensors.torch
+
     from dit_control.kernels.pixart.checkpoint import original_to_diffusers
     cfg = model.config
     folder = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer"
@@ -878,8 +882,8 @@ def main(argv=None):
     p.add_argument("--jitter", type=float, default=None,
                    help="scenes.JITTER for this run's data (default: scenes.py's; the first 24000 base steps had 1)")
     p.add_argument("--init-from", default="",
-                   help="models folder to start base / lcm student / controlnet from (a fine-tune: its steps, lr schedule and "
-                        "loss-weight caps start again at step 0)")
+                   help="models folder to start base / lcm student / controlnet from (a fine-tune: its steps, "
+                        "lr schedule and loss-weight caps start again at step 0)")
     p.add_argument("--without-places", type=float, default=None,
                    help=f"base: share of captions without places (default {BASE_PROMPTS_WITHOUT_PLACES}; "
                         "the first two base runs had 0)")
