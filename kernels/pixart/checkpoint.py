@@ -82,6 +82,28 @@ def diffusers_to_original(sd: dict) -> dict:
     return out
 
 
+def to_diffusers_config(cfg: PixArtConfig) -> dict:
+    """The config.json diffusers writes beside a PixArtTransformer2DModel's weights, for `cfg`."""
+    return {
+        "_class_name": "PixArtTransformer2DModel", "sample_size": cfg.sample_size,
+        "num_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels, "patch_size": cfg.patch_size,
+        "caption_channels": cfg.caption_channels, "norm_type": "ada_norm_single",
+        "cross_attention_dim": cfg.hidden_size, "activation_fn": "gelu-approximate",
+        "attention_bias": True, "num_embeds_ada_norm": 1000, "norm_elementwise_affine": False,
+        "norm_eps": 1e-6}
+
+
+def from_diffusers_config(config_json: Optional[dict]) -> dict:
+    """What prepare_pixart / load_pixart take from a diffusers transformer's config.json: the head count and
+    the trained latent size, which only that file records (the weights do not show them). {} for None or a
+    json that is not a diffusers transformer config."""
+    if not config_json or "num_attention_heads" not in config_json:
+        return {}
+    return {"num_heads": config_json["num_attention_heads"], "sample_size": config_json.get("sample_size")}
+
+
 def original_to_diffusers(sd: dict) -> dict:
     """The inverse renaming (for writing diffusers-layout files); drops pos_embed and the null caption,
     exactly as diffusers' conversion script does."""

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ...kernels.checkpoint_io import read_json_beside, read_state_dict
-from ...kernels.pixart.checkpoint import prepare_pixart, variant_name
+from ...kernels.pixart.checkpoint import from_diffusers_config, prepare_pixart, variant_name
 from ..comfy_compat import register_reloader
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 from .model import build_model_patcher
@@ -21,12 +21,10 @@ RESOLUTIONS = {"auto": None, "1024 (MS)": 128, "512": 64, "256": 32}
 def pixart_state_dict(path: str, resolution: str = "auto"):
     """Read, detect and strictly check a PixArt file: (original-layout state dict, config, layout)."""
     sd = read_state_dict(path)
-    overrides = {"sample_size": RESOLUTIONS[resolution]}
-    diffusers_config = read_json_beside(path)
-    if diffusers_config and "num_attention_heads" in diffusers_config:
-        # a diffusers transformer folder: heads and trained size are only written in config.json
-        overrides["num_heads"] = diffusers_config["num_attention_heads"]
-        overrides["sample_size"] = overrides["sample_size"] or diffusers_config.get("sample_size")
+    # a diffusers transformer folder: heads and trained size are only written in its config.json
+    overrides = from_diffusers_config(read_json_beside(path))
+    if RESOLUTIONS[resolution] is not None:      # the node's choice beats what the file says
+        overrides["sample_size"] = RESOLUTIONS[resolution]
     return prepare_pixart(sd, **overrides)
 
 

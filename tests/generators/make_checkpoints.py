@@ -76,19 +76,11 @@ def save_pixart_diffusers(folder: Path, cfg: PixArtConfig, seed: int):
     """The diffusers transformer layout: renamed keys, split q/k/v, no pos_embed / null caption."""
     import safetensors.torch
 
-    from dit_control.kernels.pixart.checkpoint import original_to_diffusers
+    from dit_control.kernels.pixart.checkpoint import original_to_diffusers, to_diffusers_config
     out = original_to_diffusers(random_pixart_state_dict(cfg, seed))
     folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(out, str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "_class_name": "PixArtTransformer2DModel", "sample_size": cfg.sample_size,
-        "num_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels, "patch_size": cfg.patch_size,
-        "caption_channels": cfg.caption_channels, "norm_type": "ada_norm_single",
-        "cross_attention_dim": cfg.hidden_size, "activation_fn": "gelu-approximate",
-        "attention_bias": True, "num_embeds_ada_norm": 1000, "norm_elementwise_affine": False,
-        "norm_eps": 1e-6}, indent=1))
+    (folder / "config.json").write_text(json.dumps(to_diffusers_config(cfg), indent=1))
 
 
 def random_t5_tensor(name: str, shape: tuple, cfg, gen: torch.Generator) -> torch.Tensor:

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
-from dit_control.kernels.pixart.checkpoint import load_pixart, prepare_pixart
+from dit_control.kernels.pixart.checkpoint import (
+    from_diffusers_config,
+    load_pixart,
+    prepare_pixart,
+    to_diffusers_config,
+)
 from dit_control.kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
 from dit_control.tests.training import train
 
@@ -67,7 +72,8 @@ def test_lcm_file_is_the_diffusers_layout_with_config(trained):
     sd = read_state_dict(str(path))
     config = read_json_beside(str(path))
     assert "adaln_single.linear.weight" in sd and all(v.dtype == torch.float16 for v in sd.values())
-    _, cfg, layout = prepare_pixart(sd, num_heads=config["num_attention_heads"], sample_size=config["sample_size"])
+    assert config == to_diffusers_config(prepare_pixart(sd, **from_diffusers_config(config))[1])   # one writer
+    _, cfg, layout = prepare_pixart(sd, **from_diffusers_config(config))
     assert layout == "diffusers" and cfg.micro_condition and cfg.patch_size == config["patch_size"] == 4
     # the student moved away from the base it started from
     base = read_state_dict(str(trained / "models" / "diffusion_models" / "PixArt-XL-2-1024-MS.pth"))

@@ -445,21 +445,13 @@ def save_lcm_files(model: PixArt, models: Path) -> list:
     """The diffusers transformer layout (+ config.json), as tests/generators/make_checkpoints.py writes it."""
     import safetensors.torch
 
-    from dit_control.kernels.pixart.checkpoint import original_to_diffusers
+    from dit_control.kernels.pixart.checkpoint import original_to_diffusers, to_diffusers_config
     cfg = model.config
     folder = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer"
     folder.mkdir(parents=True, exist_ok=True)
     sd = fp16(original_to_diffusers(dict(model.state_dict())))
     safetensors.torch.save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "_class_name": "PixArtTransformer2DModel", "sample_size": cfg.sample_size,
-        "num_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels, "patch_size": cfg.patch_size,
-        "caption_channels": cfg.caption_channels, "norm_type": "ada_norm_single",
-        "cross_attention_dim": cfg.hidden_size, "activation_fn": "gelu-approximate",
-        "attention_bias": True, "num_embeds_ada_norm": 1000, "norm_elementwise_affine": False,
-        "norm_eps": 1e-6}, indent=1))
+    (folder / "config.json").write_text(json.dumps(to_diffusers_config(cfg), indent=1))
     return [folder / "diffusion_pytorch_model.safetensors", folder / "config.json"]
 
 
@@ -476,13 +468,11 @@ def save_controlnet_files(base: PixArt, controlnet, models: Path) -> list:
 def load_lcm_transformer(models: Path) -> PixArt:
     """A distilled LCM back from its diffusers-layout file (+ config.json), through our strict loader (float32)."""
     from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
-    from dit_control.kernels.pixart.checkpoint import load_pixart
+    from dit_control.kernels.pixart.checkpoint import from_diffusers_config, load_pixart
     path = models / "diffusion_models" / "PixArt-LCM-XL-2-1024-MS" / "transformer" / \
         "diffusion_pytorch_model.safetensors"
-    cfg = read_json_beside(str(path))
     return load_pixart({k: v.float() for k, v in read_state_dict(str(path)).items()},
-                       num_heads=cfg["num_attention_heads"], sample_size=cfg["sample_size"],
-                       dtype=torch.float32).eval()
+                       **from_diffusers_config(read_json_beside(str(path))), dtype=torch.float32).eval()
 
 
 def load_base_pth(models: Path) -> PixArt:
