@@ -4,6 +4,7 @@ Errors here say what was expected and what was found, so that a node can show th
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -15,6 +16,18 @@ import torch
 
 class CheckpointError(ValueError):
     """A file that is not the checkpoint a loader expects, or is damaged."""
+
+
+@contextlib.contextmanager
+def naming_file(name: str):
+    """The one way a loader names its file in errors: a CheckpointError raised inside gets `name: ` in front
+    (unless it already begins with the name, as read_state_dict's own errors do)."""
+    try:
+        yield
+    except CheckpointError as e:
+        if str(e).startswith(name):
+            raise
+        raise CheckpointError(f"{name}: {e}") from None
 
 
 class DamagedWeightsError(CheckpointError):

@@ -2,6 +2,8 @@
 namespace a loader builds its layers from (`operations_for`)."""
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 import comfy.ops
@@ -26,14 +28,21 @@ WEIGHT_DTYPE_TOOLTIP = ("Storage of the weights. 'default' lets ComfyUI pick for
                         "is faster (CPUs without VNNI: ~1.5x the speed of bf16, a few % more error).")
 
 
-def storage_choice(name: str):
-    """(float storage dtype or None, operations namespace or None, note for the node's output)."""
+class StorageChoice(NamedTuple):
+    """What a `weight_dtype` choice means for a loader (unpacks as the 3-tuple it replaces)."""
+    dtype: Optional[torch.dtype]     # float storage dtype; None: the file's / ComfyUI's pick, or int8
+    int8_ops: Optional[object]       # the int8 operations namespace; None for float storage
+    note: str                        # for the node's output, "" for float storage
+
+
+def storage_choice(name: str) -> StorageChoice:
+    """The storage a `weight_dtype` choice asks for (int8: the route the hardware runs best)."""
     if name == "int8":
-        return None, int8_ops(), f"int8 weights: {int8_backend()}"
+        return StorageChoice(None, int8_ops(), f"int8 weights: {int8_backend()}")
     if name == "int8_fast":
         route, why = fast_route("cuda" if torch.cuda.is_available() else "cpu")
-        return None, int8_ops(route), f"int8 weights: {route} — {why}"
-    return WEIGHT_DTYPES[name], None, ""
+        return StorageChoice(None, int8_ops(route), f"int8 weights: {route} — {why}")
+    return StorageChoice(WEIGHT_DTYPES[name], None, "")
 
 
 def operations_for(casts: bool, int8_ops=None):

@@ -22,7 +22,7 @@ import comfy.ops
 import comfy.utils
 import folder_paths
 
-from ...kernels.checkpoint_io import CheckpointError, assign_load, read_state_dict
+from ...kernels.checkpoint_io import CheckpointError, assign_load, naming_file, read_state_dict
 from ...kernels.controlar import dinov2
 from ...kernels.controlar.checkpoint import WHAT_GPT, prepare_gpt, prepare_vq
 from ...kernels.controlar.gpt import GPT, KNOWN_HEADS, GPTConfig
@@ -161,10 +161,8 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default") -> C
     """Read, strictly check and load a ControlAR / LlamaGen T2I file into a patcher."""
     sd = read_state_dict(path)
     overrides, note = head_overrides(sd)
-    try:
+    with naming_file(name):
         sd, cfg = prepare_gpt(sd, **overrides)
-    except CheckpointError as e:
-        raise CheckpointError(f"{name}: {e}") from None
     if cfg.model_type != "t2i":
         raise CheckpointError(f"{name}: this is a class-conditional (C2I) {WHAT_GPT} ({cfg.describe()}); "
                               f"these nodes run the text-to-image models (ControlAR T2I files, LlamaGen "
@@ -200,10 +198,8 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default") -> C
 
 def load_vq16(path: str, name: str) -> VQ:
     sd = read_state_dict(path)        # .pt: torch.load(weights_only=True), `{"model": …}` unwrapped
-    try:
+    with naming_file(name):
         sd, cfg = prepare_vq(sd)
-    except CheckpointError as e:
-        raise CheckpointError(f"{name}: {e}") from None
     if cfg.downsample != 16:
         raise CheckpointError(f"{name}: a VQ-{cfg.downsample} tokenizer ({cfg.describe()}); ControlAR and "
                               f"LlamaGen T2I use VQ-16 (vq_ds16_t2i.pt)")

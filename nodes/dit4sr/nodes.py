@@ -26,7 +26,7 @@ import comfy.utils
 import folder_paths
 import node_helpers
 
-from ...kernels.checkpoint_io import CheckpointError, read_json_beside, read_state_dict
+from ...kernels.checkpoint_io import naming_file, read_json_beside, read_state_dict
 from ...kernels.dit4sr.checkpoint import prepare_dit4sr, variant_name
 from ...kernels.dit4sr.colour_fix import METHODS, colour_fix
 from ...kernels.dit4sr.preprocess import PROCESS_SIZE, resize_bicubic, upscale_image
@@ -126,10 +126,8 @@ class DiT4SRLoader(io.ComfyNode):
     @classmethod
     def execute(cls, dit_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
-        try:
+        with naming_file(dit_name):
             patcher, variant = load_dit4sr_model(path, weight_dtype)
-        except CheckpointError as e:
-            raise CheckpointError(f"{dit_name}: {e}") from None
         logging.info("dit-control: loaded %s as %s", dit_name, variant)
         return io.NodeOutput(patcher, variant)
 

@@ -18,7 +18,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ...kernels.checkpoint_io import CheckpointError, read_state_dict
+from ...kernels.checkpoint_io import CheckpointError, naming_file, read_state_dict
 from ...kernels.flux_easycontrol.condition import split_tall_latent
 from ...kernels.flux_easycontrol.condition_image import prepare_condition
 from ...kernels.flux_easycontrol.lora import load_lora
@@ -168,10 +168,8 @@ def apply_easycontrol(model, vae, lora: EasyControlLoRAFile, image, condition_si
     rebuilt = {id(s): ConditionSource(s.pixels, z, s.lora, s.strength, s.kind, s.name) for s, z in zip(same, latents)}
     sources = [rebuilt.get(id(s), s) for s in sources]
     sources.append(ConditionSource(pixels, latents[-1], lora.module, float(strength), kind, lora.name))
-    try:
+    with naming_file(lora.name):
         patched = patch_model(model, sources, cache=cache)
-    except CheckpointError as e:
-        raise CheckpointError(f"{lora.name}: {e}") from None
     logging.info("dit-control: EasyControl conditions: %s (cache %s)", "; ".join(
         f"{s.name} as {s.kind}, {s.pixels.shape[2]}x{s.pixels.shape[1]} px, strength {s.strength:g}"
         for s in sources), "on" if cache else "off")

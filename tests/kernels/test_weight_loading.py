@@ -6,10 +6,11 @@ every tensor at once: DiT4SR's 6.6 GB fp16 file stored as fp32 on a CPU (core's 
 was killed on a 24 GiB machine. Peaks are the process's VmHWM (reset through /proc/self/clear_refs)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from dit_control.kernels.checkpoint_io import load_consuming, release_free_heap
+from dit_control.kernels.checkpoint_io import CheckpointError, load_consuming, naming_file, release_free_heap
 
 MIB = 1 << 20
 
@@ -67,3 +68,15 @@ def test_missing_and_unexpected_keys_are_reported_and_a_layer_may_make_its_own_t
     missing, unexpected = load_consuming(model, sd, torch.float32)
     assert missing == ["0.bias"] and unexpected == ["2.weight"]          # Int8Linear made its weight_scale
     assert model[1].weight.dtype == torch.int8 and model[1].weight_scale.dtype == torch.float32
+
+
+def test_naming_file_puts_the_file_name_in_front_once():
+    with pytest.raises(CheckpointError, match=r"^model\.pth: 3 tensors missing$"):
+        with naming_file("model.pth"):
+            raise CheckpointError("3 tensors missing")
+    with pytest.raises(CheckpointError, match=r"^model\.pth is empty \(0 bytes\)$"):   # already named: unchanged
+        with naming_file("model.pth"):
+            raise CheckpointError("model.pth is empty (0 bytes)")
+    with pytest.raises(KeyError):                                                     # other errors pass through
+        with naming_file("model.pth"):
+            raise KeyError("x")
