@@ -6,6 +6,7 @@ themselves. Each helper says which host does what. The pack is built against v0.
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 
 import comfy.k_diffusion.sampling as kd
@@ -28,9 +29,62 @@ def core_patcher_class(disable_dynamic: bool = False):
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
-def new_model_patcher(model, load_device, offload_device, disable_dynamic: bool = False):
-    """A patcher of the class core would build here (see `core_patcher_class`)."""
-    return core_patcher_class(disable_dynamic)(model, load_device=load_device, offload_device=offload_device)
+# The constructor arguments every host's ModelPatcher takes; anything else a host adds (v0.38: `fast_disk`) is
+# the host's own and is forwarded where a host hands it to us (`register_reloader`, `patcher_like`).
+_BASE_PATCHER_ARGS = ("self", "model", "load_device", "offload_device", "size")
+# host arguments of the reload core is running (v0.38's clone hands its `fast_disk` to the reloader)
+_RELOAD_HOST_ARGS: contextvars.ContextVar = contextvars.ContextVar("dit_control_reload_host_args", default=None)
+
+
+def accepted_kwargs(callables, kwargs: dict) -> dict:
+    """The keyword arguments every one of `callables` (a class's `__new__` and `__init__`, say) accepts by
+    name or through `**kwargs`: a host's optional arguments pass where its signature has them and are left
+    out on a host that lacks them (0.3.75 has no `fast_disk`)."""
+    out = dict(kwargs)
+    for fn in callables:
+        params = inspect.signature(fn).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            continue
+        names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
+        out = {k: v for k, v in out.items() if k in names}
+    return out
+
+
+def _constructors(cls) -> list:
+    """The functions a call of `cls(...)` runs with its arguments: `__init__`, and `__new__` where the class
+    overrides it (v0.33's ModelPatcherDynamic reroutes CPU devices there)."""
+    fns = [cls.__init__]
+    if cls.__new__ is not object.__new__:
+        fns.append(cls.__new__)
+    return fns
+
+
+def new_model_patcher(model, load_device, offload_device, disable_dynamic: bool = False, **host_args):
+    """A patcher of the class core would build here (see `core_patcher_class`). `host_args`, and those of a
+    reload core is running (`register_reloader`), go to the constructor where its signature has them."""
+    cls = core_patcher_class(disable_dynamic)
+    kwargs = accepted_kwargs(_constructors(cls), {**(_RELOAD_HOST_ARGS.get() or {}), **host_args})
+    return cls(model, load_device=load_device, offload_device=offload_device, **kwargs)
+
+
+def host_init_args(obj, init) -> dict:
+    """What `obj` was constructed with, for the host constructor `init` (a bound `__init__`): each named
+    parameter `obj` carries as an attribute of the same name (core stores them so: ModelPatcher's
+    `weight_inplace_update`, v0.38's `fast_disk`). A copy made with these is built as core's `clone()` and
+    ControlNet `copy()` build theirs, whichever arguments the running host's signature has."""
+    params = inspect.signature(init).parameters.values()
+    return {p.name: getattr(obj, p.name) for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            and p.name not in _BASE_PATCHER_ARGS and hasattr(obj, p.name)}
+
+
+def patcher_like(template, model, load_device, offload_device):
+    """A patcher for `model` of `template`'s class with `template`'s host arguments (as core's `clone()`
+    passes them on), on other devices: a deep copy's patcher (multi-GPU clones)."""
+    cls = type(template)
+    return cls(model, load_device=load_device, offload_device=offload_device,
+               **accepted_kwargs(_constructors(cls), host_init_args(template, template.__init__)))
 
 
 def assigns_weights(patcher) -> bool:
@@ -40,12 +94,29 @@ def assigns_weights(patcher) -> bool:
     return bool(is_dynamic()) if callable(is_dynamic) else False
 
 
+class HostArgsReloader:
+    """A reloader as core calls it: `(*args, disable_dynamic=..., **host arguments)`. Core passes its own
+    patcher arguments on to a reload (v0.38's clone adds `fast_disk`); our loaders take `disable_dynamic`
+    only, so the rest reaches the patcher constructor through `new_model_patcher` (where the host's class
+    accepts it) instead of failing the loader's call."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __call__(self, *args, disable_dynamic: bool = False, **host_args):
+        token = _RELOAD_HOST_ARGS.set(host_args)
+        try:
+            return self.loader(*args, disable_dynamic=disable_dynamic)
+        finally:
+            _RELOAD_HOST_ARGS.reset(token)
+
+
 def register_reloader(patcher, loader, args: tuple):
     """Tell core how to make this patcher again from its file: v0.33's `clone(disable_dynamic=True)` and
     multi-GPU deep clones call `cached_patcher_init[0](*args, disable_dynamic=...)`, as for core's
-    loaders. 0.3.75 never reads it."""
+    loaders (newer hosts add their own keywords: see `HostArgsReloader`). 0.3.75 never reads it."""
     if hasattr(patcher, "cached_patcher_init"):
-        patcher.cached_patcher_init = (loader, args)
+        patcher.cached_patcher_init = (HostArgsReloader(loader), args)
     return patcher
 
 

@@ -67,8 +67,9 @@ class ComfyServer:
     """Start with `with ComfyServer(models_dir) as server:`; `server.run(graph)` returns the history."""
 
     def __init__(self, models_dir: Path, base_dir: Path | None = None, extra_args=(), log_path: Path | None = None,
-                 host: str | None = None, probe: bool = False):
+                 host: str | None = None, probe: bool = False, cpu: bool = True):
         self.host = host or host_name()
+        self.cpu = cpu            # False: the host picks its device (the GPU check on a CUDA machine)
         self.comfy_dir = comfy_dir(self.host)
         if not (self.comfy_dir / "main.py").exists():
             raise RuntimeError(f"no ComfyUI {self.host} host at {self.comfy_dir}: run `bash .ci/setup` first")
@@ -104,7 +105,8 @@ class ComfyServer:
                        "    loras: loras\n"
                        "    checkpoints: checkpoints\n"
                        "    controlar: controlar\n")
-        cmd = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [str(PYTHON), "main.py", *(["--cpu"] if self.cpu else []),
+               "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir),
                "--database-url", "sqlite:///:memory:", "--disable-metadata", "--disable-api-nodes",
                "--extra-model-paths-config", str(cfg), *self.extra_args]
@@ -227,8 +229,10 @@ class ComfyServer:
             from safetensors.torch import load_file
             graph = {
                 "1": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
-                "2": {"class_type": "DiTControlProbe_SamplerNoise", "inputs": {"samples": ["1", 0], "seed": seed, "draws": draws}},
-                "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": f"probe/noise_{seed}"}},
+                "2": {"class_type": "DiTControlProbe_SamplerNoise",
+                      "inputs": {"samples": ["1", 0], "seed": seed, "draws": draws}},
+                "3": {"class_type": "SaveLatent",
+                      "inputs": {"samples": ["2", 0], "filename_prefix": f"probe/noise_{seed}"}},
             }
             history = self.run(graph)
             if history.get("status", {}).get("status_str") != "success":

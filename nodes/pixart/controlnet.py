@@ -27,13 +27,17 @@ import comfy.utils
 import folder_paths
 
 from ...kernels.checkpoint_io import read_state_dict
+from ...kernels.pixart.controlnet import (
+    check_base_compatible,
+    combine_controls,
+    load_pixart_controlnet,
+    prepare_pixart_controlnet,
+)
 from ...kernels.pixart.model import PixArtConfig
-from ...kernels.pixart.controlnet import (check_base_compatible, combine_controls, load_pixart_controlnet,
-                                         prepare_pixart_controlnet)
-from ..comfy_compat import new_model_patcher, register_reloader
+from ..comfy_compat import host_init_args, new_model_patcher, patcher_like, register_reloader
 from ..input_checks import check_finite
-from .model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from .model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 
 CATEGORY = "DiT Control/PixArt"
 
@@ -75,11 +79,17 @@ CONTROLNET_TRANSFORMER = ControlKind(
 class PixArtControlNetControl(comfy.controlnet.ControlBase):
     """A CONTROL_NET for PixArt: the control image becomes a latent through the VAE (as PixArt-δ did),
     and each sampling step hands our MODEL a control branch instead of UNet residual lists. `kind` says
-    which network it is (its compatibility check and how a step's branch is made)."""
+    which network it is (its compatibility check and how a step's branch is made).
 
-    def __init__(self, net, patcher, info, kind: ControlKind = CONTROLNET_TRANSFORMER):
-        super().__init__()
+    The control latent is cached in our own `control_latent`, never in core's `cond_hint`: whether
+    `ControlBase.__init__` sets that (and what clears it) is core's business (an open core change caches
+    hints per size elsewhere). `host_args`: the running host's own ControlBase arguments, passed on by
+    `copy()` as core's ControlNet passes its own (see comfy_compat.host_init_args)."""
+
+    def __init__(self, net, patcher, info, kind: ControlKind = CONTROLNET_TRANSFORMER, **host_args):
+        super().__init__(**host_args)
         self.net, self.patcher, self.info, self.kind = net, patcher, info, kind
+        self.control_latent = None                        # the VAE-encoded control image at the latent's size
         self.latent_format = comfy.latent_formats.SD15()   # the control latent is scaled like the image latent
         self.upscale_algorithm = "bilinear"                # control image is resized + centre-cropped to the latent
         self.model_sampling_current = None
@@ -112,22 +122,23 @@ class PixArtControlNetControl(comfy.controlnet.ControlBase):
             raise ValueError(f"{self.kind.name} needs the VAE input of 'Apply ControlNet': the control image "
                              "is encoded to a latent, as PixArt-δ does")
         target_hw = (x_noisy.shape[-2] * 8, x_noisy.shape[-1] * 8)
-        if self.cond_hint is None or tuple(self.cond_hint.shape[-2:]) != tuple(x_noisy.shape[-2:]):
+        if self.control_latent is None or tuple(self.control_latent.shape[-2:]) != tuple(x_noisy.shape[-2:]):
             # documented resize: fit the control image to the latent's size (scale + centre crop)
             image = comfy.utils.common_upscale(self.cond_hint_original, target_hw[1], target_hw[0],
                                                self.upscale_algorithm, "center")
             loaded = mm.loaded_models(only_currently_used=True)
             latent = self.vae.encode(image.movedim(1, -1)[..., :3])
             mm.load_models_gpu(loaded)
-            self.cond_hint = self.latent_format.process_in(latent).to(x_noisy.device)
-        hint = self.cond_hint
+            self.control_latent = self.latent_format.process_in(latent).to(x_noisy.device)
+        hint = self.control_latent
         if hint.shape[0] != x_noisy.shape[0]:
             hint = comfy.controlnet.broadcast_image_to(hint, x_noisy.shape[0], batched_number)
         branch = self.kind.branch(self, hint, t, transformer_options)
         return {PIXART_CONTROL_KEY: combine_controls(previous, branch)}
 
     def _new(self, net, patcher):
-        c = type(self)(net, patcher, self.info, self.kind)
+        c = type(self)(net, patcher, self.info, self.kind,
+                       **host_init_args(self, super(PixArtControlNetControl, self).__init__))
         self.copy_to(c)
         c.latent_format = self.latent_format
         c.upscale_algorithm = self.upscale_algorithm
@@ -142,13 +153,14 @@ class PixArtControlNetControl(comfy.controlnet.ControlBase):
     def deepclone_multigpu(self, load_device, autoregister=False):
         """v0.33's multi-GPU sampling: a copy whose network lives on another device (as core's ControlNet)."""
         net = copy.deepcopy(self.net)
-        c = self._new(net, new_model_patcher(net, load_device, mm.unet_offload_device()))
+        c = self._new(net, patcher_like(self.patcher, net, load_device, mm.unet_offload_device()))
         if autoregister:
             self.multigpu_clones[load_device] = c
         return c
 
     def cleanup(self):
         self.model_sampling_current = None
+        self.control_latent = None
         super().cleanup()
 
 

@@ -23,6 +23,9 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   adds a DIFFUSION_MODEL wrapper that, after every model call, takes weak references to the KV bank's
   tensors and records the bank's size; the report (run after the sampler's LATENT) tells how many of those
   tensors are still alive once the sampling run has ended, after gc.
+- newer_core.py: DiTControlProbe_HintlessControlBase / _FastDiskHost, core changes newer than our hosts
+  simulated on the running host's classes (the post-v0.33 guards' tests); device_stats.py: peak accelerator
+  memory and image statistics for tests/benchmarks/gpu_check.py.
 V1 registration: it must run unchanged on every host the suite uses.
 """
 import gc
@@ -72,7 +75,8 @@ class PatcherClass:
 
     def report(self, model):
         core_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-        core_pick = core_class(torch.nn.Linear(1, 1), load_device=model.load_device, offload_device=model.offload_device)
+        core_pick = core_class(torch.nn.Linear(1, 1), load_device=model.load_device,
+                               offload_device=model.offload_device)
         reloader = getattr(model, "cached_patcher_init", None)
         report = {"patcher": _class_name(type(model)), "core_picks": _class_name(type(core_pick)),
                   "has_reloader": reloader is not None, "reload_matches": None}
@@ -204,3 +208,11 @@ NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioni
                        "DiTControlProbe_SigmasReport": SigmasReport,
                        "DiTControlProbe_EasyControlBankWatch": EasyControlBankWatch,
                        "DiTControlProbe_EasyControlBankReport": EasyControlBankReport}
+
+# core changes newer than the hosts we have, simulated on the running host's classes (newer_core.py)
+# and the device readings of the GPU check (device_stats.py)
+from .device_stats import NODE_CLASS_MAPPINGS as _DEVICE_STATS_NODES  # noqa: E402
+from .newer_core import NODE_CLASS_MAPPINGS as _NEWER_CORE_NODES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_NEWER_CORE_NODES)
+NODE_CLASS_MAPPINGS.update(_DEVICE_STATS_NODES)
