@@ -59,7 +59,12 @@ def test_nodes_registered(object_info):
 
 @pytest.mark.both_hosts
 def test_shipped_workflow_makes_a_1024_image(comfy):
-    data = png(comfy, comfy.run(shipped()))
+    # two of its 14 steps: every step runs the same code; what the trained ControlNet draws through the shipped
+    # graph at full steps is measured in test_api_micro_model.py
+    g = shipped()
+    assert g["12"]["inputs"]["steps"] == 14
+    g["12"]["inputs"]["steps"] = 2
+    data = png(comfy, comfy.run(g))
     assert Image.open(io.BytesIO(data)).size == (1024, 1024)
 
 

@@ -107,9 +107,13 @@ def test_nodes_registered(comfy):
 
 
 def test_shipped_workflow_makes_a_1024_image(comfy):
-    # v0.33 only: the 21-block base at 1024² for 20 steps is the file's heaviest run; the floor runs every
-    # other graph of this file
-    data = png(comfy, comfy.run(shipped()))
+    # v0.33 only: the 21-block base at 1024² is the file's heaviest run; the floor runs every other graph of
+    # this file. Two of its 20 steps: every step runs the same code (the random RelaCtrl draws noise at any
+    # count), and the 18 others cost three minutes of the suite
+    g = shipped()
+    assert g["11"]["inputs"]["steps"] == 20
+    g["11"]["inputs"]["steps"] = 2
+    data = png(comfy, comfy.run(g))
     assert Image.open(io.BytesIO(data)).size == (1024, 1024)
 
 
