@@ -31,7 +31,10 @@ from dit_control.tests.training.scenes import SIZE, edge_map, heldout_scenes, re
 
 CAPTIONS = [s.caption for s in heldout_scenes()[:16]]
 CONTROL_SCENES = list(heldout_scenes()[16:22])
-STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# the 0.25 / 0.75 points are in the README's table (measured once); the suite holds the ends and the middle
+STRENGTHS = (0.0, 0.5, 1.0)
+# the empty prompt's batch: eight noises score it at chance as well as sixteen, at half the decodes
+EMPTY_BATCH = 8
 # What the committed model is held to: a little under what it measured through these graphs (README, "The
 # micro demo model", where the numbers are); the base is held to issue 15's 0.9; the LCM and the ControlNet,
 # which meet the issue's bars by small margins (0.91 for 0.9, F1 0.62 for 0.6), a little under them: a pair of
@@ -85,13 +88,13 @@ def test_base_graph_follows_its_captions(comfy):
 
 
 def test_an_empty_caption_draws_at_chance(comfy):
-    """The LCM graph with prompt "" and a batch of 16 (one noise each), scored against the held-out captions it
+    """The LCM graph with prompt "" and a batch of eight (one noise each), scored against held-out captions it
     was not given."""
     g = with_prompt(at_micro_size(shipped("pixart_delta_lcm_t2i")), "")
-    g[first(g, "EmptyLatentImage")]["inputs"]["batch_size"] = len(CAPTIONS)
+    g[first(g, "EmptyLatentImage")]["inputs"]["batch_size"] = EMPTY_BATCH
     images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float32) / 255.0
               for d in comfy.images(comfy.run_ok(g))]
-    assert len(images) == len(CAPTIONS)
+    assert len(images) == EMPTY_BATCH
     MEASURED["empty_caption"] = got = float(np.mean([caption_agreement(i, c) for i, c in zip(images, CAPTIONS)]))
     assert got <= MAX_EMPTY_AGREEMENT
 
@@ -125,24 +128,27 @@ def canny_controlnet_graph(image_name: str, caption: str, strength=1.0, start=0.
     return g
 
 
-_F1 = {}
+_PICTURES = {}
+
+
+def control_picture(comfy, name: str, caption: str, strength=1.0, start=0.0, end=1.0) -> np.ndarray:
+    """One control scene's picture (memoised: the tests below share their strength 0 and 1 runs)."""
+    key = (comfy.url, name, strength, start, end)
+    if key not in _PICTURES:
+        _PICTURES[key] = picture(comfy, canny_controlnet_graph(name, caption, strength, start, end))
+    return _PICTURES[key]
 
 
 def mean_f1(comfy, control_inputs, strength=1.0, start=0.0, end=1.0) -> float:
-    """Mean edge F1 over the control scenes (memoised: the tests below share their strength 0 and 1 runs)."""
-    key = (comfy.url, strength, start, end)
-    if key not in _F1:
-        _F1[key] = float(np.mean([
-            image_edge_f1(picture(comfy, canny_controlnet_graph(name, caption, strength, start, end)), control)
-            for name, caption, control in control_inputs]))
-    return _F1[key]
+    """Mean edge F1 over the control scenes."""
+    return float(np.mean([image_edge_f1(control_picture(comfy, name, caption, strength, start, end), control)
+                          for name, caption, control in control_inputs]))
 
 
 def test_edge_f1_rises_with_strength(comfy, control_inputs):
     """The ControlNet draws its edges: at strength 0 the prompt without places draws its shapes where the base
-    puts them, with few edges where the control map has them; the F1 rises with every step of strength
-    (measured 0.06 / 0.09 / 0.23 / 0.44 / 0.50) to several times that at 1. (Not held yet: issue 15's F1 >= 0.6
-    at strength 1.)"""
+    puts them, with few edges where the control map has them; the F1 rises with strength (measured 0.06 / 0.39
+    / 0.62 at 0 / 0.5 / 1) to several times that at 1."""
     f1 = [mean_f1(comfy, control_inputs, strength=s) for s in STRENGTHS]
     MEASURED["edge_f1_by_strength"] = dict(zip(STRENGTHS, f1))
     assert f1[0] <= MAX_F1_AT_ZERO_STRENGTH, f1
@@ -154,7 +160,7 @@ def test_edge_f1_rises_with_strength(comfy, control_inputs):
 def test_start_and_end_percent_do_what_they_say(comfy, control_inputs):
     """Control over part of the steps gives part of the edges, an empty range is no control bit for bit. The
     committed ControlNet acts mostly late: the control over the low-noise half moves the base's shapes onto the
-    control's edges (measured: 0.41 for steps 0.5-1, 0.15 for 0-0.5, 0.50 for all, 0.06 without)."""
+    control's edges (measured: 0.56 for steps 0.5-1, 0.16 for 0-0.5, 0.62 for all, 0.06 without)."""
     early = mean_f1(comfy, control_inputs, start=0.0, end=0.5)
     late = mean_f1(comfy, control_inputs, start=0.5, end=1.0)
     none = mean_f1(comfy, control_inputs, strength=0.0)
@@ -164,7 +170,7 @@ def test_start_and_end_percent_do_what_they_say(comfy, control_inputs):
     assert full >= max(early, late) and late > 2 * early, (early, late, full)
     name, caption, _ = control_inputs[0]
     empty_range = picture(comfy, canny_controlnet_graph(name, caption, start=0.6, end=0.6))
-    assert np.array_equal(empty_range, picture(comfy, canny_controlnet_graph(name, caption, strength=0.0)))
+    assert np.array_equal(empty_range, control_picture(comfy, name, caption, strength=0.0))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,6 +13,7 @@ from dit_control.kernels.checkpoint_io import read_json_beside, read_state_dict
 from dit_control.kernels.pixart.checkpoint import load_pixart
 from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
+from dit_control.tests.api.api_graphs import at_pass_size
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, execution_error
 
 WORKFLOW = REPO / "workflows" / "api" / "pixart_delta_lcm_t2i.json"
@@ -121,10 +122,12 @@ def test_core_ksampler_route_is_exact(comfy, kernel_loop):
 
 @pytest.mark.both_hosts
 def test_shipped_lcm_workflow_makes_a_1024_image(comfy):
-    h = comfy.run(shipped())
+    g = shipped()
+    size = at_pass_size(comfy, g, 1024)
+    h = comfy.run(g)
     assert h["status"]["status_str"] == "success", execution_error(h)
     (png,) = comfy.images(h)
-    assert Image.open(io.BytesIO(png)).size == (1024, 1024)
+    assert Image.open(io.BytesIO(png)).size == (size, size)
     progress = [m for m in h["status"]["messages"] if m[0] == "execution_success"]
     assert progress
 
