@@ -30,10 +30,14 @@ from ...kernels.checkpoint_io import naming_file, read_json_beside, read_state_d
 from ...kernels.dit4sr.checkpoint import prepare_dit4sr, variant_name
 from ...kernels.dit4sr.colour_fix import METHODS, colour_fix
 from ...kernels.dit4sr.preprocess import PROCESS_SIZE, resize_bicubic, upscale_image
+from ...kernels.dit4sr.schedule import SHIFT, flow_match_sigmas
 from ...kernels.dit4sr.sizes import SizeLimits, check_output_size
 from ...kernels.dit4sr.tiled_encode import ENCODE_OVERLAP_PX, encode_spans, encode_tile_side, tiled_encode
 from ...kernels.dit4sr.tiling import TileSettings, tile_and_overlap
+from ...kernels.vae_posterior import posterior_noise, sample_posterior
 from ..comfy_compat import register_reloader
+from ..input_checks import check_finite
+from ..vae_posterior import check_posterior, encode_moments, posterior_inputs
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
 from .model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
 
@@ -62,9 +66,9 @@ def encode_bytes_per_pixel(vae) -> float:
         return float(FALLBACK_ENCODE_BYTES_PER_PIXEL)
 
 
-def encode_lr_image(vae, up: torch.Tensor, tile_px: int) -> torch.Tensor:
-    """The upscaled LR image's VAE latent, tile by tile with progress and interrupts (the whole image when it
-    fits one tile: exactly `vae.encode`)."""
+def encode_lr_image(vae, up: torch.Tensor, tile_px: int, moments: bool = False) -> torch.Tensor:
+    """The upscaled LR image's VAE latent (or with `moments`, the posterior's raw moments [B, 2C, h, w]), tile by
+    tile with progress and interrupts (the whole image when it fits one tile: exactly `vae.encode`)."""
     pbar = None
 
     def on_tile(done, total):
@@ -75,7 +79,18 @@ def encode_lr_image(vae, up: torch.Tensor, tile_px: int) -> torch.Tensor:
                 pbar = comfy.utils.ProgressBar(total)
             pbar.update_absolute(done, total)
 
-    return tiled_encode(up, vae.encode, tile=tile_px, overlap=ENCODE_OVERLAP_PX, on_tile=on_tile)
+    encode = (lambda px: encode_moments(vae, px, "DiT4SR Conditioning")[1]) if moments else vae.encode
+    return tiled_encode(up, encode, tile=tile_px, overlap=ENCODE_OVERLAP_PX, on_tile=on_tile)
+
+
+def sample_lr_latents(moments: torch.Tensor, seed: int) -> tuple:
+    """(negative, positive) LR latents drawn from the posterior as the reference pipeline draws them: under CFG
+    it encodes the image twice, [negative, positive], and `latent_dist.sample()` draws both halves at once from
+    the global generator that `set_seed(seed)` seeded (here a CPU generator seeded with `seed`)."""
+    both = torch.cat([moments, moments])
+    shape = (both.shape[0], both.shape[1] // 2, *both.shape[2:])
+    z = sample_posterior(both, posterior_noise(shape, torch.Generator("cpu").manual_seed(seed), both.dtype))
+    return z[:moments.shape[0]], z[moments.shape[0]:]
 
 
 def load_dit4sr_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
@@ -173,6 +188,10 @@ class DiT4SRConditioning(io.ComfyNode):
                                      "model at once as fit (at least one). 0: one tile per call. The LR image's "
                                      "VAE encode uses the same budget: tiles as large as the VAE's own memory "
                                      "estimate allows, at least tile_size × 8 px."),
+                *posterior_inputs("The reference's seed (sample only): the reference samples the LR latent "
+                                  "twice, for the negative then the positive branch, from the generator its "
+                                  "set_seed seeded; here a CPU generator seeded with this. Tiled encodes "
+                                  "cross-fade the moments (mean and log-variance) before the draw."),
             ],
             outputs=[
                 io.Conditioning.Output("positive_out", display_name="positive",
@@ -187,7 +206,8 @@ class DiT4SRConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, vae, image, upscale="4", min_short_side=PROCESS_SIZE, tile_size=64,
-                tile_overlap=24, tile_batch_mb=2048) -> io.NodeOutput:
+                tile_overlap=24, tile_batch_mb=2048, posterior="mean", posterior_seed=0) -> io.NodeOutput:
+        check_posterior("DiT4SR Conditioning", posterior)
         factor = int(upscale)
         channels = getattr(vae, "latent_channels", None)
         if channels != 16:
@@ -207,12 +227,18 @@ class DiT4SRConditioning(io.ComfyNode):
         start = time.monotonic()
         up = upscale_image(image, factor, min_short_side)
         mm.throw_exception_if_processing_interrupted()
-        lr = encode_lr_image(vae, up[..., :3], encode_tile)
-        logging.info("dit-control: DiT4SR LR image prepared and encoded in %.1f s", time.monotonic() - start)
-        values = {LR_LATENT_KEY: lr, TILES_KEY: tiles}
+        if posterior == "sample":
+            lr_negative, lr_positive = sample_lr_latents(encode_lr_image(vae, up[..., :3], encode_tile, moments=True),
+                                                         posterior_seed)
+        else:
+            lr_negative = lr_positive = encode_lr_image(vae, up[..., :3], encode_tile)
+        logging.info("dit-control: DiT4SR LR image prepared and encoded in %.1f s (posterior %s)",
+                     time.monotonic() - start, posterior)
         latent = torch.zeros([image.shape[0], 16, h // 8, w // 8], device=mm.intermediate_device())
-        return io.NodeOutput(node_helpers.conditioning_set_values(positive, values),
-                             node_helpers.conditioning_set_values(negative, values), {"samples": latent}, up)
+        return io.NodeOutput(
+            node_helpers.conditioning_set_values(positive, {LR_LATENT_KEY: lr_positive, TILES_KEY: tiles}),
+            node_helpers.conditioning_set_values(negative, {LR_LATENT_KEY: lr_negative, TILES_KEY: tiles}),
+            {"samples": latent}, up)
 
 
 def _say_clamped_overlap(lat_h: int, lat_w: int, tiles: TileSettings) -> None:
@@ -255,4 +281,30 @@ class DiT4SRColourFix(io.ComfyNode):
         return io.NodeOutput(out.movedim(1, -1).to(image.dtype))
 
 
-NODES = [DiT4SRLoader, DiT4SRConditioning, DiT4SRColourFix]
+class DiT4SRScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_DiT4SRScheduler",
+            display_name="DiT4SR Scheduler",
+            category=CATEGORY,
+            description="The reference's σ list (SD3.5-medium's FlowMatchEulerDiscrete, shift 3.0, as DiT4SR's "
+                        "pipeline sets it) bit for bit in float32, for SamplerCustomAdvanced (with core's euler "
+                        "sampler). Core's KSampler euler / normal on the DiT4SR MODEL gives the same list within "
+                        "two float32 steps (1.2e-7).",
+            inputs=[
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="Sampling steps (the reference's script: 40; its gradio demo: 20)."),
+                io.Float.Input("shift", default=SHIFT, min=0.01, max=100.0, step=0.01,
+                               tooltip="The scheduler's shift (SD3.5-medium: 3.0)."),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="steps + 1 σ in float32, from 1 down to 0.")],
+        )
+
+    @classmethod
+    def execute(cls, steps, shift=SHIFT) -> io.NodeOutput:
+        check_finite("DiT4SR Scheduler", shift=shift)
+        return io.NodeOutput(flow_match_sigmas(steps, shift))
+
+
+NODES = [DiT4SRLoader, DiT4SRConditioning, DiT4SRColourFix, DiT4SRScheduler]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -27,7 +28,8 @@ import comfy.patcher_extension
 
 from ...kernels.checkpoint_io import CheckpointError
 from ...kernels.flux_easycontrol import blocks
-from ...kernels.flux_easycontrol.condition import EasyControl
+from ...kernels.flux_easycontrol.condition import KINDS, EasyControl
+from ...kernels.vae_posterior import posterior_noise, sample_posterior
 from ..finite_guard import check_step_output
 from ..input_checks import refuse_over_free_memory
 
@@ -39,28 +41,64 @@ WRAPPER_KEY = "dit_control_easycontrol"
 @dataclass(eq=False)
 class ConditionSource:
     """One Apply EasyControl slot as the node made it: the prepared image [B, S, S, 3] in [0, 1] (kept for
-    the joint tall encode when a same-kind condition is chained later), its latent, LoRA, strength, kind."""
+    the joint tall encode when a same-kind condition is chained later), its latent (the posterior mean, model
+    space), LoRA, strength, kind; with posterior "sample" also its seed and its rows of the tall encode's raw VAE
+    moments [B, 2C, h, w], from which each sampling run draws its latent."""
     pixels: torch.Tensor
     latent: torch.Tensor
     lora: object
     strength: float
     kind: str
     name: str = ""
+    posterior: str = "mean"
+    seed: int = 0
+    moments: Optional[torch.Tensor] = None
 
 
 @dataclass(eq=False)
 class EasyControlSpec:
     sources: list
     cache: bool = True
+    latent_format: Any = None           # the MODEL's latent format: a posterior sample is brought into model space
     easycontrol: EasyControl = field(default=None)
 
     def __post_init__(self):
         from ...kernels.flux_easycontrol.condition import Condition
-        conditions = [Condition(s.latent, s.lora, s.strength, s.kind) for s in self.sources]
-        self.easycontrol = EasyControl(conditions, cache=self.cache)
+        self.conditions = [Condition(s.latent, s.lora, s.strength, s.kind) for s in self.sources]
+        self.easycontrol = EasyControl(self.conditions, cache=self.cache)
 
     def __deepcopy__(self, memo):       # 0.3.75's ModelPatcher.clone deep-copies model_options
         return self
+
+    def draw_posterior(self, noise_shape) -> None:
+        """Before a sampling run: the latents of the conditions with posterior "sample", drawn as the reference
+        pipeline draws them (src/pipeline.py prepare_latents) from one CPU generator seeded with their seed —
+        first the noise of the latent being sampled (the same draw as core's noise for that seed), then one draw
+        over each kind's tall encode, subjects before spatial conditions. Kinds without a sampled condition are
+        drawn too (the reference samples every condition), so the others get the reference's noise."""
+        sampled = [s for s in self.sources if s.posterior == "sample"]
+        if not sampled:
+            return
+        seeds = sorted({s.seed for s in sampled})
+        if len(seeds) > 1:
+            raise ValueError(f"Apply EasyControl: chained conditions with posterior 'sample' draw from one "
+                             f"generator, as the reference pipeline does: give them one posterior_seed (found "
+                             f"{', '.join(map(str, seeds))})")
+        generator = torch.Generator("cpu").manual_seed(seeds[0])
+        posterior_noise(noise_shape, generator)                         # the reference's noise latent
+        for kind in KINDS:
+            group = [i for i, s in enumerate(self.sources) if s.kind == kind]
+            if not group:
+                continue
+            first = self.sources[group[0]]
+            rows = [self.sources[i].latent.shape[-2] for i in group]
+            dtype = first.moments.dtype if first.moments is not None else torch.float32
+            tall = posterior_noise((*first.latent.shape[:-2], sum(rows), first.latent.shape[-1]), generator, dtype)
+            for i, noise in zip(group, tall.split(rows, dim=-2)):
+                source = self.sources[i]
+                if source.posterior == "sample":
+                    z = sample_posterior(source.moments, noise)
+                    self.conditions[i].latent = self.latent_format.process_in(z.float())
 
 
 def core_flux(model_patcher):
@@ -153,7 +191,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     spec = guider.model_options.get("transformer_options", {}).get(SPEC_KEY)
     if spec is None:
         return executor(*args, **kwargs)
-    check_run_fits(guider, spec, noise=args[0] if args else kwargs["noise"])
+    noise = args[0] if args else kwargs["noise"]
+    check_run_fits(guider, spec, noise=noise)
+    if any(s.posterior == "sample" for s in spec.sources):
+        if not torch.is_tensor(noise) or noise.ndim != 4:
+            raise ValueError("Apply EasyControl: posterior 'sample' draws after the noise of one image latent "
+                             f"[B, C, H, W]; this sampler's noise is {type(noise).__name__}")
+        spec.draw_posterior(noise.shape)
     bank = spec.easycontrol.bank
     builds, hits = bank.builds, bank.hits
     try:
@@ -197,10 +241,10 @@ def check_run_fits(guider, spec: EasyControlSpec, noise: torch.Tensor) -> None:
         "~1024 px and upscale in a second pass.")
 
 
-def patch_model(model_patcher, sources: list, cache: bool):
+def patch_model(model_patcher, sources: list, cache: bool, latent_format=None):
     """A clone of `model_patcher` running EasyControl with these condition sources."""
     flux = core_flux(model_patcher)
-    spec = EasyControlSpec(list(sources), cache=cache)
+    spec = EasyControlSpec(list(sources), cache=cache, latent_format=latent_format)
     spec.easycontrol.check_fits(flux)
     m = model_patcher.clone()
     m.model_options.setdefault("transformer_options", {})[SPEC_KEY] = spec

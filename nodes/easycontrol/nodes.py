@@ -22,7 +22,9 @@ from ...kernels.checkpoint_io import CheckpointError, naming_file, read_state_di
 from ...kernels.flux_easycontrol.condition import split_tall_latent
 from ...kernels.flux_easycontrol.condition_image import prepare_condition
 from ...kernels.flux_easycontrol.lora import load_lora
+from ...kernels.flux_easycontrol.schedule import BASE_SHIFT, MAX_SHIFT, dynamic_shift_sigmas
 from ..input_checks import check_finite
+from ..vae_posterior import check_posterior, encode_moments, posterior_inputs
 from .model import ConditionSource, current_spec, patch_model
 
 CATEGORY = "DiT Control/EasyControl"
@@ -90,17 +92,22 @@ class EasyControlLoRALoader(io.ComfyNode):
 #                                   Condition image preparation
 # ---------------------------------------------------------------------------------------------
 
-def encode_tall(vae, latent_format, pixels: list) -> list:
+def encode_tall(vae, latent_format, pixels: list, with_moments: bool = False) -> tuple:
     """Same-kind conditions [B, S, S, 3] each, stacked vertically and VAE-encoded as ONE tall image (the
-    reference does so: slight mixing across the seams); -> one model-space latent per condition."""
+    reference does so: slight mixing across the seams); -> (one model-space latent per condition (the posterior
+    mean), one raw VAE moments tensor per condition or None each when not `with_moments`)."""
     batch = {p.shape[0] for p in pixels}
     if len(batch) != 1:
         raise ValueError(f"EasyControl: chained conditions of one kind need the same number of images, "
                          f"got {sorted(batch)}")
     tall = torch.cat(pixels, dim=1)
-    z = vae.encode(tall[..., :3])
+    if with_moments:
+        z, moments = encode_moments(vae, tall[..., :3], "Apply EasyControl")
+        moments = split_tall_latent(moments, len(pixels))
+    else:
+        z, moments = vae.encode(tall[..., :3]), [None] * len(pixels)
     z = latent_format.process_in(z.float())
-    return split_tall_latent(z, len(pixels))
+    return split_tall_latent(z, len(pixels)), moments
 
 
 class ApplyEasyControl(io.ComfyNode):
@@ -134,22 +141,28 @@ class ApplyEasyControl(io.ComfyNode):
                 io.Boolean.Input("cache", default=True,
                                  tooltip="Compute the condition stream once per sampling run and reuse its K/V "
                                          "at every step (exact, much faster). Off: recompute it every step."),
+                *posterior_inputs("The reference pipeline's seed (sample only): the condition is drawn when a "
+                                  "sampling run starts, after the noise of the latent being sampled, from one CPU "
+                                  "generator, as the reference draws noise then subjects then spatial conditions. "
+                                  "Set it to the sampler's seed to reproduce the reference; chained Apply "
+                                  "EasyControl nodes that sample share one generator, so one seed."),
             ],
             outputs=[io.Model.Output(tooltip="The FLUX MODEL with this condition (and the ones before it).")],
         )
 
     @classmethod
     def execute(cls, model, vae, easycontrol_lora, image, condition_size=512, strength=1.0, kind="auto",
-                cache=True) -> io.NodeOutput:
+                cache=True, posterior="mean", posterior_seed=0) -> io.NodeOutput:
         return io.NodeOutput(apply_easycontrol(model, vae, easycontrol_lora, image, condition_size, strength,
-                                               kind, cache))
+                                               kind, cache, posterior, posterior_seed))
 
 
 def apply_easycontrol(model, vae, lora: EasyControlLoRAFile, image, condition_size=512, strength=1.0,
-                      kind="auto", cache=True):
+                      kind="auto", cache=True, posterior="mean", posterior_seed=0):
     from .model import core_flux
     core_flux(model)                     # clear error for a PixArt/SD MODEL before any VAE work
     check_finite("Apply EasyControl", strength=strength)
+    check_posterior("Apply EasyControl", posterior)
     if condition_size % 16:
         raise ValueError(f"condition_size must be a multiple of 16, got {condition_size}")
     kind = lora.kind_from_name if kind == "auto" else kind
@@ -160,20 +173,57 @@ def apply_easycontrol(model, vae, lora: EasyControlLoRAFile, image, condition_si
     if same and any(s.pixels.shape[1:] != pixels.shape[1:] for s in same):
         raise ValueError("EasyControl: chained conditions of one kind need the same condition_size")
     latent_format = model.get_model_object("latent_format")
-    latents = encode_tall(vae, latent_format, [s.pixels for s in same] + [pixels])
+    # a posterior sample needs the moments of every condition encoded with it (one tall image, one draw)
+    sampled = posterior == "sample" or any(s.posterior == "sample" for s in same)
+    latents, moments = encode_tall(vae, latent_format, [s.pixels for s in same] + [pixels], with_moments=sampled)
     channels = getattr(latent_format, "latent_channels", 16)
     if latents[-1].ndim != 4 or latents[-1].shape[1] != channels:
         raise ValueError(f"Apply EasyControl: this VAE gives latents of shape {tuple(latents[-1].shape)}; FLUX.1 "
                          f"needs its own VAE (ae.safetensors, {channels} latent channels)")
-    rebuilt = {id(s): ConditionSource(s.pixels, z, s.lora, s.strength, s.kind, s.name) for s, z in zip(same, latents)}
+    rebuilt = {id(s): ConditionSource(s.pixels, z, s.lora, s.strength, s.kind, s.name, s.posterior, s.seed, m)
+               for s, z, m in zip(same, latents, moments)}
     sources = [rebuilt.get(id(s), s) for s in sources]
-    sources.append(ConditionSource(pixels, latents[-1], lora.module, float(strength), kind, lora.name))
+    sources.append(ConditionSource(pixels, latents[-1], lora.module, float(strength), kind, lora.name, posterior,
+                                   int(posterior_seed), moments[-1]))
     with naming_file(lora.name):
-        patched = patch_model(model, sources, cache=cache)
+        patched = patch_model(model, sources, cache=cache, latent_format=latent_format)
     logging.info("dit-control: EasyControl conditions: %s (cache %s)", "; ".join(
         f"{s.name} as {s.kind}, {s.pixels.shape[2]}x{s.pixels.shape[1]} px, strength {s.strength:g}"
+        + (f", posterior sample (seed {s.seed})" if s.posterior == "sample" else "")
         for s in sources), "on" if cache else "off")
     return patched
 
 
-NODES = [EasyControlLoRALoader, ApplyEasyControl]
+class EasyControlScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiTControl_EasyControlScheduler",
+            display_name="EasyControl Scheduler",
+            category=CATEGORY,
+            description="The reference's σ list (FLUX.1's FlowMatchEulerDiscrete with dynamic shift, as "
+                        "EasyControl's pipeline sets it) for any step count and image size, bit for bit in float32, "
+                        "for SamplerCustomAdvanced (with core's euler sampler). Core's ModelSamplingFlux + KSampler "
+                        "simple gives the same list only when the step count divides 1000.",
+            inputs=[
+                io.Int.Input("steps", default=25, min=1, max=10000,
+                             tooltip="Sampling steps (the reference's num_inference_steps; it uses 25)."),
+                io.Int.Input("width", default=1024, min=16, max=16384, step=16,
+                             tooltip="Width in pixels of the image being sampled (the empty latent's)."),
+                io.Int.Input("height", default=1024, min=16, max=16384, step=16,
+                             tooltip="Height in pixels of the image being sampled (the empty latent's)."),
+                io.Float.Input("max_shift", default=MAX_SHIFT, min=0.0, max=100.0, step=0.01,
+                               tooltip="μ at 4096 noise tokens (1024² px); FLUX.1-dev's scheduler: 1.15."),
+                io.Float.Input("base_shift", default=BASE_SHIFT, min=0.0, max=100.0, step=0.01,
+                               tooltip="μ at 256 noise tokens (256² px); FLUX.1-dev's scheduler: 0.5."),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="steps + 1 σ in float32, from 1 down to 0.")],
+        )
+
+    @classmethod
+    def execute(cls, steps, width, height, max_shift=MAX_SHIFT, base_shift=BASE_SHIFT) -> io.NodeOutput:
+        check_finite("EasyControl Scheduler", max_shift=max_shift, base_shift=base_shift)
+        return io.NodeOutput(dynamic_shift_sigmas(steps, width, height, max_shift, base_shift))
+
+
+NODES = [EasyControlLoRALoader, ApplyEasyControl, EasyControlScheduler]

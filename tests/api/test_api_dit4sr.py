@@ -559,3 +559,77 @@ def test_unusable_config_json_and_missing_tensors_are_named(server, bad_config_f
         assert f"{BAD_CONFIG_FOLDER}/{case}/config.json" in message, message
     assert "does not describe them" not in message.split("\n")[0], message
     print(f"{case}: {message[:300]}")
+
+
+# ---------------------------------------------------------------------------------------------
+#                 Issue 31: the reference's σ list at any step count, its posterior draw
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULE_STEPS = (3, 20, 25, 28, 30, 50)
+
+
+def saved(server, history, node: str) -> torch.Tensor:
+    return server.saved_latent(history, node)
+
+
+@pytest.mark.both_hosts
+def test_dit4sr_scheduler_is_the_reference_list_and_core_normal_is_within_two_float32_steps(server):
+    """One prompt: DiT4SR Scheduler and core's BasicScheduler 'normal' on the DiT4SR MODEL at each step count.
+    The node equals diffusers' FlowMatchEulerDiscreteScheduler (SD3.5-medium's config) bit for bit and the
+    hand-written float64 list to ≤ 1e-7; core's 'normal' computes it in float32: within 1.2e-7 (two steps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    g = api_graph(decode=False, save_latent=False)
+    loader = one(g, "DiTControl_DiT4SRLoader")
+    g = {loader: g[loader]}
+    for i, steps in enumerate(SCHEDULE_STEPS):
+        g[f"{100 + i}"] = {"class_type": "DiTControl_DiT4SRScheduler", "inputs": {"steps": steps, "shift": 3.0}}
+        g[f"{120 + i}"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": [f"{100 + i}", 0]}}
+        g[f"{140 + i}"] = {"class_type": "BasicScheduler", "inputs": {"model": [loader, 0], "scheduler": "normal",
+                                                                       "steps": steps, "denoise": 1.0}}
+        g[f"{160 + i}"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": [f"{140 + i}", 0]}}
+    history = server.run_ok(g)
+    for i, steps in enumerate(SCHEDULE_STEPS):
+        ours = json.loads(history["outputs"][f"{120 + i}"]["text"][0])
+        core = json.loads(history["outputs"][f"{160 + i}"]["text"][0])["sigmas"]
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        scheduler.set_timesteps(steps)
+        want = scheduler.sigmas.tolist()
+        assert ours["dtype"] == "torch.float32" and ours["sigmas"] == want, (steps, ours["sigmas"], want)
+        hand = flow_match_euler_sigmas(steps)
+        assert max(abs(a - b) for a, b in zip(ours["sigmas"], hand)) <= 1e-7, steps
+        core_diff = max(abs(a - b) for a, b in zip(core, want))
+        print(f"{steps} steps: DiT4SR Scheduler = diffusers; core 'normal' off by {core_diff:.2e}")
+        assert len(core) == steps + 1 and core_diff <= 1.2e-7, (steps, core_diff)
+
+
+def test_posterior_sample_is_the_reference_draw_and_mean_is_the_vae_mean(server):
+    """One prompt, no sampling: DiT4SR Conditioning with posterior 'sample' gives the negative and positive
+    branches the reference's draw — diffusers' DiagonalGaussianDistribution over the image encoded twice,
+    [negative, positive], from the generator `torch.manual_seed(seed)` — on the VAE's own moments (read by the
+    probe pack, not through the pack), bit for bit; 'mean' gives both branches the moments' mean, as before."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    seed = 31
+    g = small_graph()
+    cond = one(g, "DiTControl_DiT4SRConditioning")
+    g[cond]["inputs"].update(posterior="sample", posterior_seed=seed)
+    g["60"] = {"class_type": "DiTControl_DiT4SRConditioning", "inputs": {**g[cond]["inputs"], "posterior": "mean"}}
+    vae = [one(g, "VAELoader"), 0]
+    del g[one(g, "KSampler")], g["90"]               # no sampling: the draw happens in the conditioning node
+    reads = {"191": [cond, 0], "192": [cond, 1], "193": ["60", 0], "194": ["60", 1]}
+    for node, wire in reads.items():
+        g[str(int(node) - 10)] = {"class_type": "DiTControlProbe_ConditioningLatent",
+                                  "inputs": {"conditioning": wire, "key": "dit4sr_lr_latent"}}
+        g[node] = {"class_type": "SaveLatent", "inputs": {"samples": [str(int(node) - 10), 0],
+                                                          "filename_prefix": "dit4sr_test/posterior"}}
+    g["185"] = {"class_type": "DiTControlProbe_VAEMoments", "inputs": {"vae": vae, "image": [cond, 3]}}
+    g["195"] = {"class_type": "SaveLatent", "inputs": {"samples": ["185", 0],
+                                                       "filename_prefix": "dit4sr_test/moments"}}
+    history = server.run_ok(g)
+    positive, negative, mean_positive, mean_negative, moments = (saved(server, history, n) for n in
+                                                                  ("191", "192", "193", "194", "195"))
+    assert moments.shape == (1, 32, 8, 10), moments.shape
+    reference = DiagonalGaussianDistribution(torch.cat([moments, moments])).sample(torch.manual_seed(seed))
+    assert torch.equal(negative, reference[:1]) and torch.equal(positive, reference[1:])
+    assert not torch.equal(negative, positive)
+    assert torch.equal(mean_positive, moments[:, :16]) and torch.equal(mean_negative, moments[:, :16])
+    print(f"sample − mean: largest |Δ| {float((positive - mean_positive).abs().max()):.3g}")

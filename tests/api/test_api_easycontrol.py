@@ -548,3 +548,53 @@ def test_nan_strength_and_an_oversize_latent_are_refused_by_name(server):
     message = err and err["exception_message"]
     assert message and "Apply EasyControl (sampling): a 16384×16384 px image (batch 1)" in message \
         and "1,048,576 image + 64 condition tokens" in message and "refused before allocating" in message, err
+
+
+def test_posterior_sample_is_the_reference_draw_under_the_reference_schedule(server):
+    """Issue 31, one 3-step run at a non-square size (128×96): SamplerCustomAdvanced with EasyControl Scheduler's
+    σ (its list checked against the hand-written one in test_easycontrol_schedule.py) and Apply EasyControl with
+    posterior 'sample'. The condition latent the blocks saw equals the reference's draw written out by hand — one
+    CPU generator seeded with the seed: the noise latent first, then diffusers' DiagonalGaussianDistribution
+    .sample over the condition's VAE moments (read by the probe pack from core's VAE, not through the pack), then
+    (z − 0.1159)·0.3611 — bit for bit. A second Apply EasyControl in 'mean' on the same image gives the moments'
+    mean in the latent format: core's VAE encode, as before."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    seed, steps, width, height = 31, 3, 128, 96
+    g = api_graph("easycontrol_canny", save_latent=False)
+    for node in g.values():
+        if node["class_type"] in ("EmptySD3LatentImage", "ModelSamplingFlux"):
+            node["inputs"].update(width=width, height=height)
+    apply = apply_nodes(g)[0]
+    g[apply]["inputs"].update(posterior="sample", posterior_seed=seed)
+    k = one(g, "KSampler")
+    ks = g[k]["inputs"]
+    g.update({
+        "80": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "81": {"class_type": "BasicGuider", "inputs": {"model": ks["model"], "conditioning": ks["positive"]}},
+        "82": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "83": {"class_type": "DiTControl_EasyControlScheduler",
+               "inputs": {"steps": steps, "width": width, "height": height, "max_shift": 1.15, "base_shift": 0.5}},
+        k: {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["80", 0], "guider": ["81", 0],
+                                                              "sampler": ["82", 0], "sigmas": ["83", 0],
+                                                              "latent_image": ks["latent_image"]}},
+        "84": {"class_type": "DiTControlProbe_EasyControlConditions", "inputs": {"model": [apply, 0],
+                                                                               "samples": [k, 0]}},
+        "85": {"class_type": "DiTControlProbe_VAEMoments", "inputs": {"vae": g[apply]["inputs"]["vae"],
+                                                                    "image": ["84", 1]}},
+        "86": {"class_type": "DiTControl_ApplyEasyControl", "inputs": {**g[apply]["inputs"], "posterior": "mean"}},
+        "87": {"class_type": "DiTControlProbe_EasyControlConditions", "inputs": {"model": ["86", 0]}},
+        "91": {"class_type": "SaveLatent", "inputs": {"samples": ["84", 0], "filename_prefix": "ec_test/drawn"}},
+        "92": {"class_type": "SaveLatent", "inputs": {"samples": ["85", 0], "filename_prefix": "ec_test/moments"}},
+        "93": {"class_type": "SaveLatent", "inputs": {"samples": ["87", 0], "filename_prefix": "ec_test/mean"}},
+        "94": {"class_type": "SaveLatent", "inputs": {"samples": [k, 0], "filename_prefix": "ec_test/sampled"}},
+    })
+    history = server.run_ok(g)
+    drawn, moments, mean = (server.saved_latent(history, n) for n in ("91", "92", "93"))
+    assert server.saved_latent(history, "94").shape == (1, 16, height // 8, width // 8)
+    assert moments.shape == (1, 32, COND_SIZE // 8, COND_SIZE // 8), moments.shape
+    generator = torch.manual_seed(seed)
+    torch.randn((1, 16, height // 8, width // 8), generator=generator)          # the reference's noise latent
+    want = (DiagonalGaussianDistribution(moments).sample(generator) - 0.1159) * 0.3611
+    assert torch.equal(drawn, want), float((drawn - want).abs().max())
+    assert torch.equal(mean, (moments[:, :16] - 0.1159) * 0.3611)
+    print(f"sample − mean in the condition latent: largest |Δ| {float((drawn - mean).abs().max()):.3g}")

@@ -149,3 +149,51 @@ def test_euler_is_the_reference_flow_matching_step(k_sampling):
     # full denoise starts from pure noise: σ_0 = 1 in core's noise scaling
     noise = torch.randn(1, 16, 8, 8, dtype=torch.float64)
     assert torch.equal(ms.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise)), noise)
+
+
+SCHEDULE_STEPS = (3, 20, 25, 28, 30, 50)
+SCHEDULE_SIZES = ((1024, 1024), (768, 1024), (720, 992))
+DIVIDES_1000 = (20, 25, 50)
+
+
+def diffusers_sigmas(steps: int, width: int, height: int) -> list:
+    """FLUX.1-dev's scheduler as the reference pipeline calls it (diffusers' own code, float32)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    tokens = (height // 16) * (width // 16)
+    mu = 0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas.tolist()
+
+
+@pytest.mark.both_hosts
+def test_easycontrol_scheduler_is_the_reference_list_at_any_steps_and_size(comfy):
+    """One prompt: EasyControl Scheduler at 3, 20, 25, 28, 30, 50 steps for three sizes equals diffusers' list
+    bit for bit and the hand-written one to ≤ 1e-7; core's ModelSamplingFlux + simple on the same sizes meets the
+    hand-written list only when the step count divides 1000 (the README's claim)."""
+    g = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors",
+                                                       "weight_dtype": "default"}}}
+    cases = [(steps, size) for size in SCHEDULE_SIZES for steps in SCHEDULE_STEPS]
+    for i, (steps, (w, h)) in enumerate(cases):
+        g[f"{100 + i}"] = {"class_type": "DiTControl_EasyControlScheduler",
+                           "inputs": {"steps": steps, "width": w, "height": h, "max_shift": 1.15, "base_shift": 0.5}}
+        g[f"{200 + i}"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": [f"{100 + i}", 0]}}
+        g[f"{300 + i}"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15,
+                                                                          "base_shift": 0.5, "width": w, "height": h}}
+        g[f"{400 + i}"] = {"class_type": "BasicScheduler", "inputs": {"model": [f"{300 + i}", 0], "scheduler": "simple",
+                                                                       "steps": steps, "denoise": 1.0}}
+        g[f"{500 + i}"] = {"class_type": "DiTControlProbe_SigmasReport", "inputs": {"sigmas": [f"{400 + i}", 0]}}
+    history = comfy.run(g)
+    assert execution_error(history) is None, execution_error(history)
+    for i, (steps, (w, h)) in enumerate(cases):
+        ours = json.loads(history["outputs"][f"{200 + i}"]["text"][0])
+        core = json.loads(history["outputs"][f"{500 + i}"]["text"][0])["sigmas"]
+        hand = reference_sigmas(steps, w, h)
+        assert ours["dtype"] == "torch.float32" and ours["sigmas"] == diffusers_sigmas(steps, w, h), (steps, w, h)
+        assert max_diff(ours["sigmas"], hand) <= 1e-7, (steps, w, h)
+        core_diff = max_diff(core, hand)
+        print(f"{w}x{h}, {steps} steps: EasyControl Scheduler = diffusers; ModelSamplingFlux + simple "
+              f"off by {core_diff:.2e}")
+        assert (core_diff <= FLOAT32_SIGMA_TOL) if steps in DIVIDES_1000 else (core_diff > 1e-5), (steps, core_diff)

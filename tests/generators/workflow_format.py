@@ -32,13 +32,17 @@ SUMMARIES = {
     "pixart_relactrl_canny": "**RelaCtrl on PixArt-α 1024-MS**: a Canny map (100 / 200) of the input picture steers a "
                              "1024×1024 image (Apply ControlNet; DPM-Solver++(2M), 20 steps, CFG 4.5).",
     "easycontrol_canny": "**EasyControl on core FLUX.1-dev**: a canny edge map steers a 1024×1024 image (Apply "
-                         "EasyControl; FluxGuidance 3.5, KSampler Euler 25 steps).",
+                         "EasyControl; FluxGuidance 3.5, KSampler Euler 25 steps). Other step "
+                         "counts: EasyControl Scheduler + SamplerCustomAdvanced gives the reference's σ list.",
     "easycontrol_subject": "**EasyControl on core FLUX.1-dev**: the subject of a photo in a new 1024×1024 picture "
-                           "(Apply EasyControl; FluxGuidance 3.5, KSampler Euler 25 steps).",
+                           "(Apply EasyControl; FluxGuidance 3.5, KSampler Euler 25 steps). Other step "
+                         "counts: EasyControl Scheduler + SamplerCustomAdvanced gives the reference's σ list.",
     "easycontrol_subject_canny": "**EasyControl on core FLUX.1-dev, two conditions chained**: a subject photo and a "
-                                 "canny edge map, 1024×1024 (FluxGuidance 3.5, KSampler Euler 25 steps).",
+                                 "canny edge map, 1024×1024 (FluxGuidance 3.5, KSampler Euler 25 steps). Other step "
+                         "counts: EasyControl Scheduler + SamplerCustomAdvanced gives the reference's σ list.",
     "dit4sr_upscale_x4": "**DiT4SR ×4 super-resolution on SD3.5-medium**: KSampler Euler / normal, CFG 7, 20 steps, "
-                         "tiled inside the model, one-pass tiled decode, AdaIN colour fix.",
+                         "tiled inside the model, one-pass tiled decode, AdaIN colour fix. DiT4SR Scheduler + "
+                         "SamplerCustomAdvanced gives the reference's σ list bit for bit.",
     "controlar_canny_mr": "**ControlAR on LlamaGen-XL**: a canny map steers a 768×512 image token by token (canny_MR, "
                           "CFG 4, top-k 2000, a row preview every 8 rows).",
     "controlar_hed_512": "**ControlAR on LlamaGen-XL**: HED soft edges steer a 512×512 image token by token (hed, "

@@ -23,6 +23,13 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   adds a DIFFUSION_MODEL wrapper that, after every model call, takes weak references to the KV bank's
   tensors and records the bank's size; the report (run after the sampler's LATENT) tells how many of those
   tensors are still alive once the sampling run has ended, after gc.
+- DiTControlProbe_VAEMoments: a KL VAE's raw posterior moments [B, 2C, h, w] (encoder [+ quant_conv], read
+  here from core's VAE object, not through the pack) of an image, as a LATENT for SaveLatent: the tests draw the
+  reference's posterior sample from them by hand.
+- DiTControlProbe_EasyControlConditions: the condition latents an EasyControl MODEL's blocks see (after a
+  sampling run when `samples` is linked: a posterior sample is drawn when the run starts), stacked along the
+  height, and the conditions' prepared images stacked the same way (what the reference encodes as one tall image).
+- DiTControlProbe_ConditioningLatent: the tensor a CONDITIONING carries under a key (DiT4SR's LR latent), as a LATENT.
 - newer_core.py: DiTControlProbe_HintlessControlBase / _FastDiskHost, core changes newer than our hosts
   simulated on the running host's classes (the post-v0.33 guards' tests); device_stats.py: peak accelerator
   memory and image statistics for tests/benchmarks/gpu_check.py.
@@ -146,6 +153,55 @@ class SigmasReport:
         return {"ui": {"text": [json.dumps({"sigmas": [float(s) for s in sigmas], "dtype": str(sigmas.dtype)})]}}
 
 
+class VAEMoments:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "moments"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("VAE",), "image": ("IMAGE",)}}
+
+    def moments(self, vae, image):
+        import comfy.model_management
+        comfy.model_management.load_models_gpu([vae.patcher])
+        model = vae.first_stage_model
+        x = vae.process_input(image[..., :3].movedim(-1, 1)).to(vae.vae_dtype).to(vae.device)
+        with torch.no_grad():
+            z = model.encoder(x)
+            if getattr(model, "quant_conv", None) is not None:       # FLUX's VAE has one, SD3's not
+                z = model.quant_conv(z)
+        return ({"samples": z.to(vae.output_device).float()},)
+
+
+class EasyControlConditions:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ("LATENT", "IMAGE")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}, "optional": {"samples": ("LATENT",)}}
+
+    def report(self, model, samples=None):
+        spec = model.model_options["transformer_options"][EASYCONTROL_SPEC_KEY]
+        latents = torch.cat([c.latent for c in spec.conditions], dim=-2)
+        return ({"samples": latents}, torch.cat([s.pixels for s in spec.sources], dim=1))
+
+
+class ConditioningLatent:
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "read"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "key": ("STRING", {"default": "dit4sr_lr_latent"})}}
+
+    def read(self, conditioning, key):
+        return ({"samples": conditioning[0][1][key]},)
+
+
 EASYCONTROL_SPEC_KEY = "dit_control_easycontrol"     # nodes/easycontrol/model.py SPEC_KEY
 BANK_WATCHES = {}                                    # tag -> record of one watched model
 
@@ -207,7 +263,10 @@ NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioni
                        "DiTControlProbe_ImageTokens": ImageTokens,
                        "DiTControlProbe_SigmasReport": SigmasReport,
                        "DiTControlProbe_EasyControlBankWatch": EasyControlBankWatch,
-                       "DiTControlProbe_EasyControlBankReport": EasyControlBankReport}
+                       "DiTControlProbe_EasyControlBankReport": EasyControlBankReport,
+                       "DiTControlProbe_VAEMoments": VAEMoments,
+                       "DiTControlProbe_EasyControlConditions": EasyControlConditions,
+                       "DiTControlProbe_ConditioningLatent": ConditioningLatent}
 
 # core changes newer than the hosts we have, simulated on the running host's classes (newer_core.py)
 # and the device readings of the GPU check (device_stats.py)
