@@ -5,7 +5,7 @@ adam-duan/DiT4SR pipelines/pipeline_dit4sr.py (diffusers 0.31) calls `set_timest
 to 1000·σ_min in float64 (numpy), divides by 1000, shifts σ' = s·σ / (1 + (s − 1)·σ) in float64, casts to
 float32 and appends 0. Core's `normal` scheduler on the DiT4SR MODEL computes the same list in float32 arithmetic
 (within 2 float32 steps, 1.2e-7); this is the reference's own arithmetic, bit-identical to diffusers' scheduler
-(tests/api/test_reference_schedules.py).
+(tests/kernels/test_reference_schedules.py).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ N), mu=μ)`; the scheduler casts the base σ to float32 and shifts them in float
   σ' = e^μ / (e^μ + (1/σ − 1)), then a final 0.
 Core's ModelSamplingFlux + `simple` picks σ from a 1000-entry table, so it meets this list only when the step
 count divides 1000; this computes it for any step count, with the reference's own float32 arithmetic
-(bit-identical to diffusers' scheduler: tests/api/test_reference_schedules.py).
+(bit-identical to diffusers' scheduler: tests/kernels/test_reference_schedules.py).
 """
 from __future__ import annotations
 
