@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from dit_control.tests.api.test_api_easycontrol import COND_SIZE, SIZE, api_graph, ids, one, prepare_server, rel
-from dit_control.tests.comfy_host import DEFAULT_HOST
+from dit_control.tests.comfy_host import DEFAULT_HOST, REPO, load_api_graph
 from dit_control.tests.generators.make_checkpoints import EASYCONTROL_INPAINT_MASK, EASYCONTROL_PHOTO
 
 KIND_WORKFLOWS = ("easycontrol_ghibli", "easycontrol_inpainting", "easycontrol_hedsketch", "easycontrol_depth",
@@ -102,6 +102,26 @@ def reference_condition(server, name: str, g: dict, history: dict) -> np.ndarray
 
 
 # -- the templates ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", (*KIND_WORKFLOWS, IMG2IMG))
+def test_shipped_schedule_settings(name):
+    """As shipped (no server): ModelSamplingFlux is set to the size the graph samples at (the empty latent's, or
+    img2img's scaled start image), so the σ list is the reference's (tests/api/test_easycontrol_schedule.py);
+    the reference's 25 steps, guidance 3.5, condition size 512, the recommended size (Ghibli: 768, the
+    reference app's default; the others 1024) and, for Ghibli, the trigger words."""
+    g = load_api_graph(REPO / "workflows" / "api" / f"{name}.json")
+    sized = ids(g, "EmptySD3LatentImage") or ids(g, "ImageScale")
+    (size_node,) = sized
+    size = (g[size_node]["inputs"]["width"], g[size_node]["inputs"]["height"])
+    msf = g[one(g, "ModelSamplingFlux")]["inputs"]
+    assert (msf["width"], msf["height"]) == size == ((768, 768) if name == "easycontrol_ghibli" else (1024, 1024))
+    assert g[one(g, "KSampler")]["inputs"]["steps"] == 25 and g[one(g, "FluxGuidance")]["inputs"]["guidance"] == 3.5
+    assert g[one(g, "DiTControl_ApplyEasyControl")]["inputs"]["condition_size"] == 512
+    if name == "easycontrol_ghibli":
+        assert g[one(g, "CLIPTextEncode")]["inputs"]["text"].startswith(
+            "Ghibli Studio style, Charming hand-drawn anime-style illustration")
+    assert g[one(g, "KSampler")]["inputs"]["denoise"] == (0.75 if name == IMG2IMG else 1.0)
+
 
 def latent_only(g: dict) -> dict:
     """Without VAE Decode and Save Image: for runs whose latent is all a test reads (SaveLatent stays)."""
