@@ -20,6 +20,9 @@ from dit_control.tests.generators.make_checkpoints import write_easycontrol_inpu
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = ("easycontrol_canny", "easycontrol_subject", "easycontrol_subject_canny")
+# every shipped EasyControl template; the ones not in WORKFLOWS run in tests/api/test_api_easycontrol_kinds.py
+TEMPLATES = WORKFLOWS + ("easycontrol_ghibli", "easycontrol_inpainting", "easycontrol_hedsketch", "easycontrol_depth",
+                         "easycontrol_pose", "easycontrol_seg", "easycontrol_canny_img2img")
 SIZE, COND_SIZE, STEPS, TOKENS = 128, 128, 2, 32
 
 
@@ -128,7 +131,7 @@ def test_nodes_are_registered_with_descriptions_and_tooltips(server):
     assert "canny.safetensors" in loras and "subject.safetensors" in loras
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_ui_workflow_is_the_api_workflow_and_a_template(server, name):
     from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())

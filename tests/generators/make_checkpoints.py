@@ -37,7 +37,7 @@ from dit_control.tests.training.install import available as micro_model_availabl
 from dit_control.tests.training.install import digest as micro_model_digest  # noqa: E402
 from dit_control.tests.training.install import install_micro_model  # noqa: E402
 
-STAMP_VERSION = "11"
+STAMP_VERSION = "12"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model
@@ -459,6 +459,74 @@ def write_easycontrol_inputs(input_dir: Path):
     d.rectangle([220, 320, 260, 540], fill=(90, 70, 50))
     d.rectangle([150, 540, 330, 580], fill=(60, 60, 60))
     subject.save(input_dir / "easycontrol_subject_input.png")
+    write_easycontrol_kind_inputs(input_dir)
+
+
+# the example inputs of the per-kind EasyControl graphs (issue 28), by file name
+EASYCONTROL_PHOTO = "easycontrol_photo_input.png"           # Ghibli, inpainting, HED sketch, canny img2img
+EASYCONTROL_INPAINT_MASK = "easycontrol_inpainting_mask.png"
+EASYCONTROL_MAPS = {"depth": "easycontrol_depth_input.png", "pose": "easycontrol_pose_input.png",
+                    "seg": "easycontrol_seg_input.png"}
+# OpenPose's 18 body keypoints (COCO order) and its limb colours, as its renderers draw them
+OPENPOSE_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
+                  (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
+OPENPOSE_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+                    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+                    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+# ADE20K palette entries (what segmentation preprocessors colour their classes with)
+ADE20K = {"sky": (6, 230, 230), "building": (180, 120, 120), "tree": (4, 200, 3), "road": (140, 140, 140),
+          "grass": (4, 250, 7), "person": (150, 5, 61)}
+
+
+def write_easycontrol_kind_inputs(input_dir: Path):
+    """Drawn stand-ins for what users bring: a landscape 'photo' (sky gradient, hills, a house, a tree: edges
+    for HED and Canny, colour for Ghibli), the inpainting mask (white = repaint), and the maps preprocessor
+    packs make: a depth map (near = bright), an OpenPose skeleton and an ADE20K-coloured segmentation."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    w, h = 960, 720
+    rows = np.linspace(0, 1, h)[:, None, None]
+    sky = (np.array([90, 150, 230]) * (1 - rows) + np.array([235, 225, 200]) * rows).astype(np.uint8)
+    photo = Image.fromarray(np.broadcast_to(sky, (h, w, 3)).copy())
+    d = ImageDraw.Draw(photo)
+    d.ellipse([-200, 380, 600, 900], fill=(90, 150, 70))
+    d.ellipse([400, 420, 1200, 960], fill=(70, 130, 60))
+    d.rectangle([520, 330, 760, 500], fill=(230, 220, 200), outline=(60, 50, 40), width=4)
+    d.polygon([(500, 335), (640, 230), (780, 335)], fill=(170, 60, 50), outline=(60, 30, 20))
+    d.rectangle([610, 420, 660, 500], fill=(110, 80, 50))
+    d.rectangle([180, 300, 210, 470], fill=(100, 70, 40))
+    d.ellipse([110, 180, 280, 340], fill=(40, 110, 50))
+    d.ellipse([780, 60, 880, 160], fill=(250, 240, 190))
+    photo.save(input_dir / EASYCONTROL_PHOTO)
+    mask = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(mask).ellipse([480, 200, 800, 520], fill=255)          # over the house
+    mask.save(input_dir / EASYCONTROL_INPAINT_MASK)
+    size = 1024
+    depth = np.broadcast_to(np.linspace(20, 200, size)[:, None], (size, size)).copy()     # floor comes closer
+    yy, xx = np.mgrid[:size, :size]
+    ball = (yy - 560) ** 2 + (xx - 380) ** 2 < 200 ** 2
+    depth[ball] = 250 - np.sqrt((yy[ball] - 560) ** 2 + (xx[ball] - 380) ** 2) / 4
+    depth[300:700, 650:900] = 150
+    Image.fromarray(np.repeat(depth.astype(np.uint8)[..., None], 3, axis=2)).save(input_dir / EASYCONTROL_MAPS["depth"])
+    points = ((512, 200), (512, 300), (420, 300), (380, 430), (360, 560), (604, 300), (650, 420), (700, 520),
+              (450, 560), (440, 740), (430, 920), (574, 560), (590, 740), (600, 920), (490, 180), (534, 180),
+              (470, 195), (554, 195))
+    pose = Image.new("RGB", (size, size), (0, 0, 0))
+    d = ImageDraw.Draw(pose)
+    for (a, b), colour in zip(OPENPOSE_LIMBS, OPENPOSE_COLOURS):
+        d.line([points[a], points[b]], fill=tuple(int(c * 0.6) for c in colour), width=12)
+    for (x, y), colour in zip(points, OPENPOSE_COLOURS):
+        d.ellipse([x - 8, y - 8, x + 8, y + 8], fill=colour)
+    pose.save(input_dir / EASYCONTROL_MAPS["pose"])
+    seg = Image.new("RGB", (size, size), ADE20K["sky"])
+    d = ImageDraw.Draw(seg)
+    d.rectangle([0, 600, size, size], fill=ADE20K["grass"])
+    d.polygon([(380, size), (480, 600), (540, 600), (640, size)], fill=ADE20K["road"])
+    d.rectangle([620, 250, 950, 600], fill=ADE20K["building"])
+    d.ellipse([60, 250, 360, 560], fill=ADE20K["tree"])
+    d.ellipse([420, 430, 480, 490], fill=ADE20K["person"])
+    d.rectangle([425, 490, 475, 640], fill=ADE20K["person"])
+    seg.save(input_dir / EASYCONTROL_MAPS["seg"])
 
 
 def shard_t5(single: Path, folder: Path):
@@ -485,7 +553,10 @@ def shard_t5(single: Path, folder: Path):
 EASYCONTROL_FLUX = dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1)
 EASYCONTROL_LORA_RANK = 4
 # the LoRA files the shipped workflows name, with their kind (read from the name by the loader node)
-EASYCONTROL_LORAS = {"canny.safetensors": 21, "subject.safetensors": 22}
+# the shipped graphs' LoRA names (the released files'); rank-4 random weights each
+EASYCONTROL_LORAS = {"canny.safetensors": 21, "subject.safetensors": 22, "Ghibli.safetensors": 25,
+                     "inpainting.safetensors": 26, "hedsketch.safetensors": 27, "depth.safetensors": 28,
+                     "pose.safetensors": 29, "seg.safetensors": 30}
 # the DualCLIPLoader widget values of the shipped workflows: tiny PLACEHOLDER files, never loaded by a
 # test (the API tests swap DualCLIPLoader + CLIPTextEncode for tests/host_probe's conditioning stand-in);
 # they exist only so that the frontend test's dropdown check finds the names the workflows use
@@ -507,14 +578,17 @@ def _random_like(shapes: dict, seed: int, dtype=torch.bfloat16, gain: float = 1.
     return sd
 
 
-def save_easycontrol_flux(path: Path, seed: int):
+def save_easycontrol_flux(path: Path, seed: int, schnell: bool = False):
     """FLUX.1-dev layout in ComfyUI/BFL native names (what `flux1-dev.safetensors` holds), full width,
-    1 + 1 blocks, random bf16 weights; core's UNETLoader detects it as FLUX (dev: guidance_in present)."""
+    1 + 1 blocks, random bf16 weights; core's UNETLoader detects it as FLUX (dev: guidance_in present).
+    schnell: the same weights without guidance_in, which is what tells core (and FLUX.1-schnell's file) apart."""
     import safetensors.torch
 
     from dit_control.kernels.flux_easycontrol.checkpoint import expected_shapes
     from dit_control.kernels.flux_easycontrol.model import FluxConfig
     sd = _random_like(expected_shapes(FluxConfig(**EASYCONTROL_FLUX)), seed, gain=0.5)
+    if schnell:
+        sd = {k: v for k, v in sd.items() if not k.startswith("guidance_in.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, str(path))
 
@@ -558,6 +632,7 @@ def save_random_flux_vae(path: Path, seed: int):
 def make_easycontrol_files(models_dir: Path):
     models_dir = Path(models_dir)
     save_easycontrol_flux(models_dir / "diffusion_models" / "flux1-dev.safetensors", seed=20)
+    save_easycontrol_flux(models_dir / "diffusion_models" / "flux1-schnell.safetensors", seed=20, schnell=True)
     for name, seed in EASYCONTROL_LORAS.items():
         save_easycontrol_lora(models_dir / "loras" / name, seed=seed)
     save_random_flux_vae(models_dir / "vae" / "ae.safetensors", seed=23)

@@ -70,7 +70,8 @@ FLUX = _files(
     ModelFile("clip_l.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders", "clip_l.safetensors"),
     T5_XXL_COMFY,
     *(ModelFile(f"{kind}.safetensors", "loras", "Xiaojiu-Z/EasyControl", f"models/{kind}.safetensors")
-      for kind in ("canny", "subject")))
+      for kind in ("canny", "subject", "Ghibli", "inpainting", "hedsketch", "depth", "pose", "seg")),
+    HED)
 
 SD35 = "stabilityai/stable-diffusion-3.5-medium"
 DIT4SR = _files(
@@ -95,6 +96,8 @@ FAMILY_OF_WORKFLOW = {
     "pixart_alpha_t2i": PIXART, "pixart_delta_lcm_t2i": PIXART, "pixart_delta_lcm_t2i_int8": PIXART,
     "pixart_delta_controlnet": PIXART, "pixart_relactrl_canny": PIXART,
     "easycontrol_canny": FLUX, "easycontrol_subject": FLUX, "easycontrol_subject_canny": FLUX,
+    **{f"easycontrol_{kind}": FLUX for kind in ("ghibli", "inpainting", "hedsketch", "depth", "pose", "seg",
+                                                "canny_img2img")},
     "dit4sr_upscale_x4": DIT4SR,
     "controlar_canny_mr": CONTROLAR, "controlar_hed_512": CONTROLAR,
 }

@@ -40,6 +40,24 @@ SUMMARIES = {
     "easycontrol_subject_canny": "**EasyControl on core FLUX.1-dev, two conditions chained**: a subject photo and a "
                                  "canny edge map, 1024×1024 (FluxGuidance 3.5, KSampler Euler 25 steps). Other step "
                          "counts: EasyControl Scheduler + SamplerCustomAdvanced gives the reference's σ list.",
+    "easycontrol_ghibli": "**EasyControl Ghibli style on core FLUX.1-dev**: a photo redrawn as a Ghibli illustration, "
+                          "768×768, the trigger words `Ghibli Studio style, Charming hand-drawn anime-style "
+                          "illustration` in the prompt (FluxGuidance 3.5, KSampler Euler 25 steps).",
+    "easycontrol_inpainting": "**EasyControl inpainting on core FLUX.1-dev**: the photo with the masked region "
+                              "(white in the mask) blacked out steers a new 1024×1024 picture that fills it; nothing "
+                              "is pasted back (FluxGuidance 3.5, KSampler Euler 25 steps).",
+    "easycontrol_hedsketch": "**EasyControl HED sketch on core FLUX.1-dev**: HED edges of the photo made into a black-"
+                             "on-white sketch steer a 1024×1024 picture (FluxGuidance 3.5, KSampler Euler 25 steps).",
+    "easycontrol_depth": "**EasyControl depth on core FLUX.1-dev**: a depth map (near = bright) steers a 1024×1024 "
+                         "picture. Make maps with comfyui_controlnet_aux (Depth Anything, MiDaS, Zoe) or "
+                         "ComfyUI-DepthAnythingV2.",
+    "easycontrol_pose": "**EasyControl pose on core FLUX.1-dev**: an OpenPose skeleton steers a 1024×1024 picture. "
+                        "Make skeletons with comfyui_controlnet_aux (DWPose, OpenPose) or draw one with an "
+                        "OpenPose editor pack.",
+    "easycontrol_seg": "**EasyControl segmentation on core FLUX.1-dev**: an ADE20K-coloured segmentation map steers a "
+                       "1024×1024 picture. Make maps with comfyui_controlnet_aux (OneFormer ADE20K, UniFormer).",
+    "easycontrol_canny_img2img": "**EasyControl img2img on core FLUX.1-dev**: the photo VAE-encoded as the start "
+                                 "latent (KSampler denoise 0.75) and its canny map as the condition, 1024×1024.",
     "dit4sr_upscale_x4": "**DiT4SR ×4 super-resolution on SD3.5-medium**: KSampler Euler / normal, CFG 7, 20 steps, "
                          "tiled inside the model, one-pass tiled decode, AdaIN colour fix. DiT4SR Scheduler + "
                          "SamplerCustomAdvanced gives the reference's σ list bit for bit.",

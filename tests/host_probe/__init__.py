@@ -30,6 +30,8 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   sampling run when `samples` is linked: a posterior sample is drawn when the run starts), stacked along the
   height, and the conditions' prepared images stacked the same way (what the reference encodes as one tall image).
 - DiTControlProbe_ConditioningLatent: the tensor a CONDITIONING carries under a key (DiT4SR's LR latent), as a LATENT.
+- DiTControlProbe_EasyControlConditionImage: the prepared pixels of an EasyControl MODEL's last condition (what
+  the VAE encodes for the condition stream), 8-bit, as base64 text in the history.
 - newer_core.py: DiTControlProbe_HintlessControlBase / _FastDiskHost, core changes newer than our hosts
   simulated on the running host's classes (the post-v0.33 guards' tests); device_stats.py: peak accelerator
   memory and image statistics for tests/benchmarks/gpu_check.py.
@@ -257,6 +259,27 @@ class EasyControlBankReport:
         return {"ui": {"text": [json.dumps(report)]}}
 
 
+class EasyControlConditionImage:
+    """The pixels an EasyControl MODEL's last condition hands the condition stream (prepared, before the VAE):
+    8-bit (they are 8-bit after the Lanczos resize), base64 in the history, for comparing with the reference's
+    preparation of the same input bit for bit."""
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def report(self, model):
+        import base64
+        pixels = model.model_options["transformer_options"][EASYCONTROL_SPEC_KEY].sources[-1].pixels
+        levels = (pixels.float().cpu() * 255.0).round().clamp(0, 255).to(torch.uint8)
+        return {"ui": {"text": [json.dumps({"shape": list(levels.shape),
+                                            "uint8": base64.b64encode(levels.numpy().tobytes()).decode()})]}}
+
+
 NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
                        "DiTControlProbe_SD3ConditioningStandIn": SD3ConditioningStandIn,
                        "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass,
@@ -266,7 +289,9 @@ NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioni
                        "DiTControlProbe_EasyControlBankReport": EasyControlBankReport,
                        "DiTControlProbe_VAEMoments": VAEMoments,
                        "DiTControlProbe_EasyControlConditions": EasyControlConditions,
-                       "DiTControlProbe_ConditioningLatent": ConditioningLatent}
+                       "DiTControlProbe_ConditioningLatent": ConditioningLatent,
+                       "DiTControlProbe_EasyControlConditionImage": EasyControlConditionImage}
+
 
 # core changes newer than the hosts we have, simulated on the running host's classes (newer_core.py)
 # and the device readings of the GPU check (device_stats.py)
