@@ -19,7 +19,7 @@ import comfy.model_patcher
 import comfy.sd1_clip
 import folder_paths
 
-from ..kernels.checkpoint_io import release_free_heap
+from ..kernels.checkpoint_io import naming_file, release_free_heap
 from ..kernels.int8 import release_scratch
 from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
 from .comfy_compat import new_model_patcher
@@ -134,7 +134,8 @@ class PixArtT5Loader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
         t5 = PixArtT5(path, weight_dtype, release_after_encode, _tokenizer(),
                       _compute_dtype(mm.text_encoder_device()))
-        t5.load()   # now, so that a wrong file fails at this node with the loader's error
+        with naming_file(t5_name):
+            t5.load()   # now, so that a wrong file fails at this node with the loader's error
         return io.NodeOutput(t5)
 
 

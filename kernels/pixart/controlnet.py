@@ -21,27 +21,17 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
-from .checkpoint import (
-    block_to_original,
-    detect_layout,
-    load_pixart,
-    prepare_pixart,
-    released_base_mismatch,
-    variant_name,
+from .checkpoint import block_to_original, detect_layout, released_base_mismatch, variant_name
+from .control_file import (
+    ADAPTER_PREFIX,
+    BASE_PREFIX,
+    CONTROL_PREFIX,
+    BundledBase,
+    prepare_bundled_base,
+    scales_skips,
+    split_control_file,
 )
 from .model import BlockContext, ControlFn, PixArt, PixArtBlock, PixArtConfig
-
-BASE_PREFIX = "base_model."
-CONTROL_PREFIX = "controlnet."
-ADAPTER_PREFIX = "controlnet_blocks."
-
-# Micro-condition embedders of a bundled PixArtMS base that the 512 ControlNet forward never calls
-# (`ControlPixArtHalf`); the spec documents them as dead, so the strict check may drop them.
-UNUSED_512_BASE_KEYS = tuple(f"{BASE_PREFIX}{e}.mlp.{i}.{p}" for e in ("csize_embedder", "ar_embedder")
-                             for i in (0, 2) for p in ("weight", "bias"))
-# Trained latent side of the 512 release; its base runs non-MS (lewei 1, square table) like the reference.
-SAMPLE_SIZE_512 = 64
-
 
 # ---------------------------------------------------------------------------------------------
 #                                         The modules
@@ -101,16 +91,12 @@ class PixArtControlNet(nn.Module):
         skips = {}
         for block in self.controlnet:
             c, skip = block(x, c, ctx)
-            skips[block.index + 1] = skip * strength if _is_not_one(strength) else skip
+            skips[block.index + 1] = skip * strength if scales_skips(strength) else skip
         return skips
 
     def branch(self, control_latent: torch.Tensor, strength: Union[float, torch.Tensor] = 1.0) -> "ControlBranch":
         """A ControlFn for `PixArt.forward(..., control=...)`."""
         return ControlBranch(self, control_latent, strength)
-
-
-def _is_not_one(strength) -> bool:
-    return not (isinstance(strength, (int, float)) and strength == 1)
 
 
 def match_control_latent(latent: torch.Tensor, batch: int, grid: tuple, patch_size: int) -> torch.Tensor:
@@ -251,17 +237,6 @@ def controlnet_expected_shapes(num_blocks: int, cfg: PixArtConfig) -> dict:
     return meta_shapes(lambda: PixArtControlNet(num_blocks, cfg))
 
 
-def _split_full(sd: dict) -> tuple:
-    """(base part without `base_model.`, control part incl. any stray keys, so the check names them)."""
-    base, control = {}, {}
-    for k, v in sd.items():
-        if k.startswith(BASE_PREFIX):
-            base[k[len(BASE_PREFIX):]] = v
-        else:
-            control[k] = v
-    return base, control
-
-
 def prepare_pixart_controlnet(sd: dict, num_heads: Optional[int] = None, sample_size: Optional[int] = None,
                               pe_interpolation: Optional[float] = None,
                               micro_condition: Optional[bool] = None) -> tuple:
@@ -271,12 +246,10 @@ def prepare_pixart_controlnet(sd: dict, num_heads: Optional[int] = None, sample_
     `prepare_pixart`). `micro_condition=None` runs a 512 bundled base (trained latent 64) as non-MS, like
     the reference 512 forward, dropping its unused csize/ar embedders; pass True/False to force."""
     layout = detect_controlnet_layout(sd)
-    problems, dropped, notes = [], [], []
-    base_sd = base_cfg = base_layout = None
+    bundled = BundledBase()
     if layout == "original":
-        base_sd, control = _split_full(sd)
-        base_sd, base_cfg, base_layout, dropped, notes = _prepare_bundled_base(
-            base_sd, problems, num_heads, sample_size, pe_interpolation, micro_condition)
+        base_sd, control = split_control_file(sd)
+        bundled = prepare_bundled_base(base_sd, num_heads, sample_size, pe_interpolation, micro_condition)
     elif layout == "diffusers-adapter":
         control = adapter_to_original(sd)
     else:
@@ -284,8 +257,9 @@ def prepare_pixart_controlnet(sd: dict, num_heads: Optional[int] = None, sample_
 
     num_blocks, hidden, mlp_ratio = infer_controlnet_dims(control)
     # heads are invisible in the weights: the bundled base's, the caller's, or PixArt's 72-wide default
-    heads = base_cfg.num_heads if base_cfg is not None else (num_heads or _default_heads(hidden))
+    heads = bundled.config.num_heads if bundled.config is not None else (num_heads or _default_heads(hidden))
     cfg = block_config(hidden, heads, mlp_ratio)
+    problems = [bundled.error] if bundled.error else []
     try:
         check_strict(controlnet_expected_shapes(num_blocks, cfg), control,
                      f"PixArt-δ ControlNet-Transformer ({layout} layout, {num_blocks} blocks, width {hidden})")
@@ -295,46 +269,16 @@ def prepare_pixart_controlnet(sd: dict, num_heads: Optional[int] = None, sample_
         raise CheckpointError("\n".join(problems))
 
     info = ControlNetInfo(layout=layout, num_blocks=num_blocks, hidden_size=hidden, mlp_ratio=mlp_ratio,
-                          base_config=base_cfg, base_layout=base_layout, dropped=tuple(dropped), notes=notes)
-    if base_cfg is not None:
-        check_base_compatible(info, base_cfg)
-    return control, base_sd, info
+                          base_config=bundled.config, base_layout=bundled.layout, dropped=tuple(bundled.dropped),
+                          notes=bundled.notes)
+    if bundled.config is not None:
+        check_base_compatible(info, bundled.config)
+    return control, bundled.state_dict, info
 
 
 def _default_heads(hidden: int) -> int:
     """PixArt's 72-wide heads (1152 -> 16); the same fallback as `infer_config`."""
     return hidden // 72 if hidden % 72 == 0 else max(1, hidden // 64)
-
-
-def _prepare_bundled_base(base_sd: dict, problems: list, num_heads, sample_size, pe_interpolation,
-                          micro_condition) -> tuple:
-    """Strictly check the `base_model.*` part; errors are collected so that one message names everything."""
-    dropped, notes = [], []
-    if "pos_embed" in base_sd:
-        dropped.append(BASE_PREFIX + "pos_embed")      # stale table; recomputed per size
-    trained = sample_size
-    if trained is None and "pos_embed" in base_sd and "x_embedder.proj.weight" in base_sd:
-        # the stale square table [1, side², D] still tells the trained size, as in `infer_config`
-        side = int(round(base_sd["pos_embed"].shape[-2] ** 0.5))
-        trained = side * base_sd["x_embedder.proj.weight"].shape[-1]
-    if micro_condition is None:
-        micro_condition = trained != SAMPLE_SIZE_512 and "csize_embedder.mlp.0.weight" in base_sd
-    if not micro_condition:
-        unused = [k for k in UNUSED_512_BASE_KEYS if k[len(BASE_PREFIX):] in base_sd]
-        for k in unused:
-            base_sd.pop(k[len(BASE_PREFIX):])
-        if unused:
-            dropped.extend(unused)
-            notes.append("the bundled base has PixArtMS micro-condition embedders that the 512 ControlNet forward "
-                         "never uses; they were dropped and the base runs as non-MS")
-    try:
-        base_sd, base_cfg, base_layout = prepare_pixart(
-            base_sd, num_heads=num_heads, sample_size=sample_size, pe_interpolation=pe_interpolation,
-            what="PixArt-α base bundled in the ControlNet file (names without base_model.)")
-    except CheckpointError as e:
-        problems.append(str(e))
-        return None, None, None, dropped, notes
-    return base_sd, base_cfg, base_layout, dropped, notes
 
 
 def check_base_compatible(controlnet: Union[PixArtControlNet, ControlNetInfo], base) -> None:
@@ -384,12 +328,3 @@ def load_pixart_controlnet(controlnet_sd: dict, base_config, operations=nn, dtyp
                         controlnet_sd, dtype, device)
     model.released_base = info.base_config if info else None
     return model
-
-
-def load_bundled_base(base_sd: dict, info: ControlNetInfo, operations=nn, dtype=None, device=None) -> PixArt:
-    """The base model a full-layout file carries, with the config `prepare_pixart_controlnet` settled on."""
-    cfg = info.base_config
-    if cfg is None:
-        raise CheckpointError(f"{info.describe()}: the file carries no base model; load one separately")
-    return load_pixart(base_sd, operations=operations, dtype=dtype, device=device, num_heads=cfg.num_heads,
-                       sample_size=cfg.sample_size, pe_interpolation=cfg.pe_interpolation)

@@ -30,22 +30,22 @@ import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .checkpoint import detect_layout, released_base_mismatch, variant_name
-from .controlnet import (
+from .control_file import (
     ADAPTER_PREFIX,
     BASE_PREFIX,
     CONTROL_PREFIX,
-    _prepare_bundled_base,
-    _split_full,
-    block_config,
-    load_bundled_base,
-    match_control_latent,
+    BundledBase,
+    prepare_bundled_base,
+    scales_skips,
+    split_control_file,
 )
+from .controlnet import block_config, match_control_latent
 from .model import BlockContext, PixArt, PixArtConfig, SelfAttention, _cast, _layer_norm, modulate
 
 __all__ = ["RelaCtrlConfig", "RelaCtrl", "RGLCBlock", "TDSM", "TokenMixer", "RelaCtrlBranch",
            "PermutationSource", "RecordedPermutations", "GeneratorPermutations", "SeededPermutations",
            "IdentityPermutations", "permutation_source", "step_seed", "RelaCtrlInfo", "prepare_relactrl",
-           "load_relactrl", "load_bundled_base", "check_relactrl_base_compatible", "detect_relactrl_layout"]
+           "load_relactrl", "check_relactrl_base_compatible", "detect_relactrl_layout"]
 
 # `c_adding_index` of the release: RGLC block k reads the output of base block PLACEMENT[k] and its skip
 # enters base block PLACEMENT[k] + 1 (and every later one until the next RGLC block).
@@ -290,10 +290,6 @@ class RelaCtrl(nn.Module):
         return RelaCtrlBranch(self, control_latent, strength, permutation_source(permutations, seed, step))
 
 
-def _is_not_one(strength) -> bool:
-    return not (isinstance(strength, (int, float)) and strength == 1)
-
-
 class LazySkip:
     """A control addition computed when the base forward reaches its block (see `ControlFn` in model.py).
     Adding it to a tensor or to another LazySkip (as `combine_controls` does) gives a LazySkip of the sum."""
@@ -332,7 +328,7 @@ class _RelaCtrlRun:
                 raise RuntimeError(f"RelaCtrl block {k} ran out of order (after {self.done} blocks)")
             self.c, skip = self.net.controlnet[k](tokens, self.c, self.t0, self.perms)
             # never reset: this skip goes into every later base block until the next RGLC block
-            self.skip = skip * self.strength if _is_not_one(self.strength) else skip
+            self.skip = skip * self.strength if scales_skips(self.strength) else skip
             self.done += 1
         return self.skip
 
@@ -482,19 +478,18 @@ def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Opt
     deletes it) and the control-only file (load PixArt-XL-2-1024-MS separately). `num_heads` / `sample_size` /
     `pe_interpolation` go to the bundled base's config inference (as for `prepare_pixart`)."""
     layout = detect_relactrl_layout(sd)
-    problems, dropped, notes = [], [], []
-    base_sd = base_cfg = base_layout = None
+    bundled = BundledBase()
     if layout == "original":
-        base_sd, control = _split_full(sd)
-        base_sd, base_cfg, base_layout, dropped, notes = _prepare_bundled_base(
-            base_sd, problems, num_heads, sample_size, pe_interpolation, None)
+        base_sd, control = split_control_file(sd)
+        bundled = prepare_bundled_base(base_sd, num_heads, sample_size, pe_interpolation)
     else:
         control = dict(sd)
     if "pos_embed" in control:
         # the reference deletes `pos_embed` as well as `base_model.pos_embed` before loading: a stale table
         control.pop("pos_embed")
-        dropped.append("pos_embed")
+        bundled.dropped.append("pos_embed")
     cfg = infer_relactrl_config(control, placement)
+    problems = [bundled.error] if bundled.error else []
     try:
         check_strict(relactrl_expected_shapes(cfg), control,
                      f"RelaCtrl ({layout} layout, {cfg.num_blocks} RGLC blocks, width {cfg.hidden_size})")
@@ -502,11 +497,11 @@ def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Opt
         problems.insert(0, str(e))
     if problems:
         raise CheckpointError("\n".join(problems))
-    info = RelaCtrlInfo(layout=layout, config=cfg, base_config=base_cfg, base_layout=base_layout,
-                        dropped=tuple(dropped), notes=notes)
-    if base_cfg is not None:
-        check_relactrl_base_compatible(info, base_cfg)
-    return control, base_sd, info
+    info = RelaCtrlInfo(layout=layout, config=cfg, base_config=bundled.config, base_layout=bundled.layout,
+                        dropped=tuple(bundled.dropped), notes=bundled.notes)
+    if bundled.config is not None:
+        check_relactrl_base_compatible(info, bundled.config)
+    return control, bundled.state_dict, info
 
 
 def check_relactrl_base_compatible(relactrl: Union[RelaCtrl, RelaCtrlInfo], base) -> None:

@@ -22,11 +22,10 @@ from comfy_api.latest import io
 import comfy.controlnet
 import comfy.latent_formats
 import comfy.model_management as mm
-import comfy.ops
 import comfy.utils
 import folder_paths
 
-from ...kernels.checkpoint_io import read_state_dict
+from ...kernels.checkpoint_io import naming_file, read_state_dict
 from ...kernels.pixart.controlnet import (
     check_base_compatible,
     combine_controls,
@@ -36,7 +35,7 @@ from ...kernels.pixart.controlnet import (
 from ...kernels.pixart.model import PixArtConfig
 from ..comfy_compat import host_init_args, new_model_patcher, patcher_like, register_reloader
 from ..input_checks import check_finite
-from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, operations_for, storage_choice
 from .model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 
 CATEGORY = "DiT Control/PixArt"
@@ -172,7 +171,7 @@ def load_control_network(path: str, weight_choice: str = "default", kind: Contro
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     chosen, int8_ops, _ = storage_choice(weight_choice)
     dtype, cast = storage_dtypes(control_sd, chosen)
-    ops = int8_ops or (comfy.ops.manual_cast if cast is not None else comfy.ops.disable_weight_init)
+    ops = operations_for(cast is not None, int8_ops)
     net = kind.load(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
     patcher = new_model_patcher(net, load_device, offload_device)   # the class core's ControlNets get
     logging.info("dit-control: %s", info.describe())
@@ -208,7 +207,8 @@ class PixArtControlNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
-        control, base_sd, _ = load_controlnet(path, weight_dtype)
+        with naming_file(controlnet_name):
+            control, base_sd, _ = load_controlnet(path, weight_dtype)
         del base_sd  # a bundled base is not kept: load it with the checkpoint loader if wanted
         return io.NodeOutput(control)
 
@@ -236,8 +236,9 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
     @classmethod
     def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
-        control, base_sd, info = load_controlnet(path, weight_dtype)
-        model = bundled_base_patcher(path, base_sd, info, weight_dtype)
+        with naming_file(controlnet_name):
+            control, base_sd, info = load_controlnet(path, weight_dtype)
+            model = bundled_base_patcher(path, base_sd, info, weight_dtype)
         return io.NodeOutput(model, control)
 
 

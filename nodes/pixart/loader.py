@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ...kernels.checkpoint_io import read_json_beside, read_state_dict
+from ...kernels.checkpoint_io import naming_file, read_json_beside, read_state_dict
 from ...kernels.pixart.checkpoint import from_diffusers_config, prepare_pixart, variant_name
 from ..comfy_compat import register_reloader
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
@@ -61,7 +61,8 @@ class PixArtDiTLoader(io.ComfyNode):
     @classmethod
     def execute(cls, dit_name, weight_dtype="default", resolution="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
-        patcher, variant = load_dit(path, weight_dtype, resolution)
+        with naming_file(dit_name):
+            patcher, variant = load_dit(path, weight_dtype, resolution)
         logging.info("dit-control: loaded %s as %s", dit_name, variant)
         return io.NodeOutput(patcher, variant)
 

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
+from ...kernels.checkpoint_io import naming_file
 from ...kernels.pixart.model import PixArtConfig
 from ...kernels.pixart.relactrl import check_relactrl_base_compatible, load_relactrl, prepare_relactrl
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES
@@ -94,7 +95,8 @@ class RelaCtrlLoader(io.ComfyNode):
     @classmethod
     def execute(cls, relactrl_name, weight_dtype="default", seed=0) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", relactrl_name)
-        control, base_sd, _ = load_controlnet(path, weight_dtype, relactrl_kind(seed))
+        with naming_file(relactrl_name):
+            control, base_sd, _ = load_controlnet(path, weight_dtype, relactrl_kind(seed))
         del base_sd  # a bundled base is not kept: load it with the checkpoint loader if wanted
         return io.NodeOutput(control)
 
@@ -118,8 +120,9 @@ class RelaCtrlCheckpointLoader(io.ComfyNode):
     def execute(cls, relactrl_name, weight_dtype="default", seed=0) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", relactrl_name)
         kind = relactrl_kind(seed)
-        control, base_sd, info = load_controlnet(path, weight_dtype, kind)
-        model = bundled_base_patcher(path, base_sd, info, weight_dtype, kind=kind)
+        with naming_file(relactrl_name):
+            control, base_sd, info = load_controlnet(path, weight_dtype, kind)
+            model = bundled_base_patcher(path, base_sd, info, weight_dtype, kind=kind)
         return io.NodeOutput(model, control)
 
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from dit_control.kernels.checkpoint_io import read_state_dict
-from dit_control.kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
+from dit_control.kernels.pixart.control_file import load_bundled_base
+from dit_control.kernels.pixart.controlnet import load_pixart_controlnet, prepare_pixart_controlnet
 from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
 from dit_control.tests.api.api_graphs import add_lcm_control_latents, at_pass_size

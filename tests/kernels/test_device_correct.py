@@ -58,11 +58,11 @@ from dit_control.kernels.flux_easycontrol.lora import EasyControlLoRA, EasyContr
 from dit_control.kernels.flux_easycontrol.model import Flux, FluxConfig
 from dit_control.kernels.hed import HEDNetwork, hed_edges
 from dit_control.kernels.int8 import Int8Linear, int8_ops, quantize_model_linears
+from dit_control.kernels.pixart.control_file import load_bundled_base
 from dit_control.kernels.pixart.controlnet import (
     PixArtControlNet,
     block_config,
     combine_controls,
-    load_bundled_base,
     load_pixart_controlnet,
     prepare_pixart_controlnet,
 )

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 
 from dit_control.kernels.checkpoint_io import CheckpointError, read_state_dict
 from dit_control.kernels.pixart.checkpoint import expected_shapes, load_pixart
+from dit_control.kernels.pixart.control_file import load_bundled_base
 from dit_control.kernels.pixart.controlnet import (
     adapter_to_original,
     check_base_compatible,
     combine_controls,
-    load_bundled_base,
     load_pixart_controlnet,
     prepare_pixart_controlnet,
 )

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dit_control.kernels.checkpoint_io import CheckpointError, read_state_dict
 from dit_control.kernels.pixart.checkpoint import expected_shapes
+from dit_control.kernels.pixart.control_file import load_bundled_base
 from dit_control.kernels.pixart.controlnet import combine_controls, prepare_pixart_controlnet
 from dit_control.kernels.pixart.model import _layer_norm, pixart_xl2_1024_ms
 from dit_control.kernels.pixart.relactrl import (
@@ -20,7 +21,6 @@ from dit_control.kernels.pixart.relactrl import (
     RecordedPermutations,
     SeededPermutations,
     check_relactrl_base_compatible,
-    load_bundled_base,
     load_relactrl,
     permutation_source,
     prepare_relactrl,

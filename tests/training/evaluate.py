@@ -115,11 +115,8 @@ def grid_png(path: Path, images: list, cols: int = 8):
 def load_models(out: Path):
     from dit_control.kernels.checkpoint_io import read_state_dict
     from dit_control.kernels.pixart.checkpoint import load_pixart
-    from dit_control.kernels.pixart.controlnet import (
-        load_bundled_base,
-        load_pixart_controlnet,
-        prepare_pixart_controlnet,
-    )
+    from dit_control.kernels.pixart.control_file import load_bundled_base
+    from dit_control.kernels.pixart.controlnet import load_pixart_controlnet, prepare_pixart_controlnet
     models = out / "models"
     got = {}
     base_path = models / "diffusion_models" / "PixArt-XL-2-1024-MS.pth"

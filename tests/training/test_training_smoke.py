@@ -13,7 +13,8 @@ from dit_control.kernels.pixart.checkpoint import (
     prepare_pixart,
     to_diffusers_config,
 )
-from dit_control.kernels.pixart.controlnet import load_bundled_base, load_pixart_controlnet, prepare_pixart_controlnet
+from dit_control.kernels.pixart.control_file import load_bundled_base
+from dit_control.kernels.pixart.controlnet import load_pixart_controlnet, prepare_pixart_controlnet
 from dit_control.tests.training import train
 
 SMALL = ["--scenes", "48", "--batch", "4", "--seed", "3"]
