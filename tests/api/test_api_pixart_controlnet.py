@@ -11,7 +11,7 @@ from dit_control.kernels.pixart.control_file import load_bundled_base
 from dit_control.kernels.pixart.controlnet import load_pixart_controlnet, prepare_pixart_controlnet
 from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
-from dit_control.tests.api.api_graphs import add_lcm_control_latents, at_pass_size
+from dit_control.tests.api.api_graphs import add_lcm_control_latents, at_pass_size, first_node
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
 from dit_control.tests.generators.make_checkpoints import write_example_inputs
 
@@ -59,13 +59,15 @@ def test_nodes_registered(object_info):
 
 
 @pytest.mark.both_hosts
-def test_shipped_workflow_makes_a_1024_image(comfy):
+def test_shipped_workflow_runs_end_to_end(comfy):
     # two of its 14 steps: every step runs the same code; what the trained ControlNet draws through the shipped
-    # graph at full steps is measured in test_api_micro_model.py
+    # graph at full steps is measured in test_api_micro_model.py. At 512 px (api_graphs.at_pass_size): its
+    # 1024 px is the LCM flagship's, run whole by test_api_pixart_lcm.py
     g = shipped()
     assert g["12"]["inputs"]["steps"] == 14
+    assert g[first_node(g, "EmptyLatentImage")]["inputs"]["width"] == 1024
     g["12"]["inputs"]["steps"] = 2
-    size = at_pass_size(comfy, g, 1024)
+    size = at_pass_size(comfy, g, 1024, main_host_size=512)
     data = png(comfy, comfy.run(g))
     assert Image.open(io.BytesIO(data)).size == (size, size)
 

@@ -16,7 +16,7 @@ from dit_control.kernels.pixart.control_file import load_bundled_base
 from dit_control.kernels.pixart.lcm import ddpm_alphas_cumprod, lcm_sample, lcm_timesteps
 from dit_control.kernels.pixart.relactrl import load_relactrl, prepare_relactrl
 from dit_control.kernels.t5 import load_t5_encoder, read_t5_state_dict
-from dit_control.tests.api.api_graphs import add_lcm_control_latents
+from dit_control.tests.api.api_graphs import add_lcm_control_latents, at_pass_size, first_node
 from dit_control.tests.comfy_host import COMFY_DIR, REPO, assert_documented, execution_error
 from dit_control.tests.generators.make_checkpoints import write_example_inputs
 from dit_control.tests.generators.make_relactrl_checkpoints import (
@@ -107,15 +107,17 @@ def test_nodes_registered(comfy):
         assert RELACTRL_FILE in info["input"]["required"]["relactrl_name"][1]["options"]
 
 
-def test_shipped_workflow_makes_a_1024_image(comfy):
-    # v0.33 only: the 21-block base at 1024² is the file's heaviest run; the floor runs every other graph of
-    # this file. Two of its 20 steps: every step runs the same code (the random RelaCtrl draws noise at any
-    # count), and the 18 others cost three minutes of the suite
+def test_shipped_workflow_runs_end_to_end(comfy):
+    # v0.33 only: the 21-block base is the file's heaviest run; the floor runs every other graph of this file.
+    # Two of its 20 steps: every step runs the same code (the random RelaCtrl draws noise at any count). At
+    # 512 px (api_graphs.at_pass_size): its 1024 px is the LCM flagship's, run whole by test_api_pixart_lcm.py
     g = shipped()
     assert g["11"]["inputs"]["steps"] == 20
+    assert g[first_node(g, "EmptyLatentImage")]["inputs"]["width"] == 1024
     g["11"]["inputs"]["steps"] = 2
+    size = at_pass_size(comfy, g, 1024, main_host_size=512)
     data = png(comfy, comfy.run(g))
-    assert Image.open(io.BytesIO(data)).size == (1024, 1024)
+    assert Image.open(io.BytesIO(data)).size == (size, size)
 
 
 def test_same_seed_same_image_another_seed_another(comfy):
