@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from dit_control.tests.api.api_graphs import at_pass_size
 from dit_control.tests.comfy_host import REPO, assert_documented, execution_error
 from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
 
@@ -51,17 +52,22 @@ def test_workflow_is_served_as_a_template(comfy):
 @pytest.mark.both_hosts
 def test_text_to_image_is_deterministic_and_sized(comfy):
     # 4 of the graph's 20 steps: what is checked (size, seed in → same image out) holds at any step count, and
-    # three full runs on two hosts cost two minutes of the suite
-    first = comfy.run(graph({("6", "steps"): 4}))
+    # three full runs on two hosts cost two minutes of the suite; the floor pass at 256 px (api_graphs)
+    def run(seed=42):
+        g = graph({("6", "seed"): seed, ("6", "steps"): 4})
+        size = at_pass_size(comfy, g, 512)
+        return comfy.run(g), size
+
+    first, size = run()
     assert first["status"]["status_str"] == "success", execution_error(first)
     (image_a,) = comfy.images(first)
-    assert png_size(image_a) == (512, 512)
+    assert png_size(image_a) == (size, size)
 
-    other = comfy.run(graph({("6", "seed"): 43, ("6", "steps"): 4}))
+    other, _ = run(seed=43)
     (image_b,) = comfy.images(other)
     assert image_b != image_a
 
-    again = comfy.run(graph({("6", "steps"): 4}))   # seed 42 again: the sampler re-runs (its cache holds 43)
+    again, _ = run()   # seed 42 again: the sampler re-runs (its cache holds 43)
     (image_c,) = comfy.images(again)
     assert image_c == image_a
 
