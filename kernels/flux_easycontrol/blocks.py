@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .primitives import attention, modulate, modulation, split_heads, timestep_embedding
+from ..adaln import modulate
+from .primitives import attention, modulation, split_heads, timestep_embedding
 
 
 def _qk_norm(norm, q, k, v):

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..adaln import modulate
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .checkpoint import detect_layout, released_base_mismatch, variant_name
 from .control_file import (
@@ -40,7 +41,7 @@ from .control_file import (
     split_control_file,
 )
 from .controlnet import block_config, match_control_latent
-from .model import BlockContext, PixArt, PixArtConfig, SelfAttention, _cast, _layer_norm, modulate
+from .model import BlockContext, PixArt, PixArtConfig, PixArtSelfAttention, _cast, _layer_norm
 
 __all__ = ["RelaCtrlConfig", "RelaCtrl", "RGLCBlock", "TDSM", "TokenMixer", "RelaCtrlBranch",
            "PermutationSource", "RecordedPermutations", "GeneratorPermutations", "SeededPermutations",
@@ -190,7 +191,7 @@ class TokenMixer(nn.Module):
         super().__init__()
         self.width = width
         # PixArt's own self-attention (same qkv layout and names as timm's Attention), at the expert's width
-        self.attn = SelfAttention(block_config(width, heads), operations, dtype=dtype, device=device)
+        self.attn = PixArtSelfAttention(block_config(width, heads), operations, dtype=dtype, device=device)
 
     def forward(self, segments: torch.Tensor) -> torch.Tensor:      # [B * 4, L / 4, Dg]
         return self.attn(segments)
