@@ -36,6 +36,7 @@ from .control_file import (
     BASE_PREFIX,
     CONTROL_PREFIX,
     BundledBase,
+    PreparedControlFile,
     prepare_bundled_base,
     scales_skips,
     split_control_file,
@@ -472,7 +473,8 @@ def relactrl_expected_shapes(cfg: RelaCtrlConfig) -> dict:
 
 
 def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Optional[int] = None,
-                     pe_interpolation: Optional[float] = None, placement: Optional[Sequence[int]] = None) -> tuple:
+                     pe_interpolation: Optional[float] = None,
+                     placement: Optional[Sequence[int]] = None) -> PreparedControlFile:
     """-> (checked controlnet state dict, checked bundled base state dict or None, RelaCtrlInfo).
 
     Accepts the full file (base_model.* + controlnet.*; the stale base_model.pos_embed dropped, as the reference
@@ -502,7 +504,7 @@ def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Opt
                         dropped=tuple(bundled.dropped), notes=bundled.notes)
     if bundled.config is not None:
         check_relactrl_base_compatible(info, bundled.config)
-    return control, bundled.state_dict, info
+    return PreparedControlFile(control, bundled.state_dict, info)
 
 
 def check_relactrl_base_compatible(relactrl: Union[RelaCtrl, RelaCtrlInfo], base) -> None:
