@@ -9,13 +9,20 @@ import ctypes
 import functools
 import json
 import os
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import torch
 
 
 class CheckpointError(ValueError):
     """A file that is not the checkpoint a loader expects, or is damaged."""
+
+
+class PreparedCheckpoint(NamedTuple):
+    """What a family's `prepare_*` hands its loader: the weights checked against the config read from them."""
+    state_dict: dict     # in the family's own names (converted from the file's layout), checked strictly
+    config: Any          # the family's config dataclass, inferred from the shapes (PixArtConfig, FluxConfig)
+    layout: str          # the layout the file came in ("original", "native", "diffusers", ...)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,11 @@
 of kernels/ import no model family, no family subpackage imports another family, and nothing in kernels/
 imports ComfyUI. nodes/ is laid out the same way and follows the same rules, across both trees: a shared
 node module imports no family (of nodes/ or of kernels/), and a node family imports only its own kernel
-family. Checked over the import statements themselves (ast), so a lazy import inside a function counts too."""
+family. Checked over the import statements themselves (ast), so a lazy import inside a function counts too.
+
+Names say which family: no two classes in kernels/ and nodes/ share a name (a `RMSNorm` in three families with three
+contracts and three weight names read as one thing). Family-specific names, or one shared module where the contract
+is the same."""
 import ast
 from pathlib import Path
 
@@ -142,3 +146,29 @@ def test_the_nodes_check_catches_each_kind_of_violation(parts, source, expected)
 def test_allowed_node_imports_pass(parts, source):
     assert node_violations(parts, source, {"pixart", "controlar", "easycontrol"},
                            {"pixart", "controlar", "flux_easycontrol", "dit4sr"}) == []
+
+
+def duplicate_class_names(sources: dict) -> dict:
+    """{class name: [files]} for each name that more than one class in `sources` ({file: source}) is given;
+    nested classes count too."""
+    defined: dict = {}
+    for file, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                defined.setdefault(node.name, []).append(file)
+    return {name: files for name, files in defined.items() if len(files) > 1}
+
+
+def test_no_two_classes_share_a_name():
+    root = KERNELS.parent
+    sources = {path.relative_to(root).as_posix(): path.read_text()
+               for tree in (KERNELS, NODES) for path in sorted(tree.rglob("*.py"))}
+    duplicates = duplicate_class_names(sources)
+    assert not duplicates, "classes that share a name (give each a name that says its family):\n" + "\n".join(
+        f"  {name}: {', '.join(files)}" for name, files in sorted(duplicates.items()))
+
+
+def test_the_name_check_catches_a_shared_name():
+    sources = {"kernels/a/model.py": "class RMSNorm:\n    pass\nclass AModel:\n    pass\n",
+               "kernels/b/model.py": "class Outer:\n    class RMSNorm:\n        pass\n"}
+    assert duplicate_class_names(sources) == {"RMSNorm": ["kernels/a/model.py", "kernels/b/model.py"]}

@@ -84,7 +84,9 @@ class Embeddings(nn.Module):
         return torch.cat([cls, tokens], dim=1) + self.positions(h, w, tokens.dtype)
 
 
-class SelfAttention(nn.Module):
+class Dinov2SelfAttention(nn.Module):
+    """Separate q, k, v projections, no mask (upstream: HF `Dinov2SelfAttention` / `ViTSelfAttention`)."""
+
     def __init__(self, cfg: Dinov2Config, ops=nn, **kw):
         super().__init__()
         self.heads = cfg.num_heads
@@ -115,7 +117,7 @@ class Dense(nn.Module):
 class AttentionBlock(nn.Module):
     def __init__(self, cfg: Dinov2Config, ops=nn, **kw):
         super().__init__()
-        self.attention = SelfAttention(cfg, ops, **kw)
+        self.attention = Dinov2SelfAttention(cfg, ops, **kw)
         self.output = Dense(cfg.hidden_size, cfg.hidden_size, ops, **kw)
 
     def forward(self, x):
@@ -178,7 +180,9 @@ class ViTLayer(nn.Module):
         return x + self.output(self.intermediate(self.layernorm_after(x)))
 
 
-class Encoder(nn.Module):
+class Dinov2Encoder(nn.Module):
+    """The layer stack, DINOv2 or ViT layers (upstream: HF `Dinov2Encoder` / `ViTEncoder`)."""
+
     def __init__(self, cfg: Dinov2Config, ops=nn, **kw):
         super().__init__()
         block = Dinov2Layer if cfg.kind == "dinov2" else ViTLayer
@@ -197,7 +201,7 @@ class VisionModel(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.embeddings = Embeddings(cfg, ops, **kw)
-        self.encoder = Encoder(cfg, ops, **kw)
+        self.encoder = Dinov2Encoder(cfg, ops, **kw)
         self.layernorm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
         if cfg.kind == "vit":
             self.pooler = Dense(cfg.hidden_size, cfg.hidden_size, ops, **kw)   # ViTModel's pooler; unused here

@@ -119,8 +119,8 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 #                                          Layers
 # ---------------------------------------------------------------------------------------------
 
-class RMSNorm(nn.Module):
-    """x·rsqrt(mean(x²) + eps) in float32, cast back, times weight (LlamaGen's)."""
+class LlamaGenRMSNorm(nn.Module):
+    """x·rsqrt(mean(x²) + eps) in float32, cast back, times weight (upstream: LlamaGen's `RMSNorm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, dtype=None, device=None):
         super().__init__()
@@ -133,8 +133,9 @@ class RMSNorm(nn.Module):
         return out * self.weight.to(x.dtype)
 
 
-class MLP(nn.Module):
-    """Linear → GELU(tanh) → Linear, no biases: cap_proj, adapter_mlp, condition_mlp, condition_layers."""
+class LlamaGenMLP(nn.Module):
+    """Linear → GELU(tanh) → Linear, no biases: cap_proj, adapter_mlp, condition_mlp, condition_layers
+    (upstream: LlamaGen's `MLP`)."""
 
     def __init__(self, in_features: int, hidden: int, out_features: int, ops=nn, **kw):
         super().__init__()
@@ -145,14 +146,15 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class CaptionEmbedder(nn.Module):
+class LlamaGenCaptionEmbedder(nn.Module):
     """T2I prefix: cap_proj over the T5 rows. `uncond_embedding` is a buffer (a random init persisted in the
-    file, never trained): it is the CFG null caption, so it must come from the file."""
+    file, never trained): it is the CFG null caption, so it must come from the file (upstream: LlamaGen's
+    `CaptionEmbedder`)."""
 
     def __init__(self, caption_dim: int, dim: int, rows: int, ops=nn, dtype=None, device=None):
         super().__init__()
         self.register_buffer("uncond_embedding", torch.empty(rows, caption_dim, dtype=dtype, device=device))
-        self.cap_proj = MLP(caption_dim, dim, dim, ops, dtype=dtype, device=device)
+        self.cap_proj = LlamaGenMLP(caption_dim, dim, dim, ops, dtype=dtype, device=device)
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:   # [B, T, caption_dim] -> [B, T, dim]
         return self.cap_proj(caption)
@@ -176,14 +178,14 @@ class ConditionMLP(nn.Module):
     def __init__(self, dim: int, block_size: int, ops=nn, dtype=None, device=None):
         super().__init__()
         self.register_buffer("uncond_embedding", torch.zeros(block_size, dim, dtype=dtype, device=device))
-        self.cap_proj = MLP(dim, dim, dim, ops, dtype=dtype, device=device)
+        self.cap_proj = LlamaGenMLP(dim, dim, dim, ops, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cap_proj(x)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) ⊙ w3 x)."""
+class LlamaGenFeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) ⊙ w3 x) (upstream: LlamaGen's `FeedForward`)."""
 
     def __init__(self, dim: int, hidden: int, ops=nn, **kw):
         super().__init__()
@@ -248,9 +250,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.attention = Attention(cfg, ops, **kw)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden, ops, **kw)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+        self.feed_forward = LlamaGenFeedForward(cfg.dim, cfg.ffn_hidden, ops, **kw)
+        self.attention_norm = LlamaGenRMSNorm(cfg.dim, cfg.norm_eps, **kw)
+        self.ffn_norm = LlamaGenRMSNorm(cfg.dim, cfg.norm_eps, **kw)
 
     def forward(self, x, rope, layer, input_pos, cache, mask):
         h = x + self.attention(self.attention_norm(x), rope, layer, input_pos, cache, mask)
@@ -273,9 +275,9 @@ class GPT(nn.Module):
         ops, kw = operations, dict(dtype=dtype, device=device)
         if cfg.control is not None:
             self.adapter = ControlEncoder(cfg.control, operations, **kw)
-            self.adapter_mlp = MLP(cfg.control.hidden_size, cfg.dim, cfg.dim, ops, **kw)
+            self.adapter_mlp = LlamaGenMLP(cfg.control.hidden_size, cfg.dim, cfg.dim, ops, **kw)
         if cfg.model_type == "t2i":
-            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num, ops, **kw)
+            self.cls_embedding = LlamaGenCaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num, ops, **kw)
         else:
             self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, ops, **kw)
         self.tok_embeddings = ops.Embedding(cfg.vocab_size, cfg.dim, **kw)
@@ -283,11 +285,11 @@ class GPT(nn.Module):
             # condition_embeddings: in the layout, never read at inference (kept so the load is strict)
             self.condition_embeddings = ops.Embedding(cfg.vocab_size, cfg.dim, **kw)
             self.condition_mlp = ConditionMLP(cfg.dim, cfg.block_size, ops, **kw)
-            self.condition_layers = nn.ModuleList([MLP(cfg.dim, cfg.dim, cfg.dim, ops, **kw) for _ in range(3)])
+            self.condition_layers = nn.ModuleList([LlamaGenMLP(cfg.dim, cfg.dim, cfg.dim, ops, **kw) for _ in range(3)])
         self.layers = nn.ModuleList([TransformerBlock(cfg, ops, **kw) for _ in range(cfg.n_layer)])
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+        self.norm = LlamaGenRMSNorm(cfg.dim, cfg.norm_eps, **kw)
         if cfg.condition_norm:
-            self.condition_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)   # C2I layout only; unused
+            self.condition_norm = LlamaGenRMSNorm(cfg.dim, cfg.norm_eps, **kw)   # C2I layout only; unused
         self.output = ops.Linear(cfg.dim, cfg.vocab_size, bias=False, **kw)
         self._rope = None
         # the dtype activations and the KV cache use; None: the stored weights' (float32 for fp8/int8 storage).

@@ -135,8 +135,9 @@ def mid_blocks(c, ops, **kw) -> nn.ModuleList:
     return nn.ModuleList([ResnetBlock(c, c, ops, **kw), AttnBlock(c, ops, **kw), ResnetBlock(c, c, ops, **kw)])
 
 
-class Encoder(nn.Module):
-    """In the released file and built for a strict load; generation never runs it."""
+class VQEncoder(nn.Module):
+    """In the released file and built for a strict load; generation never runs it (upstream: vq_model.py
+    `Encoder`)."""
 
     def __init__(self, cfg: VQConfig, ops=nn, **kw):
         super().__init__()
@@ -160,9 +161,10 @@ class Encoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class VQDecoder(nn.Module):
     """z [B, z, h, w] -> image [B, 3, 16h, 16w]: conv_in, mid (Res, Attn, Res), 5 levels top-down (channels
-    512, 256, 256, 128, 128 for VQ-16; 3 res blocks each, attention in the first), norm, swish, conv_out."""
+    512, 256, 256, 128, 128 for VQ-16; 3 res blocks each, attention in the first), norm, swish, conv_out
+    (upstream: vq_model.py `Decoder`)."""
 
     def __init__(self, cfg: VQConfig, ops=nn, **kw):
         super().__init__()
@@ -208,8 +210,8 @@ class VQModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         ops, kw = operations, dict(dtype=dtype, device=device)
-        self.encoder = Encoder(cfg, ops, **kw)
-        self.decoder = Decoder(cfg, ops, **kw)
+        self.encoder = VQEncoder(cfg, ops, **kw)
+        self.decoder = VQDecoder(cfg, ops, **kw)
         self.quantize = VectorQuantizer(cfg, ops, **kw)
         self.quant_conv = ops.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1, **kw)
         self.post_quant_conv = ops.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1, **kw)

@@ -14,6 +14,8 @@ The released weights depend on three quirks, reproduced here on purpose:
 
 Every layer with weights is built from an `operations` namespace (default `torch.nn`), as ComfyUI's own model
 code is; the few bare parameters (RMSNorm scales) follow the activations' dtype. Nothing here imports ComfyUI.
+The layers named `MMDiT…` are SD3's own, unchanged (diffusers' class of the name without the prefix); DiT4SR's
+changes keep its upstream names.
 
 Tiling of large latents (the reference runs only square tiles of ≤ 64 latent) lives in `tiling.py`;
 `DiT4SR.forward` takes a `TileSettings` and does it inside the call.
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adaln import modulate_tokens
 from .tiling import TileSettings, run_tiled, tile_layout
 
 # The cross-stream conv factor of the initial release (the weights were trained with it).
@@ -86,14 +89,9 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D] * (1 + scale) + shift with [B, D] modulation broadcast over the tokens (PixArt's and FLUX's
-    `modulate` take it already shaped; a different contract, so another name)."""
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
-
-
-class RMSNorm(nn.Module):
-    """Per-head RMSNorm with a learned scale (q/k norms), eps 1e-6; the mean square in float32 as diffusers."""
+class MMDiTRMSNorm(nn.Module):
+    """Per-head RMSNorm with a learned scale (q/k norms), eps 1e-6; the mean square in float32 as diffusers
+    (upstream: diffusers' `RMSNorm`)."""
 
     def __init__(self, dim: int, **kw):
         super().__init__()
@@ -114,8 +112,9 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 #                                       Embedding layers
 # ---------------------------------------------------------------------------------------------
 
-class PatchEmbed(nn.Module):
-    """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), D] plus the centre crop of the stored sin-cos table.
+class MMDiTPatchEmbed(nn.Module):
+    """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), D] plus the centre crop of the stored sin-cos table
+    (upstream: diffusers' `PatchEmbed` with `pos_embed_max_size`).
 
     The table is the file's own `pos_embed.pos_embed` (a persistent buffer in diffusers, F16 in the release):
     using the stored values keeps us on exactly the numbers the reference adds. Noise and LR latents both go
@@ -204,14 +203,14 @@ class AttentionZero(nn.Module):
         self.to_k = ops.Linear(d, d, **kw)
         self.to_v = ops.Linear(d, d, **kw)
         self.to_out = nn.ModuleList([ops.Linear(d, d, **kw)])      # diffusers' to_out.0 (to_out.1 is dropout)
-        self.norm_q = RMSNorm(hd, **kw)
-        self.norm_k = RMSNorm(hd, **kw)
+        self.norm_q = MMDiTRMSNorm(hd, **kw)
+        self.norm_k = MMDiTRMSNorm(hd, **kw)
         if with_text:
             self.add_q_proj = ops.Linear(d, d, **kw)
             self.add_k_proj = ops.Linear(d, d, **kw)
             self.add_v_proj = ops.Linear(d, d, **kw)
-            self.norm_added_q = RMSNorm(hd, **kw)
-            self.norm_added_k = RMSNorm(hd, **kw)
+            self.norm_added_q = MMDiTRMSNorm(hd, **kw)
+            self.norm_added_k = MMDiTRMSNorm(hd, **kw)
             if text_out:                                           # absent in the context_pre_only last block
                 self.to_add_out = ops.Linear(d, d, **kw)
         self.to_q_control = ops.Linear(d, d, **kw)
@@ -262,8 +261,9 @@ class GELUProj(nn.Module):
         return F.gelu(self.proj(x), approximate="tanh")
 
 
-class FeedForward(nn.Module):
-    """net.0 (Linear + GELU-tanh), net.1 (dropout: nothing at inference), net.2 (Linear)."""
+class MMDiTFeedForward(nn.Module):
+    """net.0 (Linear + GELU-tanh), net.1 (dropout: nothing at inference), net.2 (Linear) (upstream: diffusers'
+    `FeedForward`)."""
 
     def __init__(self, cfg: DiT4SRConfig, ops, **kw):
         super().__init__()
@@ -274,7 +274,7 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[0](x))
 
 
-class FeedForwardControl(FeedForward):
+class FeedForwardControl(MMDiTFeedForward):
     """The image streams' FF: after GELU, a depthwise 3×3 conv over the LR half (on its token grid) is added
     ×conv_factor to the noise half; the LR half itself goes on unchanged into the shared net.2.
 
@@ -319,7 +319,7 @@ class JointBlock(nn.Module):
             self.attn2 = AttentionZero(cfg, ops, with_text=False, text_out=False, **kw)
         self.ff = FeedForwardControl(cfg, ops, **kw)
         if not self.context_pre_only:
-            self.ff_context = FeedForward(cfg, ops, **kw)
+            self.ff_context = MMDiTFeedForward(cfg, ops, **kw)
 
     def forward(self, x, c, temb, grid):
         """x: [B, 2N, D] image tokens [noise | LR]; c: [B, L, D] text; temb: [B, D]. -> (x, c or None)."""
@@ -365,7 +365,7 @@ class DiT4SR(nn.Module):
         kw = dict(dtype=dtype, device=device)
         ops = operations
         d = cfg.hidden_size
-        self.pos_embed = PatchEmbed(cfg, ops, **kw)
+        self.pos_embed = MMDiTPatchEmbed(cfg, ops, **kw)
         self.time_text_embed = TimeTextEmbed(cfg, ops, **kw)
         self.context_embedder = ops.Linear(cfg.joint_attention_dim, d, **kw)
         self.transformer_blocks = nn.ModuleList(JointBlock(cfg, i, ops, **kw) for i in range(cfg.num_layers))

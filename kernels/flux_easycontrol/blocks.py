@@ -26,12 +26,13 @@ on them, nor (t = 0 modulation) on the timestep.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .primitives import attention, modulate, modulation, split_heads, timestep_embedding
+from ..adaln import modulate
+from .primitives import attention, modulation, split_heads, timestep_embedding
 
 
 def _qk_norm(norm, q, k, v):
@@ -132,40 +133,55 @@ def _slot_attention(q, k, v, pe, run):
                       for a, b in run.ranges], dim=1)
 
 
+class ConditionBlockOutput(NamedTuple):
+    """The condition stream after one block on its own (`condition_double_block` / `condition_single_block`)."""
+    tokens: torch.Tensor    # the condition tokens [B, M, D] after the block
+    k: torch.Tensor         # K [B, H, M, hd] after LoRA, before qk-norm and RoPE: what the bank keeps
+    v: torch.Tensor         # V [B, H, M, hd]
+
+
 def _own_storage(k: torch.Tensor, v: torch.Tensor) -> tuple:
     """K and V are views into the fused projection output ([q; k; v] or, in single blocks, [q; k; v; mlp],
     3.5x wider): copied out so the bank does not keep the whole projection alive."""
     return k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format)
 
 
-def condition_double_block(block, cond: torch.Tensor, run, index: int):
+def condition_double_block(block, cond: torch.Tensor, run, index: int) -> ConditionBlockOutput:
     """The condition tokens [B, M, D] through double block `index` on their own.
     -> (condition tokens after the block, K [B, H, M, hd] after LoRA before qk-norm, V)."""
     mods = modulation(block.img_mod.lin, run.cond_vec, 6)
     q, k, k_raw, v = _condition_double_qkv(block, cond, mods, run, index)
     cond_attn = _slot_attention(q, k, v, run.cond_pe, run)
-    return _condition_double_out(block, cond, cond_attn, mods, run, index), *_own_storage(k_raw, v)
+    return ConditionBlockOutput(_condition_double_out(block, cond, cond_attn, mods, run, index),
+                                *_own_storage(k_raw, v))
 
 
-def condition_single_block(block, cond: torch.Tensor, run, index: int):
+def condition_single_block(block, cond: torch.Tensor, run, index: int) -> ConditionBlockOutput:
     """As condition_double_block for single block `index` (q/k/v LoRA only)."""
     mods = modulation(block.modulation.lin, run.cond_vec, 3)
     q, k, k_raw, v, mlp = _condition_single_qkv(block, cond, mods, run, index)
     cond_attn = _slot_attention(q, k, v, run.cond_pe, run)
-    return _condition_single_out(block, cond, cond_attn, mlp, mods), *_own_storage(k_raw, v)
+    return ConditionBlockOutput(_condition_single_out(block, cond, cond_attn, mlp, mods), *_own_storage(k_raw, v))
 
 
 # ---------------------------------------------------------------------------------------------
 #                 Attention of the text+noise rows with the conditions present
 # ---------------------------------------------------------------------------------------------
 
-def condition_keys(run, kind: str, index: int, key_norm, pe: torch.Tensor) -> tuple:
+class ConditionKeys(NamedTuple):
+    """What a block's attention appends for the banked conditions (`condition_keys`)."""
+    k: torch.Tensor     # [B, H, M, hd], qk-normed by the block's key_norm
+    v: torch.Tensor     # [B, H, M, hd]
+    pe: torch.Tensor    # positions of [the queries' rows; condition rows]
+
+
+def condition_keys(run, kind: str, index: int, key_norm, pe: torch.Tensor) -> ConditionKeys:
     """What a block's attention appends for the conditions: (K [B, H, M, hd] qk-normed by the block's
     `key_norm`, V, positions of [pe rows; condition rows]). The bank keeps K before the norm (as
     upstream); the norm is per token, so normalising it here gives the same keys."""
     k_raw, v_c = run.bank_kv(kind, index)
     pe_k = torch.cat([pe, run.cond_pe.expand(pe.shape[0], *run.cond_pe.shape[1:])], dim=2)
-    return key_norm(k_raw).to(v_c), v_c, pe_k
+    return ConditionKeys(key_norm(k_raw).to(v_c), v_c, pe_k)
 
 
 def _cached_attention(q, k, v, pe, run, kind, index, key_norm, mask):

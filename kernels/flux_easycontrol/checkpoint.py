@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint_io import CheckpointError, assign_load, check_strict, meta_shapes
+from ..checkpoint_io import CheckpointError, PreparedCheckpoint, assign_load, check_strict, meta_shapes
 from .lora import describe_found
 from .model import Flux, FluxConfig
 
@@ -175,12 +175,12 @@ def to_native_layout(sd: Mapping[str, torch.Tensor]) -> tuple:
     return (diffusers_to_native(sd) if layout == "diffusers" else sd), layout
 
 
-def prepare_flux(sd: Mapping[str, torch.Tensor], axes_dim=None, what: str = "FLUX transformer") -> tuple:
+def prepare_flux(sd: Mapping[str, torch.Tensor], axes_dim=None, what: str = "FLUX transformer") -> PreparedCheckpoint:
     """Checked native-layout state dict, its config and its source layout."""
     sd, layout = to_native_layout(sd)
     cfg = infer_config(sd, axes_dim=axes_dim)
     check_strict(expected_shapes(cfg), sd, f"{what} ({layout} layout, {variant_name(cfg)})")
-    return sd, cfg, layout
+    return PreparedCheckpoint(sd, cfg, layout)
 
 
 def load_flux(sd: Mapping[str, torch.Tensor], operations=nn, dtype=None, device=None, axes_dim=None) -> Flux:

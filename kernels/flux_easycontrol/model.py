@@ -62,8 +62,9 @@ class FluxConfig:
 #                                          Layers
 # ---------------------------------------------------------------------------------------------
 
-class RMSNorm(nn.Module):
-    """q/k RMSNorm over a head, eps 1e-6, computed in float32 (BFL); the weight is named `scale`."""
+class FluxRMSNorm(nn.Module):
+    """q/k RMSNorm over a head, eps 1e-6, computed in float32; the weight is named `scale` (upstream: BFL's
+    `RMSNorm`)."""
 
     def __init__(self, dim: int, dtype=None, device=None):
         super().__init__()
@@ -77,12 +78,13 @@ class RMSNorm(nn.Module):
 class QKNorm(nn.Module):
     def __init__(self, head_dim: int, **kw):
         super().__init__()
-        self.query_norm = RMSNorm(head_dim, **kw)
-        self.key_norm = RMSNorm(head_dim, **kw)
+        self.query_norm = FluxRMSNorm(head_dim, **kw)
+        self.key_norm = FluxRMSNorm(head_dim, **kw)
 
 
-class SelfAttention(nn.Module):
-    """Parameter holder: fused qkv, q/k norms, output projection (the maths is in blocks.py)."""
+class FluxSelfAttention(nn.Module):
+    """Parameter holder: fused qkv, q/k norms, output projection (the maths is in blocks.py; upstream: BFL's
+    `SelfAttention`)."""
 
     def __init__(self, cfg: FluxConfig, ops, **kw):
         super().__init__()
@@ -129,12 +131,12 @@ class DoubleStreamBlock(nn.Module):
         self.hidden_size = d
         self.img_mod = Modulation(d, 6, ops, **kw)
         self.img_norm1 = _layer_norm(d)
-        self.img_attn = SelfAttention(cfg, ops, **kw)
+        self.img_attn = FluxSelfAttention(cfg, ops, **kw)
         self.img_norm2 = _layer_norm(d)
         self.img_mlp = _mlp(cfg, ops, **kw)
         self.txt_mod = Modulation(d, 6, ops, **kw)
         self.txt_norm1 = _layer_norm(d)
-        self.txt_attn = SelfAttention(cfg, ops, **kw)
+        self.txt_attn = FluxSelfAttention(cfg, ops, **kw)
         self.txt_norm2 = _layer_norm(d)
         self.txt_mlp = _mlp(cfg, ops, **kw)
 

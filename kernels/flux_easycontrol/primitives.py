@@ -1,4 +1,5 @@
-"""The FLUX maths the model and the condition stream share: sinusoid, RoPE, attention, modulation.
+"""The FLUX maths the model and the condition stream share: sinusoid, RoPE, attention, modulation
+(applying it is `kernels/adaln.modulate`, shared with PixArt and DiT4SR).
 
 Formats follow black-forest-labs/flux (and ComfyUI's `comfy/ldm/flux`, which keeps them), so that a
 `pe` tensor made by ComfyUI's own `EmbedND` and one made here are interchangeable:
@@ -78,11 +79,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe_q: Optional[
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)    # [B, H, Lq, hd]
     b, h, lq, hd = out.shape
     return out.transpose(1, 2).reshape(b, lq, h * hd)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(1 + scale) · x + shift, in one fused pass over x."""
-    return torch.addcmul(shift, x, 1 + scale)
 
 
 def modulation(lin, vec: torch.Tensor, n: int) -> tuple:

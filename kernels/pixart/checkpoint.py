@@ -14,7 +14,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
+from ..checkpoint_io import (
+    CheckpointError,
+    PreparedCheckpoint,
+    assign_load,
+    check_strict,
+    describe_foreign,
+    meta_shapes,
+)
 from .model import PixArt, PixArtConfig
 
 # The only keys a strict load may ignore: the stale positional table (recomputed per size).
@@ -193,14 +200,14 @@ def to_original_layout(sd: dict) -> tuple:
 
 
 def prepare_pixart(sd: dict, num_heads=None, sample_size=None, pe_interpolation=None,
-                   what: str = "PixArt-α transformer") -> tuple:
+                   what: str = "PixArt-α transformer") -> PreparedCheckpoint:
     """Checked original-layout state dict (stale `pos_embed` dropped), its config and source layout."""
     sd, layout = to_original_layout(sd)
     cfg = infer_config(sd, num_heads=num_heads, sample_size=sample_size, pe_interpolation=pe_interpolation)
     check_strict(expected_shapes(cfg), sd, f"{what} ({layout} layout, {variant_name(cfg)})",
                  tolerated=TOLERATED_KEYS)
     sd.pop("pos_embed", None)
-    return sd, cfg, layout
+    return PreparedCheckpoint(sd, cfg, layout)
 
 
 def load_pixart(sd: dict, operations=nn, dtype=None, device=None, **config_overrides) -> PixArt:

@@ -9,7 +9,7 @@ controlnet.py and relactrl.py. Nothing here imports ComfyUI.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch.nn as nn
 
@@ -38,6 +38,13 @@ def split_control_file(sd: dict) -> tuple:
         else:
             control[k] = v
     return base, control
+
+
+class PreparedControlFile(NamedTuple):
+    """What `prepare_pixart_controlnet` / `prepare_relactrl` hand their loaders."""
+    control_state_dict: dict           # the branch (`controlnet.*` names), checked strictly
+    base_state_dict: Optional[dict]    # the bundled base (names without `base_model.`), checked; None if none
+    info: Any                          # ControlNetInfo / RelaCtrlInfo: what the checks found
 
 
 @dataclass

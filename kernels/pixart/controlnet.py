@@ -27,6 +27,7 @@ from .control_file import (
     BASE_PREFIX,
     CONTROL_PREFIX,
     BundledBase,
+    PreparedControlFile,
     prepare_bundled_base,
     scales_skips,
     split_control_file,
@@ -239,7 +240,7 @@ def controlnet_expected_shapes(num_blocks: int, cfg: PixArtConfig) -> dict:
 
 def prepare_pixart_controlnet(sd: dict, num_heads: Optional[int] = None, sample_size: Optional[int] = None,
                               pe_interpolation: Optional[float] = None,
-                              micro_condition: Optional[bool] = None) -> tuple:
+                              micro_condition: Optional[bool] = None) -> PreparedControlFile:
     """-> (checked controlnet state dict, checked bundled base state dict or None, ControlNetInfo).
 
     `num_heads` / `sample_size` / `pe_interpolation` go to the bundled base's config inference (as for
@@ -273,7 +274,7 @@ def prepare_pixart_controlnet(sd: dict, num_heads: Optional[int] = None, sample_
                           notes=bundled.notes)
     if bundled.config is not None:
         check_base_compatible(info, bundled.config)
-    return control, bundled.state_dict, info
+    return PreparedControlFile(control, bundled.state_dict, info)
 
 
 def _default_heads(hidden: int) -> int:

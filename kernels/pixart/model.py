@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adaln import modulate
+
 # ---------------------------------------------------------------------------------------------
 #                                          Config
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +137,6 @@ def pos_embed_2d(dim: int, h: int, w: int, base_size: int, interpolation: float,
     return table
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift, in one fused pass over x."""
-    return torch.addcmul(shift, x, 1 + scale)
-
-
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine parameters, eps 1e-6 (all PixArt norms)."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
@@ -154,8 +151,8 @@ def _cast(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 #                                       Embedding layers
 # ---------------------------------------------------------------------------------------------
 
-class PatchEmbed(nn.Module):
-    """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), D], row-major."""
+class PixArtPatchEmbed(nn.Module):
+    """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), D], row-major (upstream: timm's `PatchEmbed`)."""
 
     def __init__(self, cfg: PixArtConfig, ops, **kw):
         super().__init__()
@@ -187,8 +184,9 @@ class SizeEmbedder(TimestepEmbedder):
         return super().forward(values.reshape(-1), dtype).reshape(b, -1)
 
 
-class CaptionEmbedder(nn.Module):
-    """T5 features [B, L, 4096] -> [B, L, D]; holds the learned null caption when the file has it."""
+class PixArtCaptionEmbedder(nn.Module):
+    """T5 features [B, L, 4096] -> [B, L, D]; holds the learned null caption when the file has it
+    (upstream: PixArt_blocks.py `CaptionEmbedder`)."""
 
     def __init__(self, cfg: PixArtConfig, ops, **kw):
         super().__init__()
@@ -209,7 +207,10 @@ class CaptionEmbedder(nn.Module):
 #                                      Transformer block
 # ---------------------------------------------------------------------------------------------
 
-class SelfAttention(nn.Module):
+class PixArtSelfAttention(nn.Module):
+    """Fused-qkv multi-head attention, no mask (upstream: PixArt_blocks.py `WindowAttention`, no windows and no
+    relative positions in the released models)."""
+
     def __init__(self, cfg: PixArtConfig, ops, **kw):
         super().__init__()
         self.heads = cfg.num_heads
@@ -242,7 +243,9 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class MLP(nn.Module):
+class PixArtMLP(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (upstream: timm's `Mlp`)."""
+
     def __init__(self, cfg: PixArtConfig, ops, **kw):
         super().__init__()
         hidden = int(cfg.hidden_size * cfg.mlp_ratio)
@@ -258,9 +261,9 @@ class PixArtBlock(nn.Module):
 
     def __init__(self, cfg: PixArtConfig, ops, **kw):
         super().__init__()
-        self.attn = SelfAttention(cfg, ops, **kw)
+        self.attn = PixArtSelfAttention(cfg, ops, **kw)
         self.cross_attn = CrossAttention(cfg, ops, **kw)
-        self.mlp = MLP(cfg, ops, **kw)
+        self.mlp = PixArtMLP(cfg, ops, **kw)
         self.scale_shift_table = nn.Parameter(torch.empty(6, cfg.hidden_size, **kw))
 
     def forward(self, x, t0, y, key_mask):                   # t0: [B, 6, D]
@@ -316,10 +319,10 @@ class PixArt(nn.Module):
         kw = dict(dtype=dtype, device=device)
         ops = operations
         d = cfg.hidden_size
-        self.x_embedder = PatchEmbed(cfg, ops, **kw)
+        self.x_embedder = PixArtPatchEmbed(cfg, ops, **kw)
         self.t_embedder = TimestepEmbedder(d, ops, **kw)
         self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(d, 6 * d, **kw))
-        self.y_embedder = CaptionEmbedder(cfg, ops, **kw)
+        self.y_embedder = PixArtCaptionEmbedder(cfg, ops, **kw)
         if cfg.micro_condition:
             self.csize_embedder = SizeEmbedder(d // 3, ops, **kw)
             self.ar_embedder = SizeEmbedder(d // 3, ops, **kw)

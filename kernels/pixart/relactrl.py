@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..adaln import modulate
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
 from .checkpoint import detect_layout, released_base_mismatch, variant_name
 from .control_file import (
@@ -35,12 +36,13 @@ from .control_file import (
     BASE_PREFIX,
     CONTROL_PREFIX,
     BundledBase,
+    PreparedControlFile,
     prepare_bundled_base,
     scales_skips,
     split_control_file,
 )
 from .controlnet import block_config, match_control_latent
-from .model import BlockContext, PixArt, PixArtConfig, SelfAttention, _cast, _layer_norm, modulate
+from .model import BlockContext, PixArt, PixArtConfig, PixArtSelfAttention, _cast, _layer_norm
 
 __all__ = ["RelaCtrlConfig", "RelaCtrl", "RGLCBlock", "TDSM", "TokenMixer", "RelaCtrlBranch",
            "PermutationSource", "RecordedPermutations", "GeneratorPermutations", "SeededPermutations",
@@ -190,7 +192,7 @@ class TokenMixer(nn.Module):
         super().__init__()
         self.width = width
         # PixArt's own self-attention (same qkv layout and names as timm's Attention), at the expert's width
-        self.attn = SelfAttention(block_config(width, heads), operations, dtype=dtype, device=device)
+        self.attn = PixArtSelfAttention(block_config(width, heads), operations, dtype=dtype, device=device)
 
     def forward(self, segments: torch.Tensor) -> torch.Tensor:      # [B * 4, L / 4, Dg]
         return self.attn(segments)
@@ -471,7 +473,8 @@ def relactrl_expected_shapes(cfg: RelaCtrlConfig) -> dict:
 
 
 def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Optional[int] = None,
-                     pe_interpolation: Optional[float] = None, placement: Optional[Sequence[int]] = None) -> tuple:
+                     pe_interpolation: Optional[float] = None,
+                     placement: Optional[Sequence[int]] = None) -> PreparedControlFile:
     """-> (checked controlnet state dict, checked bundled base state dict or None, RelaCtrlInfo).
 
     Accepts the full file (base_model.* + controlnet.*; the stale base_model.pos_embed dropped, as the reference
@@ -501,7 +504,7 @@ def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Opt
                         dropped=tuple(bundled.dropped), notes=bundled.notes)
     if bundled.config is not None:
         check_relactrl_base_compatible(info, bundled.config)
-    return control, bundled.state_dict, info
+    return PreparedControlFile(control, bundled.state_dict, info)
 
 
 def check_relactrl_base_compatible(relactrl: Union[RelaCtrl, RelaCtrlInfo], base) -> None:

@@ -15,7 +15,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 from comfy_api.latest import io
 
@@ -56,10 +56,11 @@ def _controlnet_default_base(info):
 class ControlKind:
     """What differs between the PixArt control networks sharing `PixArtControlNetControl` and the loader helpers.
 
-    prepare(sd) -> (control sd, bundled base sd or None, info); load(control sd, base config, operations=,
-    dtype=, info=) -> network; check(info, base config) raises when the network does not fit the base;
-    branch(control, hint, t, transformer_options) -> the ControlFn of one step (`control.strength` etc.);
-    default_base(info) -> a PixArtConfig to load against when the file bundles no base."""
+    prepare(sd) -> PreparedControlFile (control sd, bundled base sd or None, info); load(control sd, base
+    config, operations=, dtype=, info=) -> network; check(info, base config) raises when the network does not
+    fit the base; branch(control, hint, t, transformer_options) -> the ControlFn of one step
+    (`control.strength` etc.); default_base(info) -> a PixArtConfig to load against when the file bundles no
+    base."""
     name: str
     prepare: Callable
     load: Callable
@@ -163,25 +164,42 @@ class PixArtControlNetControl(comfy.controlnet.ControlBase):
         super().cleanup()
 
 
-def load_control_network(path: str, weight_choice: str = "default", kind: ControlKind = CONTROLNET_TRANSFORMER):
-    """(network, its patcher, bundled base state dict or None, info) from a file of this kind."""
-    sd = read_state_dict(path)
-    control_sd, base_sd, info = kind.prepare(sd)
+class LoadedControlNetwork(NamedTuple):
+    """A control file's network, ready for a CONTROL_NET, and what else the file held."""
+    net: Any                           # the kernel's PixArtControlNet / RelaCtrl, in eval mode
+    patcher: Any                       # its ModelPatcher (the class core's ControlNets get)
+    base_state_dict: Optional[dict]    # the bundled base, checked; None for a control-only file
+    info: Any                          # ControlNetInfo / RelaCtrlInfo
+
+
+class LoadedControlNet(NamedTuple):
+    """What a control loader node hands on: the CONTROL_NET, and the bundled base for a checkpoint loader."""
+    control: PixArtControlNetControl
+    base_state_dict: Optional[dict]    # the bundled base, checked; None for a control-only file
+    info: Any                          # ControlNetInfo / RelaCtrlInfo
+
+
+def load_control_network(path: str, weight_choice: str = "default",
+                         kind: ControlKind = CONTROLNET_TRANSFORMER) -> LoadedControlNetwork:
+    """The network of a file of this kind, its patcher, the bundled base state dict (or None) and the info."""
+    prepared = kind.prepare(read_state_dict(path))
+    info = prepared.info
     base_cfg = info.base_config or kind.default_base(info)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    chosen, int8_ops, _ = storage_choice(weight_choice)
-    dtype, cast = storage_dtypes(control_sd, chosen)
-    ops = operations_for(cast is not None, int8_ops)
-    net = kind.load(control_sd, base_cfg, operations=ops, dtype=dtype, info=info).eval()
+    choice = storage_choice(weight_choice)
+    dtype, cast = storage_dtypes(prepared.control_state_dict, choice.dtype)
+    ops = operations_for(cast is not None, choice.int8_ops)
+    net = kind.load(prepared.control_state_dict, base_cfg, operations=ops, dtype=dtype, info=info).eval()
     patcher = new_model_patcher(net, load_device, offload_device)   # the class core's ControlNets get
     logging.info("dit-control: %s", info.describe())
-    return net, patcher, base_sd, info
+    return LoadedControlNetwork(net, patcher, prepared.base_state_dict, info)
 
 
-def load_controlnet(path: str, weight_choice: str = "default", kind: ControlKind = CONTROLNET_TRANSFORMER):
-    """(CONTROL_NET, bundled base state dict or None, info) from a control network file."""
+def load_controlnet(path: str, weight_choice: str = "default",
+                    kind: ControlKind = CONTROLNET_TRANSFORMER) -> LoadedControlNet:
+    """The CONTROL_NET of a control network file, the bundled base state dict (or None) and the info."""
     net, patcher, base_sd, info = load_control_network(path, weight_choice, kind)
-    return PixArtControlNetControl(net, patcher, info, kind), base_sd, info
+    return LoadedControlNet(PixArtControlNetControl(net, patcher, info, kind), base_sd, info)
 
 
 class PixArtControlNetLoader(io.ComfyNode):
@@ -208,8 +226,8 @@ class PixArtControlNetLoader(io.ComfyNode):
     def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
         with naming_file(controlnet_name):
-            control, base_sd, _ = load_controlnet(path, weight_dtype)
-        del base_sd  # a bundled base is not kept: load it with the checkpoint loader if wanted
+            # a bundled base is not kept: load it with the checkpoint loader if wanted
+            control = load_controlnet(path, weight_dtype).control
         return io.NodeOutput(control)
 
 
@@ -249,15 +267,16 @@ def bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=Fals
     if base_sd is None:
         raise ValueError(f"{os.path.basename(path)} carries no base model ({info.layout} layout): use "
                          f"{kind.loader_hint}")
-    dtype, operations, _ = storage_choice(weight_dtype)
-    model = build_model_patcher(info.base_config, base_sd, weight_dtype=dtype, custom_operations=operations,
-                                disable_dynamic=disable_dynamic)
+    choice = storage_choice(weight_dtype)
+    model = build_model_patcher(info.base_config, base_sd, weight_dtype=choice.dtype,
+                                custom_operations=choice.int8_ops, disable_dynamic=disable_dynamic)
     return register_reloader(model, _reload_bundled_base, (path, weight_dtype, kind))
 
 
 def _reload_bundled_base(path, weight_dtype, kind=CONTROLNET_TRANSFORMER, disable_dynamic=False):
-    _, base_sd, info = kind.prepare(read_state_dict(path))
-    return bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=disable_dynamic, kind=kind)
+    prepared = kind.prepare(read_state_dict(path))
+    return bundled_base_patcher(path, prepared.base_state_dict, prepared.info, weight_dtype,
+                                disable_dynamic=disable_dynamic, kind=kind)
 
 
 NODES = [PixArtControlNetLoader, PixArtControlNetCheckpointLoader]

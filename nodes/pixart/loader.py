@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ...kernels.checkpoint_io import naming_file, read_json_beside, read_state_dict
+from ...kernels.checkpoint_io import PreparedCheckpoint, naming_file, read_json_beside, read_state_dict
 from ...kernels.pixart.checkpoint import from_diffusers_config, prepare_pixart, variant_name
 from ..comfy_compat import register_reloader
 from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
@@ -18,7 +18,7 @@ CATEGORY = "DiT Control/PixArt"
 RESOLUTIONS = {"auto": None, "1024 (MS)": 128, "512": 64, "256": 32}
 
 
-def pixart_state_dict(path: str, resolution: str = "auto"):
+def pixart_state_dict(path: str, resolution: str = "auto") -> PreparedCheckpoint:
     """Read, detect and strictly check a PixArt file: (original-layout state dict, config, layout)."""
     sd = read_state_dict(path)
     # a diffusers transformer folder: heads and trained size are only written in its config.json

@@ -96,8 +96,8 @@ class RelaCtrlLoader(io.ComfyNode):
     def execute(cls, relactrl_name, weight_dtype="default", seed=0) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", relactrl_name)
         with naming_file(relactrl_name):
-            control, base_sd, _ = load_controlnet(path, weight_dtype, relactrl_kind(seed))
-        del base_sd  # a bundled base is not kept: load it with the checkpoint loader if wanted
+            # a bundled base is not kept: load it with the checkpoint loader if wanted
+            control = load_controlnet(path, weight_dtype, relactrl_kind(seed)).control
         return io.NodeOutput(control)
 
 

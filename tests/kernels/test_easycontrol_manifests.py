@@ -38,7 +38,7 @@ def native(shared):
 
 @pytest.fixture(scope="module")
 def flux_config(native):
-    return prepare_flux(meta_state_dict(native))[1]
+    return prepare_flux(meta_state_dict(native)).config
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_diffusers_renaming_equals_published_map(native):
 
 def test_full_checkpoint_prefix_is_stripped(native):
     sd = {f"model.diffusion_model.{k}": v for k, v in meta_state_dict(native).items()}
-    assert prepare_flux(sd)[2] == "native"
+    assert prepare_flux(sd).layout == "native"
 
 
 def test_strict_base_load_names_every_problem(native):

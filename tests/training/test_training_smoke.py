@@ -73,12 +73,12 @@ def test_lcm_file_is_the_diffusers_layout_with_config(trained):
     sd = read_state_dict(str(path))
     config = read_json_beside(str(path))
     assert "adaln_single.linear.weight" in sd and all(v.dtype == torch.float16 for v in sd.values())
-    assert config == to_diffusers_config(prepare_pixart(sd, **from_diffusers_config(config))[1])   # one writer
+    assert config == to_diffusers_config(prepare_pixart(sd, **from_diffusers_config(config)).config)   # one writer
     _, cfg, layout = prepare_pixart(sd, **from_diffusers_config(config))
     assert layout == "diffusers" and cfg.micro_condition and cfg.patch_size == config["patch_size"] == 4
     # the student moved away from the base it started from
     base = read_state_dict(str(trained / "models" / "diffusion_models" / "PixArt-XL-2-1024-MS.pth"))
-    lcm = prepare_pixart(read_state_dict(str(path)), num_heads=2, sample_size=128)[0]
+    lcm = prepare_pixart(read_state_dict(str(path)), num_heads=2, sample_size=128).state_dict
     assert not torch.equal(lcm["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])
 
 
