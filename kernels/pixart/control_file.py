@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError
-from .checkpoint import load_pixart, prepare_pixart
+from .checkpoint import load_pixart, prepare_pixart, released_base_mismatch
 from .model import PixArt, PixArtConfig
 
 BASE_PREFIX = "base_model."
@@ -100,6 +100,30 @@ def load_bundled_base(base_sd: dict, info, operations=nn, dtype=None, device=Non
         raise CheckpointError(f"{info.describe()}: the file carries no base model; load one separately")
     return load_pixart(base_sd, operations=operations, dtype=dtype, device=device, num_heads=cfg.num_heads,
                        sample_size=cfg.sample_size, pe_interpolation=cfg.pe_interpolation)
+
+
+def base_config_of(base, branch: str) -> PixArtConfig:
+    """The PixArtConfig of `base` (a PixArt model or its config); anything else is refused naming the branch."""
+    base_cfg = base.config if isinstance(base, PixArt) else base
+    if not isinstance(base_cfg, PixArtConfig):
+        raise CheckpointError(f"{branch} needs a PixArt-α base model; got {type(base).__name__}")
+    return base_cfg
+
+
+def check_fits_base(branch: str, base_cfg: PixArtConfig, width: int, released: Optional[PixArtConfig],
+                    branch_problems: list) -> None:
+    """The one base-fit check of a control branch: its width, what the branch kind itself needs of the base
+    (`branch_problems`, already worded), and, for a file that carries its base, that `base_cfg` is that
+    released base. Raises one CheckpointError naming everything that does not fit."""
+    problems = []
+    if width != base_cfg.hidden_size:
+        problems.append(f"width {width} vs the base's {base_cfg.hidden_size}")
+    problems.extend(branch_problems)
+    mismatch = released_base_mismatch(released, base_cfg)
+    if mismatch:
+        problems.append(mismatch)
+    if problems:
+        raise CheckpointError(f"this {branch} does not fit the base model: " + "; ".join(problems))
 
 
 def scales_skips(strength) -> bool:

@@ -21,13 +21,15 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
-from .checkpoint import block_to_original, detect_layout, released_base_mismatch, variant_name
+from .checkpoint import block_to_original, detect_layout, variant_name
 from .control_file import (
     ADAPTER_PREFIX,
     BASE_PREFIX,
     CONTROL_PREFIX,
     BundledBase,
     PreparedControlFile,
+    base_config_of,
+    check_fits_base,
     prepare_bundled_base,
     scales_skips,
     split_control_file,
@@ -284,10 +286,7 @@ def _default_heads(hidden: int) -> int:
 
 def check_base_compatible(controlnet: Union[PixArtControlNet, ControlNetInfo], base) -> None:
     """Raise CheckpointError when the ControlNet cannot run on `base` (a PixArt, or its PixArtConfig)."""
-    base_cfg = base.config if isinstance(base, PixArt) else base
-    if not isinstance(base_cfg, PixArtConfig):
-        raise CheckpointError(f"the PixArt-δ ControlNet-Transformer needs a PixArt-α base model; got "
-                              f"{type(base).__name__}")
+    base_cfg = base_config_of(base, "the PixArt-δ ControlNet-Transformer")
     if isinstance(controlnet, PixArtControlNet):
         hidden, heads, blocks = controlnet.config.hidden_size, controlnet.config.num_heads, controlnet.num_blocks
         mlp_hidden = int(controlnet.config.hidden_size * controlnet.config.mlp_ratio)
@@ -296,9 +295,8 @@ def check_base_compatible(controlnet: Union[PixArtControlNet, ControlNetInfo], b
         hidden, heads, blocks = controlnet.hidden_size, None, controlnet.num_blocks
         mlp_hidden = int(controlnet.hidden_size * controlnet.mlp_ratio)
         released = controlnet.base_config
+    # the copied blocks must be the base's own blocks, and each feeds the base block after it
     problems = []
-    if hidden != base_cfg.hidden_size:
-        problems.append(f"width {hidden} vs the base's {base_cfg.hidden_size}")
     if heads is not None and heads != base_cfg.num_heads:
         problems.append(f"{heads} heads vs the base's {base_cfg.num_heads}")
     if mlp_hidden != int(base_cfg.hidden_size * base_cfg.mlp_ratio):
@@ -306,11 +304,7 @@ def check_base_compatible(controlnet: Union[PixArtControlNet, ControlNetInfo], b
     if blocks + 1 > base_cfg.depth:
         problems.append(f"{blocks} control blocks feed base blocks 1…{blocks} but the base has "
                         f"{base_cfg.depth} blocks")
-    mismatch = released_base_mismatch(released, base_cfg)
-    if mismatch:
-        problems.append(mismatch)
-    if problems:
-        raise CheckpointError("this PixArt-δ ControlNet does not fit the base model: " + "; ".join(problems))
+    check_fits_base("PixArt-δ ControlNet", base_cfg, hidden, released, problems)
 
 
 def load_pixart_controlnet(controlnet_sd: dict, base_config, operations=nn, dtype=None, device=None,

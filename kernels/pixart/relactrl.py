@@ -30,13 +30,15 @@ import torch.nn as nn
 
 from ..adaln import modulate
 from ..checkpoint_io import CheckpointError, assign_load, check_strict, describe_foreign, meta_shapes
-from .checkpoint import detect_layout, released_base_mismatch, variant_name
+from .checkpoint import detect_layout, variant_name
 from .control_file import (
     ADAPTER_PREFIX,
     BASE_PREFIX,
     CONTROL_PREFIX,
     BundledBase,
     PreparedControlFile,
+    base_config_of,
+    check_fits_base,
     prepare_bundled_base,
     scales_skips,
     split_control_file,
@@ -509,22 +511,15 @@ def prepare_relactrl(sd: dict, num_heads: Optional[int] = None, sample_size: Opt
 
 def check_relactrl_base_compatible(relactrl: Union[RelaCtrl, RelaCtrlInfo], base) -> None:
     """Raise CheckpointError when the RelaCtrl branch cannot run on `base` (a PixArt, or its PixArtConfig)."""
-    base_cfg = base.config if isinstance(base, PixArt) else base
-    if not isinstance(base_cfg, PixArtConfig):
-        raise CheckpointError(f"RelaCtrl needs a PixArt-α base model; got {type(base).__name__}")
+    base_cfg = base_config_of(base, "RelaCtrl")
     cfg = relactrl.config
     released = relactrl.released_base if isinstance(relactrl, RelaCtrl) else relactrl.base_config
+    # the RGLC blocks read base blocks by index and feed the block after each
     problems = []
-    if cfg.hidden_size != base_cfg.hidden_size:
-        problems.append(f"width {cfg.hidden_size} vs the base's {base_cfg.hidden_size}")
     if max(cfg.placement) + 1 >= base_cfg.depth:
         problems.append(f"its last RGLC block reads base block {max(cfg.placement)} and feeds block "
                         f"{max(cfg.placement) + 1}, but the base has {base_cfg.depth} blocks")
-    mismatch = released_base_mismatch(released, base_cfg)
-    if mismatch:
-        problems.append(mismatch)
-    if problems:
-        raise CheckpointError("this RelaCtrl does not fit the base model: " + "; ".join(problems))
+    check_fits_base("RelaCtrl", base_cfg, cfg.hidden_size, released, problems)
 
 
 def load_relactrl(controlnet_sd: dict, base_config, operations=nn, dtype=None, device=None,
