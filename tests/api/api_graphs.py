@@ -1,6 +1,8 @@
 """Graph pieces several API test modules add to a shipped workflow."""
 from __future__ import annotations
 
+import itertools
+
 
 def add_lcm_control_latents(g: dict, *, model: str, apply_controlnet: str, empty_latent: str, control_image: str,
                             vae: str, seed: int, prefix: str) -> dict:
@@ -18,6 +20,20 @@ def add_lcm_control_latents(g: dict, *, model: str, apply_controlnet: str, empty
     g["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": f"{prefix}/out"}}
     g["24"] = {"class_type": "VAEEncode", "inputs": {"pixels": [control_image, 0], "vae": [vae, 0]}}
     g["25"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": f"{prefix}/ctrl"}}
+    return g
+
+
+_SERVED = itertools.count()
+
+
+def served_latent_graph(g: dict, sampler: str) -> dict:
+    """A cheap prompt that shows the server still serves after an error: `g` (a PixArt graph already at a small
+    size) with its VAE decode and image save replaced by SaveLatent of `sampler`'s output, and a new seed each
+    call, so the sampler really runs rather than answering from ComfyUI's cache."""
+    for key in [k for k, v in g.items() if v["class_type"] in ("VAELoader", "VAEDecode", "SaveImage")]:
+        del g[key]
+    g[sampler]["inputs"]["seed"] = 1000 + next(_SERVED)
+    g["served"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": "served/ok"}}
     return g
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dit_control.tests.api.api_graphs import served_latent_graph
 from dit_control.tests.comfy_host import REPO, execution_error
 from dit_control.tests.generators.make_checkpoints import DAMAGED_SOURCES
 
@@ -60,7 +61,7 @@ def _graph_for(folder, name):
 
 
 def _next_prompt_runs(comfy):
-    ok = comfy.run(t2i())
+    ok = comfy.run(served_latent_graph(t2i(), "6"))
     assert ok["status"]["status_str"] == "success", execution_error(ok)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from dit_control.tests.api.api_graphs import at_pass_size
+from dit_control.tests.api.api_graphs import at_pass_size, served_latent_graph
 from dit_control.tests.comfy_host import REPO, assert_documented, execution_error
 from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
 
@@ -111,7 +111,7 @@ def test_wrong_or_broken_file_gives_clear_error_and_server_keeps_serving(comfy, 
     err = execution_error(h)
     assert err is not None and err["node_type"] == "DiTControl_PixArtDiTLoader"
     assert BAD_FILES[name] in err["exception_message"], err["exception_message"]
-    ok = comfy.run(graph({("6", "steps"): 2, ("5", "width"): 256, ("5", "height"): 256}))
+    ok = comfy.run(served_latent_graph(graph({("6", "steps"): 2, ("5", "width"): 256, ("5", "height"): 256}), "6"))
     assert ok["status"]["status_str"] == "success", execution_error(ok)
 
 
