@@ -1,6 +1,8 @@
 """DiT4SR (issue 12) through a real ComfyUI server's API: the shipped workflow on checkpoints made at set-up
-(tests/generators/make_dit4sr_checkpoints.py: a tiny DiT4SR transformer in the released folder layout with SD3's text
-widths, a random full-size SD3 VAE), plus the in-process pieces (preparation sizes, colour fix).
+(tests/generators/make_dit4sr_checkpoints.py: the micro DiT4SR trained here in the released folder layout with SD3's
+text widths and the hand-set full-size SD3 pixel VAE; a tiny random DiT4SR for the kernel-parity test), plus the
+in-process pieces (preparation sizes, colour fix). What the micro model restores is measured in
+test_api_dit4sr_micro.py.
 
 Stand-in: TripleCLIPLoader + CLIPTextEncode are swapped for tests/host_probe's
 DiTControlProbe_SD3ConditioningStandIn (SD3-shaped CONDITIONING: tokens [1, 154, 4096], pooled [1, 2048], drawn
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from dit_control.tests.comfy_host import assert_documented, execution_error, load_api_graph
-from dit_control.tests.generators.make_dit4sr_checkpoints import write_dit4sr_inputs
+from dit_control.tests.generators.make_dit4sr_checkpoints import RANDOM_DIT4SR_FOLDER, write_dit4sr_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "dit4sr_upscale_x4"
@@ -256,6 +258,8 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
     steps, seed = 3, 5
     g = small_graph(steps=steps, tile_size=8, tile_overlap=2)
+    # the random tiny DiT4SR: it reads its text, where the embedded micro model's text projections are zero
+    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
     ks = g[one(g, "KSampler")]["inputs"]
     ks["seed"] = seed
     cond = one(g, "DiTControl_DiT4SRConditioning")
@@ -273,7 +277,7 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     tiles = TileSettings(tile=8, overlap=2, memory_budget=2048 << 20)
     assert tile_layout(8, 10, tiles).count == 2
 
-    model, _ = load_dit4sr_file(str(models_dir / "diffusion_models" / "dit4sr_q" / "transformer"), dtype=torch.float32)
+    model, _ = load_dit4sr_file(str(models_dir / "diffusion_models" / RANDOM_DIT4SR_FOLDER), dtype=torch.float32)
     model.eval()
     texts = [g[k]["inputs"]["text"] for k in ids(g, "DiTControlProbe_SD3ConditioningStandIn")]
     (pos_ctx, pos_pool), (neg_ctx, neg_pool) = sd3_stand_in(texts[0]), sd3_stand_in(texts[1])

@@ -37,7 +37,7 @@ from dit_control.tests.training.install import available as micro_model_availabl
 from dit_control.tests.training.install import digest as micro_model_digest  # noqa: E402
 from dit_control.tests.training.install import install_micro_model  # noqa: E402
 
-STAMP_VERSION = "12"
+STAMP_VERSION = "13"
 TINY_T5 = dict(vocab_size=32128, d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=2)
 # 72-wide heads like XL/2 (so the head count is inferred as for real files); hidden % 3 == 0 for the
 # size embedders; caption width = the tiny T5's d_model

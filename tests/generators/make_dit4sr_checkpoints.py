@@ -1,13 +1,17 @@
 """DiT4SR test files (issue 12), made by our own code in the released layouts (nothing is downloaded):
 
-- diffusion_models/dit4sr_q/transformer/: a tiny DiT4SR transformer in acceptee/DiT4SR's diffusers layout —
+- diffusion_models/dit4sr_q/transformer/: the micro DiT4SR trained here (tests/training/train_dit4sr.py, committed)
+  where it is committed, else a tiny random DiT4SR transformer; both in acceptee/DiT4SR's diffusers layout —
   the released key names (dead attn2 tensors included), F16 base + F32 control tensors as released, and its
   config.json. Small width and depth (2 heads × 32, 4 blocks: 0–1 dual attention, 3 context_pre_only) but SD3's
   text widths (joint 4096, pooled 2048), so core's SD3 conditioning shapes go in unchanged;
+- diffusion_models/dit4sr_random/transformer/: the tiny random DiT4SR, always (its text projections are not zero,
+  so the kernel-parity test sees CFG and the pooled text at work);
 - diffusion_models/dit4sr_bad/: an SD3.5-style base transformer without the control tensors, and a truncated
   DiT4SR file (the bad-input tests; the FLUX-like file is conftest's broken/flux1-dev-like.safetensors);
 - vae/sd3.5_vae.safetensors: a FULL-SIZE SD3 VAE (kl-f8, 16 latent channels, no quant convs, ldm names — what
-  core's VAELoader reads as SD3's VAE; core fixes its width), random weights;
+  core's VAELoader reads as SD3's VAE; core fixes its width): the hand-set SD3 pixel VAE with the micro DiT4SR
+  (tests/training/pixel_vae.py), else random weights;
 - text_encoders/clip_g.safetensors: a placeholder (TripleCLIPLoader's name in the shipped workflow; never
   loaded: the API tests use tests/host_probe's SD3 conditioning stand-in; clip_l / t5xxl_fp16 exist already);
 - input images for the workflow (`write_dit4sr_inputs`).
@@ -24,10 +28,12 @@ import torch
 
 from dit_control.kernels.dit4sr.checkpoint import DEAD_TENSOR_PARTS
 from dit_control.kernels.dit4sr.model import DiT4SR, DiT4SRConfig
+from dit_control.tests.training.install import install_micro_dit4sr
 
 TINY_DIT4SR = dict(num_layers=4, num_heads=2, head_dim=32, ff_inner_dim=256, dual_attention_layers=(0, 1),
                    pos_embed_max_size=96, joint_attention_dim=4096, pooled_projection_dim=2048, sample_size=128)
 DIT4SR_FOLDER = "dit4sr_q/transformer"
+RANDOM_DIT4SR_FOLDER = "dit4sr_random/transformer"
 SD3_VAE_NAME = "sd3.5_vae.safetensors"
 INPUTS = {"dit4sr_input.png": (96, 128), "dit4sr_input_small.png": (40, 32),     # name: (width, height)
           "dit4sr_input_500.png": (500, 500)}                                    # ×4: the 2000² case
@@ -178,12 +184,17 @@ def make_dit4sr_files(models_dir: Path):
     models_dir = Path(models_dir)
     dm = models_dir / "diffusion_models"
     cfg = DiT4SRConfig(**TINY_DIT4SR)
-    weights = save_dit4sr_folder(dm / DIT4SR_FOLDER, cfg, seed=30)
     bad = dm / "dit4sr_bad"
+    # the micro DiT4SR trained here (tests/training/train_dit4sr.py) with the SD3 pixel VAE where it is
+    # committed, else random tiny weights and a random full-size SD3 VAE
+    if not install_micro_dit4sr(models_dir):
+        save_dit4sr_folder(dm / DIT4SR_FOLDER, cfg, seed=30)
+        save_random_sd3_vae(models_dir / "vae" / SD3_VAE_NAME, seed=32)
+    # random weights that read their text (the micro model's text projections are zero): the kernel-parity test
+    save_dit4sr_folder(dm / RANDOM_DIT4SR_FOLDER, cfg, seed=30)
     save_sd35_base(bad / "sd3.5_medium_base_no_control.safetensors", cfg, seed=31)
-    data = weights.read_bytes()
+    data = (dm / DIT4SR_FOLDER / "diffusion_pytorch_model.safetensors").read_bytes()
     (bad / "dit4sr_truncated.safetensors").write_bytes(data[: len(data) // 2])
-    save_random_sd3_vae(models_dir / "vae" / SD3_VAE_NAME, seed=32)
     import safetensors.torch
     te = models_dir / "text_encoders"
     te.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,9 @@ The pinned frontend asks a custom node pack's templates for `/api/workflow_templ
   thumbnail's size (256 px, the micro model's training size; the graph otherwise as shipped; the ControlNet graph with
   the Canny stand-in
   of tests/api/test_api_micro_model.py, as the micro ControlNet is trained on Canny maps);
+- the DiT4SR graph, which the micro DiT4SR runs (tests/training/train_dit4sr.py): its output on the shipped example
+  input, as shipped except core's text encoders (the API tests' SD3 conditioning stand-in; the micro model ignores
+  text), the example input beside it for comparison;
 - the other graphs, whose embedded weights are random (nothing can be trained here at their size): their
   example input, labelled as such — a random model's output would only show noise.
 """
@@ -27,6 +30,7 @@ from dit_control.tests.generators.make_checkpoints import make_all, write_exampl
 THUMB = 256
 # the graphs the micro model draws; each is run as shipped at THUMB px
 MICRO_DRAWN = ("pixart_delta_lcm_t2i", "pixart_delta_lcm_t2i_int8", "pixart_alpha_t2i", "pixart_delta_controlnet")
+MICRO_UPSCALED = ("dit4sr_upscale_x4",)
 
 
 def micro_graph(name: str) -> dict:
@@ -35,6 +39,24 @@ def micro_graph(name: str) -> dict:
     if name == "pixart_delta_controlnet":
         canny_instead_of_hed(graph)
     return graph
+
+
+def upscale_card(server, input_dir: Path):
+    """The DiT4SR graph's output on its example input (right), the input enlarged by nearest (left)."""
+    from PIL import Image
+
+    from dit_control.tests.api.test_api_dit4sr import api_graph, one
+    from dit_control.tests.generators.make_dit4sr_checkpoints import write_dit4sr_inputs
+    write_dit4sr_inputs(input_dir)
+    graph = api_graph(steps=20, save_latent=False)
+    (data,) = server.images(server.run_ok(graph))
+    out = Image.open(io.BytesIO(data)).convert("RGB")
+    lr = Image.open(input_dir / graph[one(graph, "LoadImage")]["inputs"]["image"]).convert("RGB")
+    half = (THUMB // 2, THUMB)
+    card = Image.new("RGB", (THUMB, THUMB))
+    card.paste(lr.resize(out.size, Image.NEAREST).resize(half, Image.LANCZOS), (0, 0))
+    card.paste(out.resize(half, Image.LANCZOS), (THUMB // 2, 0))
+    return card
 
 
 def input_card(graph: dict, input_dir: Path):
@@ -60,13 +82,15 @@ def main() -> list:
     base = REPO / ".comfy_host" / "thumbnails_base"
     write_example_inputs(base / "input")
     written = []
-    with ComfyServer(models, base_dir=base) as server:
+    with ComfyServer(models, base_dir=base, probe=True) as server:
         for ui in sorted((REPO / "workflows").glob("*.json")):
             name = ui.stem
             api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
             if name in MICRO_DRAWN:
                 (data,) = server.images(server.run_ok(micro_graph(name)))
                 thumb = Image.open(io.BytesIO(data)).convert("RGB").resize((THUMB, THUMB), Image.LANCZOS)
+            elif name in MICRO_UPSCALED:
+                thumb = upscale_card(server, base / "input")
             else:
                 thumb = input_card(api, base / "input")
             target = ui.with_suffix(".jpg")

@@ -12,8 +12,11 @@ the repository small:
                                                       base file's tensors (the ControlNet was trained on it);
 - vae/sd-vae-ft-ema.safetensors                       made: the pixel VAE (tests/training/pixel_vae.py);
 - text_encoders/t5xxl_fp16.safetensors                made by tests/generators/make_checkpoints.py from the same seed
-the
-                                                      captions were encoded with (not touched here).
+                                                      the captions were encoded with (not touched here).
+
+The micro DiT4SR (tests/training/train_dit4sr.py), installed by `install_micro_dit4sr`:
+- diffusion_models/dit4sr_q/transformer/              committed (released diffusers layout + config.json);
+- vae/sd3.5_vae.safetensors                           made: the SD3 pixel VAE (tests/training/pixel_vae.py).
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ BASE_512 = Path("diffusion_models") / "PixArt-XL-2-512x512.pth"
 LCM = Path("diffusion_models") / "PixArt-LCM-XL-2-1024-MS" / "transformer"
 CONTROLNET = Path("controlnet") / "PixArt-XL-2-1024-ControlNet.pth"
 VAE = Path("vae") / "sd-vae-ft-ema.safetensors"
+DIT4SR = Path("diffusion_models") / "dit4sr_q" / "transformer"
+DIT4SR_FILES = (DIT4SR / "diffusion_pytorch_model.safetensors", DIT4SR / "config.json")
+SD3_VAE = Path("vae") / "sd3.5_vae.safetensors"
 SIZE_EMBEDDERS = ("csize_embedder.", "ar_embedder.")
 
 
@@ -43,7 +49,27 @@ def digest() -> str:
     h = hashlib.sha256()
     for p in (BASE, LCM / "diffusion_pytorch_model.safetensors", LCM / "config.json", CONTROLNET):
         h.update((WEIGHTS / p).read_bytes())
+    for p in DIT4SR_FILES if dit4sr_available() else ():
+        h.update((WEIGHTS / p).read_bytes())
     return h.hexdigest()[:12]
+
+
+def dit4sr_available() -> bool:
+    """True when the micro DiT4SR is committed."""
+    return all((WEIGHTS / p).exists() for p in DIT4SR_FILES)
+
+
+def install_micro_dit4sr(models_dir: Path) -> bool:
+    """Write the micro DiT4SR and the SD3 pixel VAE into `models_dir`; False (nothing written) when the
+    micro DiT4SR is not committed."""
+    if not dit4sr_available():
+        return False
+    from dit_control.tests.training.pixel_vae import save_pixel_vae
+    for rel in DIT4SR_FILES:
+        (models_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(WEIGHTS / rel, models_dir / rel)
+    save_pixel_vae(models_dir / SD3_VAE, sd3=True)
+    return True
 
 
 def non_ms_state_dict(ms: dict) -> dict:

@@ -243,3 +243,9 @@ def edge_f1(pred: np.ndarray, target: np.ndarray, radius: float = DEFAULT_RADIUS
 def image_edge_f1(image: np.ndarray, control: np.ndarray, radius: float = DEFAULT_RADIUS) -> float:
     """Edge F1 of an image's Canny map (our Canny node's math and defaults) against a control edge map."""
     return edge_f1(canny_np(image), control, radius)
+
+
+def psnr(image: np.ndarray, truth: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of an image in [0, 1] against the truth (same shape)."""
+    mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(truth, np.float64)) ** 2))
+    return 10.0 * np.log10(1.0 / max(mse, 1e-12))

@@ -45,10 +45,17 @@ def _pairs(k: int) -> tuple:
     return 4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3
 
 
-def pixel_vae_state_dict() -> dict:
-    """{name: float32 tensor} in the ldm layout of core's SD VAE."""
-    from dit_control.tests.generators.make_checkpoints import sd_vae_shapes
-    shapes = sd_vae_shapes()
+# SD3's latent format (comfy.latent_formats.SD3): the MODEL sees (z - SD3_SHIFT) * SD3_SCALE
+SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609
+# The SD3 pixel VAE's posterior log-variance: a small real spread (std 0.018 of the raw latent), so that
+# DiT4SR Conditioning's `posterior: sample` draws visible noise its tests can check; `mean` ignores it.
+SD3_LOGVAR = -8.0
+
+
+def _hand_set_vae(shapes: dict, latent_channels: int, scale: float, shift: float, logvar: float) -> dict:
+    """Weights of core's kl-f8 VAE (ldm names, `shapes`) set by hand: the MODEL-space latent is
+    (raw - shift) * scale = 2·(8× block mean) - 1 in channels 0-2, 0 elsewhere; decode inverts that with an
+    8× nearest upsample."""
     sd = {name: torch.zeros(shape) for name, shape in shapes.items()}
     for name in sd:                                   # norm scales 1 (they never reach the output anyway)
         if "norm" in name and name.endswith("weight"):
@@ -75,7 +82,7 @@ def pixel_vae_state_dict() -> dict:
         sigma = math.sqrt(CONST ** 2 * const_channels / group_channels + GN_EPS)
         return sigma / SIGNAL
 
-    # ---- encoder: image in [-1, 1] -> raw latent v / 0.18215
+    # ---- encoder: image in [-1, 1] -> raw latent v / scale + shift
     for k in range(3):
         p, n, cp, cn = _pairs(k)
         sd["encoder.conv_in.weight"][p, k, 1, 1] = SIGNAL
@@ -83,23 +90,26 @@ def pixel_vae_state_dict() -> dict:
         sd["encoder.conv_in.bias"][cp], sd["encoder.conv_in.bias"][cn] = CONST, -CONST
     sd["encoder.norm_out.weight"].zero_()
     enc_gain = gain(512 // 32, 6)                    # one group of 16 channels holds all 12 used ones
-    out_scale = 1.0 / SD15_SCALE
+    out_scale = 1.0 / scale
     for k in range(3):
         p = _pairs(k)[0]
         sd["encoder.norm_out.weight"][p] = enc_gain
         sd["encoder.norm_out.bias"][p] = SHIFT
         sd["encoder.conv_out.weight"][k, p, 1, 1] = out_scale
         sd["encoder.conv_out.bias"][k] = -SHIFT * out_scale
-    sd["encoder.conv_out.bias"][4:8] = LOGVAR
-    for c in range(8):
-        sd["quant_conv.weight"][c, c, 0, 0] = 1.0
+    sd["encoder.conv_out.bias"][:latent_channels] += shift
+    sd["encoder.conv_out.bias"][latent_channels:2 * latent_channels] = logvar
+    if "quant_conv.weight" in sd:
+        for c in range(2 * latent_channels):
+            sd["quant_conv.weight"][c, c, 0, 0] = 1.0
+        for c in range(latent_channels):
+            sd["post_quant_conv.weight"][c, c, 0, 0] = 1.0
     # ---- decoder: raw latent -> image in [-1, 1]
-    for c in range(4):
-        sd["post_quant_conv.weight"][c, c, 0, 0] = 1.0
     for k in range(3):
         p, n, cp, cn = _pairs(k)
-        sd["decoder.conv_in.weight"][p, k, 1, 1] = SIGNAL * SD15_SCALE
-        sd["decoder.conv_in.weight"][n, k, 1, 1] = -SIGNAL * SD15_SCALE
+        sd["decoder.conv_in.weight"][p, k, 1, 1] = SIGNAL * scale
+        sd["decoder.conv_in.weight"][n, k, 1, 1] = -SIGNAL * scale
+        sd["decoder.conv_in.bias"][p], sd["decoder.conv_in.bias"][n] = -SIGNAL * scale * shift, SIGNAL * scale * shift
         sd["decoder.conv_in.bias"][cp], sd["decoder.conv_in.bias"][cn] = CONST, -CONST
     sd["decoder.norm_out.weight"].zero_()
     dec_gain = gain(128 // 32, 2)                    # groups of 4: (s·v, −s·v, B, −B) per colour
@@ -112,12 +122,26 @@ def pixel_vae_state_dict() -> dict:
     return sd
 
 
-def save_pixel_vae(path: Path) -> Path:
-    """Write the pixel VAE (float32 safetensors) where core's VAELoader finds it."""
+def pixel_vae_state_dict() -> dict:
+    """{name: float32 tensor} in the ldm layout of core's SD VAE."""
+    from dit_control.tests.generators.make_checkpoints import sd_vae_shapes
+    return _hand_set_vae(sd_vae_shapes(), 4, SD15_SCALE, 0.0, LOGVAR)
+
+
+def sd3_pixel_vae_state_dict() -> dict:
+    """{name: float32 tensor} of the SD3 pixel VAE: SD3's VAE layout (16 latent channels, no quant convs,
+    what core's VAELoader reads as the SD3 / SD3.5 VAE), the same maps as the SD one."""
+    from dit_control.tests.generators.make_checkpoints import flux_vae_shapes
+    return _hand_set_vae(flux_vae_shapes(), 16, SD3_SCALE, SD3_SHIFT, SD3_LOGVAR)
+
+
+def save_pixel_vae(path: Path, sd3: bool = False) -> Path:
+    """Write the pixel VAE (float32 safetensors; `sd3`: the SD3 one) where core's VAELoader finds it."""
     import safetensors.torch
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in pixel_vae_state_dict().items()}, str(path))
+    sd = sd3_pixel_vae_state_dict() if sd3 else pixel_vae_state_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
 
 
@@ -133,3 +157,16 @@ def decode_model_latent(latent: torch.Tensor) -> torch.Tensor:
     """MODEL-space latent [B, 4, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (= core VAEDecode of latent / 0.18215)."""
     up = torch.nn.functional.interpolate(latent[:, :3], scale_factor=8, mode="nearest")
     return ((up + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def sd3_encode_model_latent(image: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> the MODEL-space latent [B, 16, H/8, W/8] of the SD3 pixel VAE's mean
+    (= (core VAEEncode - 0.0609) · 1.5305)."""
+    v = torch.nn.functional.avg_pool2d(image * 2.0 - 1.0, 8)
+    return torch.cat([v, torch.zeros_like(v[:, :1]).expand(-1, 13, -1, -1)], dim=1)
+
+
+
+def sd3_decode_model_latent(latent: torch.Tensor) -> torch.Tensor:
+    """MODEL-space latent [B, 16, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (= core VAEDecode of the SD3 pixel VAE)."""
+    return decode_model_latent(latent[:, :3])

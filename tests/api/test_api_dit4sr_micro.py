@@ -1,0 +1,126 @@
+"""What the embedded micro DiT4SR does, measured through the shipped `dit4sr_upscale_x4` graph on a real ComfyUI.
+
+The embedded DiT4SR files are the micro DiT4SR trained here (tests/training/train_dit4sr.py, README "The micro
+DiT4SR") with the hand-set SD3 pixel VAE. Inputs are held-out procedural scenes (never trained on) rendered at
+512 px (the truth) and degraded as its training degraded them, at one fixed middle setting (blur σ 2 px, bicubic
+×1/4, noise σ 15/255, JPEG 60). The graph runs as shipped — 20 Euler steps, CFG 7, AdaIN colour fix, tiled
+one-pass decode — with the API tests' SD3 conditioning stand-in for core's text encoders (the micro model ignores
+text: its text projections are zero). Scored against the truth: PSNR and edge F1 (Canny of the output against the
+truth's Canny map, 4 px tolerance), beside bicubic ×4 of the same input (DiT4SR Conditioning's own upscale) and
+the input's latent decoded without the model (the pixel VAE alone).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dit_control.tests.api.test_api_dit4sr import api_graph, one
+from dit_control.tests.training.install import dit4sr_available
+from dit_control.tests.training.metrics import image_edge_f1, psnr
+from dit_control.tests.training.scenes import HELDOUT_SEED0, edge_map, render, scene_from_seed
+
+# held-out scenes, one input of 3:2 (two 64-latent tiles, a seam to look for): one graph run, ~30 s idle
+WIDE = "dit4sr_micro_wide.png"
+MIN_PSNR_GAIN_DB = 2.0                # over bicubic ×4 of the same input (the issue's bar)
+MEASURED = {}                         # printed at the end of the module (pytest -s), for the README
+
+
+def truths() -> dict:
+    """{input name: the truth}: 768×512, a held-out scene at 512 px and the middle half of another beside it."""
+    wide = np.concatenate([render(scene_from_seed(HELDOUT_SEED0 + 41), 512),
+                           render(scene_from_seed(HELDOUT_SEED0 + 42), 512)[:, 128:384]], axis=1)
+    return {WIDE: wide}
+
+
+@pytest.fixture(scope="module")
+def runs(comfy):
+    """{input: (truth, input uint8, graph output, the decode before the colour fix)} through the shipped graph."""
+    from dit_control.tests.training.train_dit4sr import EVAL_DEGRADATION, degrade
+    out = {}
+    for i, (name, truth) in enumerate(truths().items()):
+        lr = degrade(truth, *EVAL_DEGRADATION, np.random.default_rng(i))
+        Image.fromarray(lr).save(comfy.base_dir / "input" / name)
+        g = api_graph(steps=20, save_latent=False)
+        g[one(g, "LoadImage")]["inputs"]["image"] = name
+        save = one(g, "SaveImage")
+        g["95"] = {"class_type": "SaveImage", "inputs": {"images": [one(g, "DiTControl_VAEDecodeTiledOnePass"), 0],
+                                                         "filename_prefix": "dit4sr_micro/raw"}}
+        history = comfy.run_ok(g)
+        final, raw = (node_image(comfy, history, k) for k in (save, "95"))
+        assert final.shape == truth.shape, (final.shape, truth.shape)
+        out[name] = (truth, lr, final, raw)
+    yield out
+    print(f"\nmicro DiT4SR through the shipped graph: {MEASURED}")
+
+
+def node_image(comfy, history: dict, node: str) -> np.ndarray:
+    (img,) = history["outputs"][node]["images"]
+    data = comfy.get("/view?filename={filename}&subfolder={subfolder}&type={type}".format(**img))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32) / 255.0
+
+
+def bicubic(lr: np.ndarray) -> np.ndarray:
+    """DiT4SR Conditioning's own ×4 preparation of the input (its `upscaled` output)."""
+    import torch
+
+    from dit_control.kernels.dit4sr.preprocess import upscale_image
+    return upscale_image(torch.from_numpy(lr.astype(np.float32) / 255.0)[None], 4)[0].numpy()
+
+
+def vae_only(lr: np.ndarray) -> np.ndarray:
+    """The input's latent decoded as it is: what the pixel VAE alone gives, without the model."""
+    import torch
+
+    from dit_control.tests.training.pixel_vae import sd3_decode_model_latent, sd3_encode_model_latent
+    x = torch.from_numpy(bicubic(lr)).permute(2, 0, 1)[None]
+    return sd3_decode_model_latent(sd3_encode_model_latent(x))[0].permute(1, 2, 0).numpy()
+
+
+def test_the_micro_dit4sr_is_the_embedded_default(models_dir):
+    assert dit4sr_available(), "tests/training/weights/ has no micro DiT4SR: it is not committed"
+    from dit_control.tests.training.install import DIT4SR_FILES, WEIGHTS
+    assert all((models_dir / p).read_bytes() == (WEIGHTS / p).read_bytes() for p in DIT4SR_FILES)
+
+
+def test_upscale_beats_bicubic_in_psnr_and_edge_f1(runs):
+    name = WIDE
+    truth, lr, final, _ = runs[name]
+    edges = edge_map(truth)
+    score = {"psnr": psnr(final, truth), "psnr_bicubic": psnr(bicubic(lr), truth),
+             "psnr_vae_only": psnr(vae_only(lr), truth), "f1": image_edge_f1(final, edges),
+             "f1_bicubic": image_edge_f1(bicubic(lr), edges), "f1_vae_only": image_edge_f1(vae_only(lr), edges)}
+    MEASURED[name] = {k: round(v, 3) for k, v in score.items()}
+    assert score["psnr"] >= score["psnr_bicubic"] + MIN_PSNR_GAIN_DB, MEASURED[name]
+    assert score["f1"] > score["f1_bicubic"], MEASURED[name]
+    # the model itself restores: better than its input's latent decoded as it is
+    assert score["psnr"] > score["psnr_vae_only"] + 0.5, MEASURED[name]
+
+
+def test_no_seam_where_the_two_tiles_meet(runs):
+    """The 96×64 latent runs as two 64² tiles (overlap 24): columns 0-63 and 32-95, blended over 32-63, i.e.
+    256-511 px. The error's step between neighbouring pixel columns at the tiles' edges (255|256, 511|512) is no
+    larger than at the 8-px block borders inside a tile (the pixel VAE decodes 8×8 blocks)."""
+    truth, _, final, _ = runs[WIDE]
+    error = final - truth
+    step = np.abs(np.diff(error, axis=1)).mean(axis=(0, 2))             # [W - 1]: between column x and x + 1
+    tile_edges = [255, 511]
+    inside = [x for x in range(7, step.shape[0], 8) if x not in tile_edges]
+    MEASURED["seam"] = {"at_tile_edges": [round(float(step[x]), 4) for x in tile_edges],
+                        "inside_max": round(float(max(step[x] for x in inside)), 4)}
+    assert max(step[x] for x in tile_edges) <= max(step[x] for x in inside), MEASURED["seam"]
+
+
+def test_colour_fix_brings_the_mean_colour_to_the_input(runs):
+    """AdaIN (the shipped fix): the output's per-channel mean is the upscaled input's; measured with and
+    without the fix (the graph's decode before it)."""
+    errors = {"with": [], "without": []}
+    for truth, lr, final, raw in runs.values():
+        ref = bicubic(lr).reshape(-1, 3).mean(0)
+        errors["with"].append(np.abs(final.reshape(-1, 3).mean(0) - ref).max())
+        errors["without"].append(np.abs(raw.reshape(-1, 3).mean(0) - ref).max())
+    MEASURED["mean_colour_error"] = {k: round(float(np.mean(v)), 4) for k, v in errors.items()}
+    assert max(errors["with"]) < 0.01, MEASURED["mean_colour_error"]
+    assert np.mean(errors["with"]) <= np.mean(errors["without"]), MEASURED["mean_colour_error"]
