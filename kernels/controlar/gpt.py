@@ -217,10 +217,13 @@ class KVCache:
             mask |= torch.eye(self.length, dtype=torch.bool, device=device)[None]
         self.mask = mask
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: int):
+        """Write k, v at input_pos; return the cache's first `filled` positions (all written so far): attention
+        never reads the unwritten tail, whose mask columns are closed anyway. A decode step is memory-bound, so
+        this halves the K/V bytes an image's steps read on average."""
         self.k[layer][:, :, input_pos] = k
         self.v[layer][:, :, input_pos] = v
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :filled], self.v[layer][:, :, :filled]
 
 
 class Attention(nn.Module):
@@ -238,7 +241,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # [B, H, S, hd]
         if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v)                                # [B, H, L, hd]
+            k, v = cache.update(layer, input_pos, k, v, mask.shape[-1])                # [B, H, filled, hd]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -332,15 +335,19 @@ class GPT(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward_hidden(self, h: torch.Tensor, input_pos: torch.Tensor, cache: Optional[KVCache],
-                       control: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
+                       control: Optional[torch.Tensor] = None, strength: float = 1.0,
+                       filled: Optional[int] = None) -> torch.Tensor:
         """h [B, S, dim] at sequence positions input_pos [S] -> logits [B, S, vocab] (float32).
+
+        filled: with a cache, how many leading cache positions hold keys after this call (the last input position
+        + 1, a Python int so that no device sync is needed); attention reads only those. None: the whole cache.
 
         control [3, B, N, dim]: the hidden state at position p receives control token p − T + 1 (the input whose
         output predicts image token j gets token j: prefill adds token 0 at position T − 1 only, feeding image
         token j adds token j + 1), times `strength`, before each injection layer."""
         cfg = self.cfg
         rope = self.rope(h.device)[input_pos]                                          # [S, hd/2, 2]
-        mask = cache.mask[:, None, input_pos] if cache is not None else None           # [B, 1, S, L]
+        mask = cache.mask[:, None, input_pos, :filled] if cache is not None else None  # [B, 1, S, filled]
         add = None
         if control is not None:
             idx = input_pos - cfg.cls_token_num + 1                                    # control token per position
@@ -358,13 +365,14 @@ class GPT(nn.Module):
     def prefill(self, prefix: torch.Tensor, cache: KVCache, control=None, strength: float = 1.0) -> torch.Tensor:
         """prefix [B, T, dim] (embed_prefix) -> logits at every prefix position [B, T, vocab]."""
         pos = torch.arange(prefix.shape[1], device=prefix.device)
-        return self.forward_hidden(prefix, pos, cache, control, strength)
+        return self.forward_hidden(prefix, pos, cache, control, strength, filled=prefix.shape[1])
 
     def decode(self, tokens: torch.Tensor, position: int, cache: KVCache, control=None,
                strength: float = 1.0) -> torch.Tensor:
         """Feed image tokens [B, 1] at sequence position `position` (= T + j for image token j) -> [B, 1, vocab]."""
         pos = torch.tensor([position], device=tokens.device)
-        return self.forward_hidden(self.tok_embeddings(tokens).to(self.dtype), pos, cache, control, strength)
+        return self.forward_hidden(self.tok_embeddings(tokens).to(self.dtype), pos, cache, control, strength,
+                                   filled=position + 1)
 
     def new_cache(self, batch: int, num_tokens: int, caption_mask: Optional[torch.Tensor] = None) -> KVCache:
         return KVCache(self.cfg, batch, self.cfg.cls_token_num + num_tokens, self.dtype,

@@ -390,3 +390,21 @@ def test_row_previews_reach_the_client(server):
                                                    seed=11, tokens=False))
     aspects = [round(im.width / im.height, 2) for im in images]
     assert aspects == [round(256 / (16 * rows), 2) for rows in (4, 8, 12)], aspects
+
+
+def test_compute_dtype_bf16_says_so_and_samples(server):
+    """compute_dtype bf16: bf16 weights, maths and KV cache where the CPU has native bf16 (the description says
+    why), a clear refusal naming the CPU feature elsewhere."""
+    from dit_control.kernels.native_dtypes import native_bf16
+
+    g = graph("controlar_canny_mr", size=(64, 64), preview_every_rows=0)
+    loader = one(g, "DiTControl_ControlARLoader")
+    g[loader]["inputs"]["compute_dtype"] = "bf16"
+    g["91"] = {"class_type": "DiTControlProbe_TextReport", "inputs": {"text": [loader, 1]}}
+    native, why = native_bf16("cpu")
+    if not native:
+        assert "avx512_bf16" in run_error(server, g)
+        return
+    history = server.run_ok(g)
+    assert f"compute torch.bfloat16 (compute bf16: {why})" in history["outputs"]["91"]["text"][0]
+    assert len(tokens_of(history)[0]) == 16

@@ -17,6 +17,7 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   [1, 154, 4096] like CLIP-L + CLIP-G + T5-XXL, pooled_output [1, 2048]), for the DiT4SR API tests.
 - DiTControlProbe_ImageTokens: the token ids of a ControlAR IMAGE_TOKENS wire as JSON in the history (the
   pack has no node that shows tokens; the ControlAR API tests compare them exactly).
+- DiTControlProbe_TextReport: a STRING output (a loader's description or variant) as UI text in the history.
 - DiTControlProbe_SigmasReport: a SIGMAS list (e.g. core's BasicScheduler on a MODEL) as JSON text, to compare
   the shipped sampler/scheduler pair with the reference schedule.
 - DiTControlProbe_EasyControlBankWatch / _EasyControlBankReport: the watch clones an EasyControl MODEL and
@@ -139,6 +140,21 @@ class ImageTokens:
     def report(self, image_tokens):
         t = image_tokens
         return {"ui": {"text": [json.dumps({"tokens": t.tokens.tolist(), "rows": t.rows, "cols": t.cols})]}}
+
+
+class TextReport:
+    """A STRING output (a loader's description or variant) as UI text, for the API tests to read."""
+    CATEGORY = "DiT Control tests"
+    FUNCTION = "report"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True})}}
+
+    def report(self, text):
+        return {"ui": {"text": [text]}}
 
 
 class SigmasReport:
@@ -283,7 +299,7 @@ class EasyControlConditionImage:
 NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
                        "DiTControlProbe_SD3ConditioningStandIn": SD3ConditioningStandIn,
                        "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass,
-                       "DiTControlProbe_ImageTokens": ImageTokens,
+                       "DiTControlProbe_ImageTokens": ImageTokens, "DiTControlProbe_TextReport": TextReport,
                        "DiTControlProbe_SigmasReport": SigmasReport,
                        "DiTControlProbe_EasyControlBankWatch": EasyControlBankWatch,
                        "DiTControlProbe_EasyControlBankReport": EasyControlBankReport,
