@@ -47,6 +47,9 @@ XL = dict(dim=1280, n_layer=36, n_head=20, ffn_hidden=3584, vocab_size=16384, cl
 DINOV2_S = dict(hidden_size=384, num_layers=12, num_heads=6, mlp_hidden=1536, patch_size=14, num_positions=1370)
 GPT_B = dict(XL, dim=768, n_layer=12, n_head=12, ffn_hidden=2048)
 SMOKE = dict(XL, dim=256, n_layer=3, n_head=4, ffn_hidden=768, block_size=64)   # --smoke: checks the script only
+# the loader choices timed, in this order (weight_dtype, compute_dtype): fp32 = (default, auto) on a CPU; bf16 =
+# (default, bf16); int8 = (int8, auto); int8_fast = (int8_fast, auto); int8_fast_bf16 = (int8_fast, bf16)
+ROUTES = ("fp32", "int8", "int8_fast", "int8_fast_bf16", "bf16")
 
 
 def random_model(cfg: GPTConfig, seed: int = 0) -> GPT:
@@ -157,7 +160,7 @@ def main():
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
-    parser.add_argument("--routes", default="fp32,int8,int8_fast,bf16")
+    parser.add_argument("--routes", default=",".join(ROUTES))
     parser.add_argument("--no-kv-check", action="store_true", help="skip the KV cache vs recompute part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,23 +177,23 @@ def main():
     config = GPTConfig(**big, control=Dinov2Config(**DINOV2_S))
     model = None
     routes = args.routes.split(",")
-    for name in sorted(routes, key=["fp32", "int8", "int8_fast", "bf16"].index):
+    for name in sorted(routes, key=ROUTES.index):
         if name in ("fp32", "bf16") or model is None:
             model = None
             model = random_model(config)                      # the same weights for every route (seed 0)
-        if name == "bf16":                                    # compute_dtype bf16: bf16 weights, maths and KV cache
+        if name.endswith("bf16"):                             # compute_dtype bf16: bf16 maths and KV cache
             native, why = native_bf16("cpu")
             results["bf16_native"] = why
             if not native:
-                print(f"bf16: skipped, {why}", flush=True)
+                print(f"{name}: skipped, {why}", flush=True)
                 continue
-            model = model.to(torch.bfloat16)
-        if name in ("int8", "int8_fast") and not any(isinstance(m, Int8Linear) for m in model.modules()):
+            model = model.to(torch.bfloat16)                  # int8 weights stay int8 (and their scales fp32)
+        if name.startswith("int8") and not any(isinstance(m, Int8Linear) for m in model.modules()):
             # ControlAR Loader's weight_dtype int8: linear layers int8, the exact route
             quantize_model_linears(model.layers)
             quantize_model_linears(model, include=lambda n, _: n == "output")
             results["int8_route"] = int8_backend()
-        if name == "int8_fast":                               # int8_fast: the same int8 weights, fast route
+        if name.startswith("int8_fast"):                      # int8_fast: the same int8 weights, fast route
             route, why = fast_route("cpu", few_rows=True)
             for m in model.modules():
                 if isinstance(m, Int8Linear):
