@@ -339,3 +339,22 @@ def test_bf16_compute_samples_the_fp32_tokens_where_the_logits_allow(gpt, golden
     decided = int(undecided[0]) if len(undecided) else 16
     assert decided >= 3                                  # the check covers several tokens, not none
     assert torch.equal(got[:, :decided], ref[:, :decided])
+
+
+def test_decode_linear_orders_few_bf16_rows_as_weight_times_x():
+    """gpt.linear: a bf16 CPU layer with a decode step's few rows is computed as W·xᵀ (the same products, another
+    order: close, not equal); more rows, other dtypes and layers that cast or are patched run their own forward."""
+    import torch.nn as nn
+
+    from dit_control.kernels.controlar.gpt import FEW_ROWS, linear
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 48).to(torch.bfloat16)
+    few = torch.randn(2, 1, 64, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        got, ref = linear(layer, few), layer(few)
+        assert got.shape == ref.shape == (2, 1, 48) and got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        many = torch.randn(FEW_ROWS + 1, 64, generator=g).to(torch.bfloat16)
+        assert torch.equal(linear(layer, many), layer(many))
+        layer.comfy_cast_weights = True                     # ComfyUI's casting layers keep their own forward
+        assert torch.equal(linear(layer, few), layer(few))
