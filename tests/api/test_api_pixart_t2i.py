@@ -190,10 +190,12 @@ def test_int8_weights_run_and_stay_close_to_full_precision(comfy):
 
 def _compute_graph(dit_compute=None, t5_compute=None):
     """The shipped graph at 256 px, 2 steps, ending in SaveLatent and a report of the DiT loader's variant; the
-    loaders' compute_dtype set where given (None: left out, as in a workflow saved before the input existed)."""
+    loaders' compute_dtype set where given (None: left out, as in an API graph saved before the input existed)."""
     g = _latent_graph(120, 120, steps=2)
     for node, value in (("1", dit_compute), ("2", t5_compute)):
-        if value is not None:
+        if value is None:
+            del g[node]["inputs"]["compute_dtype"]
+        else:
             g[node]["inputs"]["compute_dtype"] = value
     g["31"] = {"class_type": "DiTControlProbe_TextReport", "inputs": {"text": ["1", 1]}}
     return g
