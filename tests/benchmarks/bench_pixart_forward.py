@@ -119,8 +119,9 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--only", default="ours,diffusers,comfy")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     cfg = pixart_xl2_1024_ms()
