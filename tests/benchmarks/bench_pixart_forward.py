@@ -57,14 +57,17 @@ def comfy_policy(dname):
 
 
 def timed(fn, repeats):
+    """(median wall s, wall times, median CPU s): the process's CPU time too, which on a shared machine with
+    --threads 1 counts the forward's own work only (wall time also counts the time other jobs held the core)."""
     with torch.no_grad():
         fn()  # warm-up (allocator, oneDNN primitive caches)
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+            cpu.append(time.process_time() - c0)
+    return statistics.median(times), times, statistics.median(cpu)
 
 
 def build_ours(sd, dname):
@@ -148,15 +151,15 @@ def main():
         compute = comfy_policy(dname)[2]
         xs, ys = x.to(compute), y.to(compute)
         candidates = []
-        if "ours" in only:
+        if "ours" in only:       # "ours-bf16" in --only: the compute_dtype bf16 row alone
             candidates += [("ours", lambda: build_ours(sd, dname), lambda m: m(xs, t, ys, None, img_hw=hw,
                                                                                aspect_ratio=ar)),
                            ("ours (padded caption mask)", None, lambda m: m(xs, t, ys, padded, img_hw=hw,
                                                                             aspect_ratio=ar))]
-            if dname == "bf16" and native_bf16("cpu")[0]:
-                xb, yb, hwb, arb = (v.to(torch.bfloat16) for v in (x, y, hw, ar))
-                candidates.append(("ours, compute_dtype bf16", lambda: build_ours_compute_bf16(sd),
-                                   lambda m: m(xb, t, yb, None, img_hw=hwb, aspect_ratio=arb)))
+        if dname == "bf16" and native_bf16("cpu")[0] and ({"ours", "ours-bf16"} & set(only)):
+            xb, yb, hwb, arb = (v.to(torch.bfloat16) for v in (x, y, hw, ar))
+            candidates.append(("ours, compute_dtype bf16", lambda: build_ours_compute_bf16(sd),
+                               lambda m: m(xb, t, yb, None, img_hw=hwb, aspect_ratio=arb)))
         if "diffusers" in only:
             candidates.append(("diffusers PixArtTransformer2DModel", lambda: build_diffusers(sd, dtype, cfg),
                                lambda m: m(x.to(dtype), encoder_hidden_states=y.to(dtype), timestep=t,
@@ -172,12 +175,13 @@ def main():
                 model = None
                 gc.collect()
                 model = build()
-            median, times = timed(lambda: outputs.__setitem__(name, run(model).float()), args.repeats)
+            median, times, cpu = timed(lambda: outputs.__setitem__(name, run(model).float()), args.repeats)
             row_compute = dtype if "diffusers" in name or "compute_dtype" in name else compute
-            row = {"dtype": dname, "compute": str(row_compute), "impl": name,
-                   "median_s": round(median, 3), "times": [round(v, 3) for v in times]}
+            row = {"dtype": dname, "compute": str(row_compute), "impl": name, "median_s": round(median, 3),
+                   "times": [round(v, 3) for v in times], "cpu_median_s": round(cpu, 3)}
             results["rows"].append(row)
-            print(f"{dname:5s} {name:40s} {median:8.3f} s   {[round(v, 2) for v in times]}", flush=True)
+            print(f"{dname:5s} {name:40s} {median:8.3f} s   {[round(v, 2) for v in times]}   CPU {cpu:.3f} s",
+                  flush=True)
         model = None
         gc.collect()
         # all implementations compute the same function (ε and variance channels)
@@ -200,8 +204,12 @@ def main():
             print(f"{dname}: ours / faster peer = {ratio:.3f}")
         if "ours, compute_dtype bf16" in by and "diffusers PixArtTransformer2DModel" in by:
             ratio = by["ours, compute_dtype bf16"] / by["diffusers PixArtTransformer2DModel"]
+            cpu = {r["impl"]: r["cpu_median_s"] for r in results["rows"] if r["dtype"] == dname}
+            cpu_ratio = cpu["ours, compute_dtype bf16"] / cpu["diffusers PixArtTransformer2DModel"]
             results[f"ratio_{dname}_compute_bf16_vs_diffusers"] = round(ratio, 3)
-            print(f"{dname}: ours with compute_dtype bf16 / diffusers bf16 = {ratio:.3f}")
+            results[f"cpu_ratio_{dname}_compute_bf16_vs_diffusers"] = round(cpu_ratio, 3)
+            print(f"{dname}: ours with compute_dtype bf16 / diffusers bf16 = {ratio:.3f} (wall), "
+                  f"{cpu_ratio:.3f} (CPU time)")
     save_results("pixart_forward", results)
 
 
