@@ -58,7 +58,7 @@ def operations_for(casts: bool, int8_ops=None):
 COMPUTE_DTYPE_TOOLTIP = ("The dtype the maths run in. 'auto' keeps ComfyUI's choice for your device (on a CPU: fp32, "
                          "casting bf16/fp16/fp8 weights per layer). 'bf16' computes in bf16 where the device has "
                          "native bf16 dot products (CPUs with AVX-512 BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire "
-                         "Rapids; NVIDIA Ampere and newer): about 2x the speed of fp32 on such a CPU, ~1-2% "
+                         "Rapids; NVIDIA Ampere and newer): 2-4x the speed of fp32 maths on such a CPU, ~1-2% "
                          "relative error against fp32. With weight_dtype 'default' the weights are then stored in "
                          "bf16 too. Refused, naming the missing CPU feature, where bf16 would only be emulated "
                          "(several times slower than fp32).")
