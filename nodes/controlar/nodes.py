@@ -73,9 +73,10 @@ def controlar_files() -> list:
     return folder_paths.get_filename_list(CONTROLAR_FOLDER)
 
 
-def compute_dtype(device) -> torch.dtype:
-    """fp32 on the CPU (its bf16 GEMMs are emulated on most CPUs); bf16 on GPUs that run it well (the
-    reference samples in bf16), else fp32 (LlamaGen's activations are not checked for fp16 range)."""
+def auto_compute_dtype(device) -> torch.dtype:
+    """compute_dtype 'auto': fp32 on the CPU (bf16 maths there are the explicit 'bf16' choice, offered where they
+    are native); bf16 on GPUs that run it well (the reference samples in bf16), else fp32 (LlamaGen's activations
+    are not checked for fp16 range)."""
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
@@ -178,7 +179,7 @@ def load_controlar_gpt(path: str, name: str, weight_dtype: str = "default",
         raise CheckpointError(f"{name}: this is a class-conditional (C2I) {WHAT_GPT} ({cfg.describe()}); "
                               f"these nodes run the text-to-image models (ControlAR T2I files, LlamaGen "
                               f"t2i_XL_stage2_512.pt)")
-    compute = chosen.dtype or compute_dtype(load_device)
+    compute = chosen.dtype or auto_compute_dtype(load_device)
     dtype, int8_ops, storage_note = storage_choice(weight_dtype)
     if int8_ops is not None:
         # linear layers int8, embeddings and norms in the compute dtype. int8: the exact route (at the decode
