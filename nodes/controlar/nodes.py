@@ -252,9 +252,9 @@ class ControlARLoader(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
                                tooltip=COMPUTE_DTYPE_TOOLTIP + " 'auto' here: fp32 on the CPU, bf16 on GPUs "
                                        "that run it. Each token reads every weight and the K/V cache once: on "
-                                       "a CPU with native bf16, bf16 halves those bytes (1.7x the fp32 speed "
-                                       "measured), and with weight_dtype 'int8_fast' it is the fastest decode "
-                                       "there (2.3x, less exact)."),
+                                       "a CPU with native bf16, bf16 halves those bytes (1.4-1.7x the fp32 "
+                                       "speed measured), and with weight_dtype 'int8_fast' it is the fastest "
+                                       "decode there (1.8-2.3x, less exact)."),
             ],
             outputs=[
                 ControlARModelType.Output("controlar_model", tooltip="For ControlAR Sampler."),
