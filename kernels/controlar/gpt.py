@@ -332,15 +332,20 @@ class GPT(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward_hidden(self, h: torch.Tensor, input_pos: torch.Tensor, cache: Optional[KVCache],
-                       control: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
+                       control: Optional[torch.Tensor] = None, strength: float = 1.0,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h [B, S, dim] at sequence positions input_pos [S] -> logits [B, S, vocab] (float32).
 
         control [3, B, N, dim]: the hidden state at position p receives control token p − T + 1 (the input whose
         output predicts image token j gets token j: prefill adds token 0 at position T − 1 only, feeding image
-        token j adds token j + 1), times `strength`, before each injection layer."""
+        token j adds token j + 1), times `strength`, before each injection layer.
+
+        mask [B, 1, S, S] (bool, True = attend): only without a cache, for a whole sequence at once (training on
+        left-padded captions); without a cache or a mask, attention is causal."""
         cfg = self.cfg
         rope = self.rope(h.device)[input_pos]                                          # [S, hd/2, 2]
-        mask = cache.mask[:, None, input_pos] if cache is not None else None           # [B, 1, S, L]
+        if cache is not None:
+            mask = cache.mask[:, None, input_pos]                                      # [B, 1, S, L]
         add = None
         if control is not None:
             idx = input_pos - cfg.cls_token_num + 1                                    # control token per position
