@@ -119,15 +119,25 @@ def control_image(bits: torch.Tensor, width: int, height: int) -> torch.Tensor:
 #                                        Model pieces
 # ---------------------------------------------------------------------------------------------
 
+# the projections between the encoder and the GPT, and the caption's: initialised to keep their signal's scale
+# (normal, std 1/√fan_in). At LlamaGen's 0.02 the four linears from the encoder to the condition layers shrink it
+# ~1000× (0.02·√128 ≈ 0.23 each): a first run's control path had not moved after 200 steps (edge F1 the same at
+# strength 1 and 0).
+SCALE_KEEPING = ("adapter_mlp.", "condition_mlp.cap_proj.", "condition_layers.", "cls_embedding.cap_proj.")
+
+
 def new_model(gen: torch.Generator) -> GPT:
-    """LlamaGen's init (normal 0.02, output layer 0) for the GPT; ControlAR zero-initialises the projection into
-    the GPT (here the condition layers' second linear, so gradients still reach the rest)."""
+    """LlamaGen's init (normal 0.02, output layer 0) for the GPT, scale-keeping projections (SCALE_KEEPING), torch's
+    default for the encoder's layers; ControlAR zero-initialises the projection into the GPT (here the condition
+    layers' second linear, so gradients still reach the rest)."""
     model = GPT(gpt_config())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("adapter.") and p.dim() > 1 and "embeddings" not in name:
                 continue                                                # torch's default init
-            if p.dim() > 1 or "embeddings" in name or name.endswith(("cls_token", "mask_token")):
+            if name.startswith(SCALE_KEEPING):
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+            elif p.dim() > 1 or "embeddings" in name or name.endswith(("cls_token", "mask_token")):
                 p.normal_(0.0, 0.02, generator=gen)
             if name.endswith("lambda1"):
                 p.fill_(0.1)
@@ -163,8 +173,9 @@ def sequence_mask(caption_mask: torch.Tensor, image_len: int) -> torch.Tensor:
 
 def teacher_forced_logits(model: GPT, caption: torch.Tensor, caption_mask: torch.Tensor, tokens: torch.Tensor,
                           control: torch.Tensor) -> torch.Tensor:
-    """caption [B, L, C] left-padded (the last L of the 120 rows), tokens [B, N], control [3, B, N, dim] ->
-    logits [B, N, vocab] of every image token given the ones before it."""
+    """caption [B, L, C] left-padded (the last L of the 120 rows), tokens [B, N] (the inputs: targets shifted by
+    one, possibly corrupted), control [3, B, N, dim] -> logits [B, N, vocab] of every image token given the ones
+    before it."""
     cfg = model.cfg
     b, n = tokens.shape
     t = caption.shape[1]
@@ -188,16 +199,21 @@ def encode_prompts(t5, tok, prompts) -> tuple:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, grids: RopeGrids, t5, tok, count: int = EVAL_SCENES) -> dict:
+def evaluate(model: GPT, grids: RopeGrids, t5, tok, count: int = EVAL_SCENES, sizes: dict | None = None) -> dict:
     """Held-out scenes through the sampler's own loop (KV cache, CFG 4 against the null caption and zero control,
     temperature 1, seeded): edge F1 of the output's Canny against the control at strength 1 and 0 (prompt: the
-    caption without places), caption agreement of the strength-1 output (full caption, read at 256 px)."""
+    caption without places), caption agreement of the strength-1 output (full caption, read at 256 px).
+    sizes: mode -> (width, height) to draw at instead of the trained size (the scene drawn at that size)."""
     from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
     from dit_control.tests.training.scenes import edge_map, heldout_scenes
     scenes = heldout_scenes()[:count]
     caption, cmask = encode_prompts(t5, tok, [s.caption_without_places for s in scenes])
     out = {}
     for mode, (_, _, (w, h), resize) in MODES.items():
+        if sizes is not None:
+            if mode not in sizes:
+                continue
+            w, h = sizes[mode]
         grids.use(model, mode)
         imgs = [draw(s, w, h) for s in scenes]
         controls = [edge_map(i) for i in imgs]
@@ -274,8 +290,13 @@ class Trainer:
         keep = (u[2] >= a.control_dropout).float()[:, None, None]
         features = self.model.adapter_features(control_image(d[f"{mode}_edges"][idx], w, h), resize) * keep
         tokens = d[f"{mode}_tokens"][idx].long()
+        # input corruption (LlamaGen drops 10 % of the token embeddings): a share of the input tokens replaced by
+        # random ones, so the model cannot draw by copying its left neighbour alone (a first run at step 200 did:
+        # right shapes teacher-forced, horizontal streaks sampled) and leans on the control and the caption
+        flip = torch.rand(tokens.shape, generator=self.gen) < a.input_corruption
+        inputs = torch.where(flip, torch.randint(0, MICRO_GPT["vocab_size"], tokens.shape, generator=self.gen), tokens)
         self.grids.use(self.model, mode)
-        logits = teacher_forced_logits(self.model, caption, cmask, tokens, self.model.control_tokens(features))
+        logits = teacher_forced_logits(self.model, caption, cmask, inputs, self.model.control_tokens(features))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
     def state(self) -> dict:
@@ -353,10 +374,15 @@ class Trainer:
                               "params": sum(p.numel() for p in self.model.parameters()),
                               "load_avg_1min": os.getloadavg()[0]}))
             return
-        pick = self.pick()
+        self.export(self.pick())
+
+    def export(self, pick: int):
+        """The EMA evaluated at step `pick` as the released files, with the run's record (report.json)."""
+        a = self.args
         self.ema.load_state_dict(torch.load(self.dir / f"ema_{pick}.pt", weights_only=True))
         files = fp16_files(self.ema, self.out / "models" / "controlar")
-        info = {"steps": a.steps, "picked_step": pick, "batch": a.batch, "lr": a.lr,
+        self.write_curves()
+        info = {"steps": self.step, "picked_step": pick, "batch": a.batch, "lr": a.lr,
                 "total_seconds": self.rows[-1][4], "sec_per_step_median": float(np.median([r[3] for r in self.rows])),
                 "final_loss_mean_last_100": float(np.mean([r[1] for r in self.rows[-100:]])),
                 "params": sum(p.numel() for p in self.model.parameters()),
@@ -372,26 +398,52 @@ class Trainer:
         return max((e for e in self.evals if (self.dir / f"ema_{e['step']}.pt").exists()), key=score)["step"]
 
 
+def measure_sizes(out: Path, step: int, count: int = EVAL_SCENES):
+    """In-process scores of one evaluated EMA at the trained and the shipped graphs' sizes (README's table)."""
+    model = new_model(torch.Generator().manual_seed(0))
+    model.load_state_dict(torch.load(out / "controlar" / f"ema_{step}.pt", weights_only=True))
+    model.eval()
+    t5, tok, grids = load_t5(ensure_t5(out)), tokenizer(), RopeGrids(model)
+    for sizes in ({"mr": (384, 256), "hed": (256, 256)}, {"mr": (256, 256)}, {"mr": (512, 384), "hed": (512, 512)},
+                  {"mr": (768, 512)}):
+        t0 = time.time()
+        print(json.dumps({"sizes": sizes, **evaluate(model, grids, t5, tok, count, sizes),
+                          "seconds": round(time.time() - t0, 1)}), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (checkpoint, curves, data cache, models/)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--ema", type=float, default=0.98,
+                   help="EMA decay (the committed run: 0.995 for its first 300 steps)")
     p.add_argument("--scenes", type=int, default=10000, help="training scenes (seeds 0…N-1), cached in OUT/data")
     p.add_argument("--without-places", type=float, default=0.5)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--control-dropout", type=float, default=0.2)
+    p.add_argument("--input-corruption", type=float, default=0.15,
+                   help="share of input tokens replaced by random ones (the committed run: 0 for its first 300 steps)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--probe", type=int, default=0, help="timing probe: run this many steps, save nothing")
+    p.add_argument("--export", type=int, default=0,
+                   help="write the released files from the EMA evaluated at this step (a run stopped early)")
+    p.add_argument("--measure-sizes", type=int, default=0,
+                   help="score the EMA saved at this step at several sizes (in-process), then stop")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    Trainer(args).run()
+    if args.measure_sizes:
+        return measure_sizes(Path(args.out), args.measure_sizes)
+    trainer = Trainer(args)
+    if args.export:
+        trainer.try_resume()
+        return trainer.export(args.export)
+    trainer.run()
 
 
 if __name__ == "__main__":
