@@ -358,7 +358,7 @@ class GPT(nn.Module):
 
     def forward_hidden(self, h: torch.Tensor, input_pos: torch.Tensor, cache: Optional[KVCache],
                        control: Optional[torch.Tensor] = None, strength: float = 1.0,
-                       filled: Optional[int] = None) -> torch.Tensor:
+                       filled: Optional[int] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h [B, S, dim] at sequence positions input_pos [S] -> logits [B, S, vocab] (float32).
 
         filled: with a cache, how many leading cache positions hold keys after this call (the last input position
@@ -366,10 +366,14 @@ class GPT(nn.Module):
 
         control [3, B, N, dim]: the hidden state at position p receives control token p − T + 1 (the input whose
         output predicts image token j gets token j: prefill adds token 0 at position T − 1 only, feeding image
-        token j adds token j + 1), times `strength`, before each injection layer."""
+        token j adds token j + 1), times `strength`, before each injection layer.
+
+        mask [B, 1, S, S] (bool, True = attend): only without a cache, for a whole sequence at once (training on
+        left-padded captions); without a cache or a mask, attention is causal."""
         cfg = self.cfg
         rope = self.rope(h.device)[input_pos]                                          # [S, hd/2, 2]
-        mask = cache.mask[:, None, input_pos, :filled] if cache is not None else None  # [B, 1, S, filled]
+        if cache is not None:
+            mask = cache.mask[:, None, input_pos, :filled]                             # [B, 1, S, filled]
         add = None
         if control is not None:
             idx = input_pos - cfg.cls_token_num + 1                                    # control token per position
