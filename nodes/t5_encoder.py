@@ -24,11 +24,10 @@ from ..kernels.int8 import release_scratch
 from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
 from .comfy_compat import new_model_patcher
 from .weight_dtype import (
-    COMPUTE_DTYPE_TOOLTIP,
-    COMPUTE_DTYPES,
     WEIGHT_DTYPE_TOOLTIP,
     WEIGHT_DTYPES,
     compute_choice,
+    compute_dtype_input,
     operations_for,
     storage_choice,
 )
@@ -138,9 +137,8 @@ class PixArtT5Loader(io.ComfyNode):
                                          "DiT and VAE never share memory with it (PixArt-δ's low-memory "
                                          "order). The next changed prompt reloads it from the file; two "
                                          "encode nodes on one loader each load it. Off: ComfyUI keeps it."),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                               tooltip=COMPUTE_DTYPE_TOOLTIP + " T5-v1.1 is trained in bf16, so bf16 maths suit "
-                                       "it (fp16 would overflow)."),
+                compute_dtype_input(" T5-v1.1 is trained in bf16, so bf16 maths suit "
+                                    "it (fp16 would overflow)."),
             ],
             outputs=[PixArtT5Type.Output("t5", tooltip="T5 encoder for PixArt T5 Text Encode.")],
         )

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from comfy_api.latest import io
 
 import comfy.ops
 
 from ..kernels.int8 import fast_route, int8_backend, int8_ops
-from ..kernels.native_dtypes import COMPUTE_DTYPES, explicit_compute_dtype  # noqa: F401 (COMPUTE_DTYPES: for the loaders)
+from ..kernels.native_dtypes import COMPUTE_DTYPES, explicit_compute_dtype
 
 WEIGHT_DTYPES = {
     "default": None,
@@ -74,3 +75,10 @@ def compute_choice(name: str, device) -> ComputeChoice:
     """The compute dtype a `compute_dtype` choice asks for on `device` (kernels/native_dtypes.py: bf16 only where
     it is native, else a ValueError naming the missing feature). Call it before reading any weight."""
     return ComputeChoice(*explicit_compute_dtype(name, device))
+
+
+def compute_dtype_input(note: str = "") -> io.Combo.Input:
+    """The loaders' optional `compute_dtype` widget (`auto` by default, so older workflow JSON keeps working);
+    `note`: what the choice means for this loader, after the shared tooltip."""
+    return io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
+                          tooltip=COMPUTE_DTYPE_TOOLTIP + note)

@@ -33,11 +33,10 @@ from ...kernels.int8 import int8_ops as int8_ops_for
 from ..comfy_compat import new_model_patcher
 from ..t5_encoder import PixArtT5Type, clean_caption_text
 from ..weight_dtype import (
-    COMPUTE_DTYPE_TOOLTIP,
-    COMPUTE_DTYPES,
     WEIGHT_DTYPE_TOOLTIP,
     WEIGHT_DTYPES,
     compute_choice,
+    compute_dtype_input,
     operations_for,
     storage_choice,
 )
@@ -249,12 +248,11 @@ class ControlARLoader(io.ComfyNode):
                                        "2·batch rows: there 'int8' dequantises (a quarter of the memory, "
                                        "not faster), while 'int8_fast' on the CPU takes torch's dynamic int8 "
                                        "linear, which reads the int8 weights directly (faster, less exact)."),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                               tooltip=COMPUTE_DTYPE_TOOLTIP + " 'auto' here: fp32 on the CPU, bf16 on GPUs "
-                                       "that run it. Each token reads every weight and the K/V cache once: on "
-                                       "a CPU with native bf16, bf16 halves those bytes (1.4-1.7x the fp32 "
-                                       "speed measured), and with weight_dtype 'int8_fast' it is the fastest "
-                                       "decode there (1.8-2.3x, less exact)."),
+                compute_dtype_input(" 'auto' here: fp32 on the CPU, bf16 on GPUs "
+                                    "that run it. Each token reads every weight and the K/V cache once: on "
+                                    "a CPU with native bf16, bf16 halves those bytes (1.4-1.7x the fp32 "
+                                    "speed measured), and with weight_dtype 'int8_fast' it is the fastest "
+                                    "decode there (1.8-2.3x, less exact)."),
             ],
             outputs=[
                 ControlARModelType.Output("controlar_model", tooltip="For ControlAR Sampler."),

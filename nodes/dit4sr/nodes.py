@@ -39,11 +39,10 @@ from ..comfy_compat import register_reloader
 from ..input_checks import check_finite
 from ..vae_posterior import check_posterior, encode_moments, posterior_inputs
 from ..weight_dtype import (
-    COMPUTE_DTYPE_TOOLTIP,
-    COMPUTE_DTYPES,
     WEIGHT_DTYPE_TOOLTIP,
     WEIGHT_DTYPES,
     compute_choice,
+    compute_dtype_input,
     storage_choice,
 )
 from .model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
@@ -140,8 +139,7 @@ class DiT4SRLoader(io.ComfyNode):
                                        "acceptee/DiT4SR)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip=WEIGHT_DTYPE_TOOLTIP),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                               tooltip=COMPUTE_DTYPE_TOOLTIP),
+                compute_dtype_input(),
             ],
             outputs=[
                 io.Model.Output(tooltip="DiT4SR MODEL: flow velocity, SD3 latent format, shift 3.0. Its "

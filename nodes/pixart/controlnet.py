@@ -36,11 +36,10 @@ from ...kernels.pixart.model import PixArtConfig
 from ..comfy_compat import host_init_args, new_model_patcher, patcher_like, register_reloader
 from ..input_checks import check_finite
 from ..weight_dtype import (
-    COMPUTE_DTYPE_TOOLTIP,
-    COMPUTE_DTYPES,
     WEIGHT_DTYPE_TOOLTIP,
     WEIGHT_DTYPES,
     compute_choice,
+    compute_dtype_input,
     operations_for,
     storage_choice,
 )
@@ -248,8 +247,7 @@ class PixArtControlNetLoader(io.ComfyNode):
                                tooltip="ControlNet weights from models/controlnet."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip=WEIGHT_DTYPE_TOOLTIP),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                               tooltip=COMPUTE_DTYPE_TOOLTIP + CONTROL_COMPUTE_NOTE),
+                compute_dtype_input(CONTROL_COMPUTE_NOTE),
             ],
             outputs=[io.ControlNet.Output(tooltip="For core Apply ControlNet with a PixArt MODEL.")],
         )
@@ -278,8 +276,7 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
                                tooltip="A full ControlNet file from models/controlnet."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip=WEIGHT_DTYPE_TOOLTIP),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                               tooltip=COMPUTE_DTYPE_TOOLTIP + CONTROL_COMPUTE_NOTE),
+                compute_dtype_input(CONTROL_COMPUTE_NOTE),
             ],
             outputs=[io.Model.Output(tooltip="The bundled PixArt base MODEL."),
                      io.ControlNet.Output(tooltip="For core Apply ControlNet with that MODEL.")],

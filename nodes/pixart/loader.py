@@ -12,11 +12,10 @@ from ...kernels.checkpoint_io import PreparedCheckpoint, naming_file, read_json_
 from ...kernels.pixart.checkpoint import from_diffusers_config, prepare_pixart, variant_name
 from ..comfy_compat import register_reloader
 from ..weight_dtype import (
-    COMPUTE_DTYPE_TOOLTIP,
-    COMPUTE_DTYPES,
     WEIGHT_DTYPE_TOOLTIP,
     WEIGHT_DTYPES,
     compute_choice,
+    compute_dtype_input,
     storage_choice,
 )
 from .model import build_model_patcher
@@ -58,8 +57,7 @@ class PixArtDiTLoader(io.ComfyNode):
                                tooltip="Trained resolution. 'auto' reads it from the weights (pos_embed of "
                                        ".pth files, config.json of diffusers files, micro-conditions); set "
                                        "it only for a bare diffusers 256 file without its config.json."),
-                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                               tooltip=COMPUTE_DTYPE_TOOLTIP),
+                compute_dtype_input(),
             ],
             outputs=[
                 io.Model.Output(tooltip="PixArt-α MODEL: ε-prediction with PixArt's noise schedule and "

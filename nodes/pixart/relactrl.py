@@ -20,7 +20,7 @@ import folder_paths
 from ...kernels.checkpoint_io import naming_file
 from ...kernels.pixart.model import PixArtConfig
 from ...kernels.pixart.relactrl import check_relactrl_base_compatible, load_relactrl, prepare_relactrl
-from ..weight_dtype import COMPUTE_DTYPE_TOOLTIP, COMPUTE_DTYPES, WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES
+from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, compute_dtype_input
 from .controlnet import CATEGORY, CONTROL_COMPUTE_NOTE, ControlKind, bundled_base_patcher, load_controlnet
 
 SEED_MAX = 2 ** 64 - 1
@@ -70,8 +70,7 @@ def _inputs(file_tooltip: str) -> list:
                      tooltip="Seed of RelaCtrl's channel and token shuffles (drawn anew at every sampling "
                              "step from this seed and the step index; the reference draws them unseeded). "
                              "The same seed gives the same image; another seed a slightly different one."),
-        io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
-                       tooltip=COMPUTE_DTYPE_TOOLTIP + CONTROL_COMPUTE_NOTE),
+        compute_dtype_input(CONTROL_COMPUTE_NOTE),
     ]
 
 
