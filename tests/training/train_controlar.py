@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from dit_control.kernels.controlar.gpt import GPT, GPTConfig, rope_table_2d
 from dit_control.kernels.controlar.sampling import SamplingSettings, generate
 from dit_control.kernels.controlar.text import MAX_LENGTH, left_pad
 from dit_control.tests.training.palette_vq import PALETTE, PATCH, VQ_CONFIG, decode_tokens
-from dit_control.tests.training.train import ensure_t5, load_t5, plot_curve, progress, tokenize, tokenizer
+from dit_control.tests.training.train import ensure_t5, load_t5, progress, tokenize, tokenizer, write_loss_curves
 
 MICRO_GPT = dict(dim=128, n_layer=6, n_head=2, ffn_hidden=384, vocab_size=VQ_CONFIG["codebook_size"],
                  cls_token_num=MAX_LENGTH, caption_dim=64)
@@ -326,11 +325,7 @@ class Trainer:
         print(f"resumed at step {self.step} from {path}", file=sys.stderr)
 
     def write_curves(self):
-        with open(self.dir / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "sec_per_step", "elapsed_s"])
-            w.writerows(self.rows)
-        plot_curve(self.dir / "loss.png", [r[0] for r in self.rows], [r[1] for r in self.rows])
+        write_loss_curves(self.dir, self.rows)
         (self.dir / "evals.json").write_text(json.dumps(self.evals, indent=1))
 
     def run(self):
