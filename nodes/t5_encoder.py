@@ -24,12 +24,11 @@ from ..kernels.int8 import release_scratch
 from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
 from .comfy_compat import new_model_patcher
 from .weight_dtype import (
-    WEIGHT_DTYPE_TOOLTIP,
-    WEIGHT_DTYPES,
     compute_choice,
     compute_dtype_input,
     operations_for,
     storage_choice,
+    weight_dtype_input,
 )
 
 CATEGORY = "DiT Control/PixArt"
@@ -128,10 +127,9 @@ class PixArtT5Loader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("t5_name", options=folder_paths.get_filename_list("text_encoders"),
                                tooltip="T5 weights from models/text_encoders."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP + " 'default' keeps the file's dtype; the math "
-                                       "runs in fp32 on the CPU and bf16 on capable GPUs. The encoder "
-                                       "runs once per prompt, so int8_fast loads it as int8."),
+                weight_dtype_input(" 'default' keeps the file's dtype; the math "
+                                   "runs in fp32 on the CPU and bf16 on capable GPUs. The encoder "
+                                   "runs once per prompt, so int8_fast loads it as int8."),
                 io.Boolean.Input("release_after_encode", default=False,
                                  tooltip="Free the encoder's memory as soon as a prompt is encoded, so the "
                                          "DiT and VAE never share memory with it (PixArt-δ's low-memory "

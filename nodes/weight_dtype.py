@@ -82,3 +82,9 @@ def compute_dtype_input(note: str = "") -> io.Combo.Input:
     `note`: what the choice means for this loader, after the shared tooltip."""
     return io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="auto", optional=True,
                           tooltip=COMPUTE_DTYPE_TOOLTIP + note)
+
+
+def weight_dtype_input(note: str = "") -> io.Combo.Input:
+    """The loaders' `weight_dtype` widget (`default`: ComfyUI's pick); `note`: what it means for this loader."""
+    return io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                          tooltip=WEIGHT_DTYPE_TOOLTIP + note)

@@ -33,12 +33,11 @@ from ...kernels.int8 import int8_ops as int8_ops_for
 from ..comfy_compat import new_model_patcher
 from ..t5_encoder import PixArtT5Type, clean_caption_text
 from ..weight_dtype import (
-    WEIGHT_DTYPE_TOOLTIP,
-    WEIGHT_DTYPES,
     compute_choice,
     compute_dtype_input,
     operations_for,
     storage_choice,
+    weight_dtype_input,
 )
 
 CATEGORY = "DiT Control/ControlAR"
@@ -241,13 +240,12 @@ class ControlARLoader(io.ComfyNode):
                                        "wondervictor/ControlAR) or "
                                        "LlamaGen's t2i_XL_stage2_512.pt. *_MR models generate up to 2304 "
                                        "tokens (e.g. 768×768, 1024×576), the others 1024 (512×512)."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP + " 'default': fp32 on the CPU, bf16 on GPUs "
-                                       "that run it. Decoding reads every weight once per token, so "
-                                       "narrower storage is faster. ControlAR's decode steps have only "
-                                       "2·batch rows: there 'int8' dequantises (a quarter of the memory, "
-                                       "not faster), while 'int8_fast' on the CPU takes torch's dynamic int8 "
-                                       "linear, which reads the int8 weights directly (faster, less exact)."),
+                weight_dtype_input(" 'default': fp32 on the CPU, bf16 on GPUs "
+                                   "that run it. Decoding reads every weight once per token, so "
+                                   "narrower storage is faster. ControlAR's decode steps have only "
+                                   "2·batch rows: there 'int8' dequantises (a quarter of the memory, "
+                                   "not faster), while 'int8_fast' on the CPU takes torch's dynamic int8 "
+                                   "linear, which reads the int8 weights directly (faster, less exact)."),
                 compute_dtype_input(" 'auto' here: fp32 on the CPU, bf16 on GPUs "
                                     "that run it. Each token reads every weight and the K/V cache once: on "
                                     "a CPU with native bf16, bf16 halves those bytes (1.4-1.7x the fp32 "

@@ -39,11 +39,10 @@ from ..comfy_compat import register_reloader
 from ..input_checks import check_finite
 from ..vae_posterior import check_posterior, encode_moments, posterior_inputs
 from ..weight_dtype import (
-    WEIGHT_DTYPE_TOOLTIP,
-    WEIGHT_DTYPES,
     compute_choice,
     compute_dtype_input,
     storage_choice,
+    weight_dtype_input,
 )
 from .model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
 
@@ -137,8 +136,7 @@ class DiT4SRLoader(io.ComfyNode):
                                tooltip="From models/diffusion_models: e.g. dit4sr_q/transformer/"
                                        "diffusion_pytorch_model.safetensors (the folder as downloaded from "
                                        "acceptee/DiT4SR)."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
                 compute_dtype_input(),
             ],
             outputs=[

@@ -36,12 +36,11 @@ from ...kernels.pixart.model import PixArtConfig
 from ..comfy_compat import host_init_args, new_model_patcher, patcher_like, register_reloader
 from ..input_checks import check_finite
 from ..weight_dtype import (
-    WEIGHT_DTYPE_TOOLTIP,
-    WEIGHT_DTYPES,
     compute_choice,
     compute_dtype_input,
     operations_for,
     storage_choice,
+    weight_dtype_input,
 )
 from .model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 
@@ -245,8 +244,7 @@ class PixArtControlNetLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
                                tooltip="ControlNet weights from models/controlnet."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
                 compute_dtype_input(CONTROL_COMPUTE_NOTE),
             ],
             outputs=[io.ControlNet.Output(tooltip="For core Apply ControlNet with a PixArt MODEL.")],
@@ -274,8 +272,7 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
                                tooltip="A full ControlNet file from models/controlnet."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
                 compute_dtype_input(CONTROL_COMPUTE_NOTE),
             ],
             outputs=[io.Model.Output(tooltip="The bundled PixArt base MODEL."),

@@ -12,11 +12,10 @@ from ...kernels.checkpoint_io import PreparedCheckpoint, naming_file, read_json_
 from ...kernels.pixart.checkpoint import from_diffusers_config, prepare_pixart, variant_name
 from ..comfy_compat import register_reloader
 from ..weight_dtype import (
-    WEIGHT_DTYPE_TOOLTIP,
-    WEIGHT_DTYPES,
     compute_choice,
     compute_dtype_input,
     storage_choice,
+    weight_dtype_input,
 )
 from .model import build_model_patcher
 
@@ -51,8 +50,7 @@ class PixArtDiTLoader(io.ComfyNode):
                                tooltip="Transformer weights from models/diffusion_models: PixArt-XL-2-*.pth, "
                                        "or a diffusers transformer/diffusion_pytorch_model.safetensors "
                                        "(its config.json is read from the same folder)."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
                 io.Combo.Input("resolution", options=list(RESOLUTIONS), default="auto",
                                tooltip="Trained resolution. 'auto' reads it from the weights (pos_embed of "
                                        ".pth files, config.json of diffusers files, micro-conditions); set "

@@ -20,7 +20,7 @@ import folder_paths
 from ...kernels.checkpoint_io import naming_file
 from ...kernels.pixart.model import PixArtConfig
 from ...kernels.pixart.relactrl import check_relactrl_base_compatible, load_relactrl, prepare_relactrl
-from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, compute_dtype_input
+from ..weight_dtype import compute_dtype_input, weight_dtype_input
 from .controlnet import CATEGORY, CONTROL_COMPUTE_NOTE, ControlKind, bundled_base_patcher, load_controlnet
 
 SEED_MAX = 2 ** 64 - 1
@@ -64,8 +64,7 @@ def _inputs(file_tooltip: str) -> list:
     return [
         io.Combo.Input("relactrl_name", options=folder_paths.get_filename_list("controlnet"),
                        tooltip=file_tooltip),
-        io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                       tooltip=WEIGHT_DTYPE_TOOLTIP),
+        weight_dtype_input(),
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
                      tooltip="Seed of RelaCtrl's channel and token shuffles (drawn anew at every sampling "
                              "step from this seed and the step index; the reference draws them unseeded). "
