@@ -48,6 +48,8 @@ import comfy.k_diffusion.sampling
 import comfy.model_patcher
 import comfy.sample
 
+from .report_node import ReportNode
+
 
 class SamplerNoise:
     CATEGORY = "DiT Control tests"
@@ -73,12 +75,7 @@ def _class_name(obj_type) -> str:
     return f"{obj_type.__module__}.{obj_type.__qualname__}"
 
 
-class PatcherClass:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class PatcherClass(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",)}}
@@ -127,12 +124,7 @@ class SD3ConditioningStandIn(ConditioningStandIn):
     TOKENS, MAX_TOKENS, POOLED_WIDTH = 154, 1024, 2048        # CLIP-L + CLIP-G + T5-XXL tokens, L + G pooled
 
 
-class ImageTokens:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class ImageTokens(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"image_tokens": ("IMAGE_TOKENS",)}}
@@ -142,12 +134,8 @@ class ImageTokens:
         return {"ui": {"text": [json.dumps({"tokens": t.tokens.tolist(), "rows": t.rows, "cols": t.cols})]}}
 
 
-class TextReport:
+class TextReport(ReportNode):
     """A STRING output (a loader's description or variant) as UI text, for the API tests to read."""
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -157,12 +145,7 @@ class TextReport:
         return {"ui": {"text": [text]}}
 
 
-class SigmasReport:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class SigmasReport(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"sigmas": ("SIGMAS",)}}
@@ -255,12 +238,7 @@ class EasyControlBankWatch:
         return (m,)
 
 
-class EasyControlBankReport:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class EasyControlBankReport(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"samples": ("LATENT",), "tag": ("STRING", {"default": "watch"})}}
@@ -275,14 +253,10 @@ class EasyControlBankReport:
         return {"ui": {"text": [json.dumps(report)]}}
 
 
-class EasyControlConditionImage:
+class EasyControlConditionImage(ReportNode):
     """The pixels an EasyControl MODEL's last condition hands the condition stream (prepared, before the VAE):
     8-bit (they are 8-bit after the Lanczos resize), base64 in the history, for comparing with the reference's
     preparation of the same input bit for bit."""
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
