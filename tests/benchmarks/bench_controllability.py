@@ -16,7 +16,6 @@ Writes bench_results/controllability.json and prints the table of tests/benchmar
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from dit_control.tests.benchmarks.results import save_results  # noqa: E402
 from dit_control.tests.comfy_host import ComfyServer  # noqa: E402
 from dit_control.tests.generators.make_checkpoints import make_all  # noqa: E402
 from dit_control.tests.training.metrics import caption_agreement, image_edge_f1  # noqa: E402
-from dit_control.tests.training.scenes import SIZE, edge_map, heldout_scenes, render  # noqa: E402
+from dit_control.tests.training.scenes import SIZE, heldout_scenes  # noqa: E402
 
 STRENGTHS = (0.0, 1.0)
 
@@ -71,17 +70,14 @@ METHODS = {
 
 
 def picture(server, graph: dict) -> tuple:
-    from PIL import Image
+    """(the graph's picture, the prompt's wall time through the server)."""
+    from dit_control.tests.api.test_api_micro_model import picture as micro_picture
     start = time.monotonic()
-    history = server.run_ok(graph)
-    seconds = time.monotonic() - start
-    (data,) = server.images(history)
-    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32) / 255.0
-    return image, seconds
+    image = micro_picture(server, graph)
+    return image, time.monotonic() - start
 
 
 def main():
-    from PIL import Image
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenes", type=int, default=6)
     args = parser.parse_args()
@@ -90,19 +86,14 @@ def main():
     scenes = list(heldout_scenes()[16:16 + args.scenes])          # the micro model API test's control scenes
     rows = []
     with ComfyServer(models, base_dir=base, probe=True) as server:
-        inputs = []
-        for k, scene in enumerate(scenes):
-            image = render(scene)
-            name = f"controllability_{k}.png"
-            Image.fromarray((image * 255).round().astype(np.uint8)).save(server.base_dir / "input" / name)
-            inputs.append((name, scene, edge_map(image)))
+        from dit_control.tests.api.test_api_micro_model import write_control_inputs
+        inputs = write_control_inputs(server.base_dir / "input", scenes, "controllability")
         for method, (make_graph, params) in METHODS.items():
             picture(server, make_graph(inputs[0][0], inputs[0][1].caption_without_places, 1.0))   # warm-up
             for strength in STRENGTHS:
                 f1, agree, secs = [], [], []
                 for name, scene, control in inputs:
                     image, seconds = picture(server, make_graph(name, scene.caption_without_places, strength))
-                    assert image.shape == (SIZE, SIZE, 3), image.shape
                     f1.append(image_edge_f1(image, control))
                     agree.append(caption_agreement(image, scene.caption))
                     secs.append(seconds)

@@ -34,12 +34,10 @@ def with_compute(g: dict, dtype: str) -> dict:
 
 
 def main():
-    from PIL import Image
-
     from dit_control.tests.api import test_api_micro_model as micro
     from dit_control.tests.api.api_graphs import with_prompt
     from dit_control.tests.training.metrics import caption_agreement, image_edge_f1
-    from dit_control.tests.training.scenes import edge_map, heldout_scenes, render
+    from dit_control.tests.training.scenes import heldout_scenes
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--captions", type=int, default=16)
     parser.add_argument("--scenes", type=int, default=6)
@@ -49,12 +47,8 @@ def main():
     models = make_all(REPO / ".comfy_host" / "models")
     results = {}
     with ComfyServer(models, base_dir=REPO / ".comfy_host" / "bench_micro_bf16") as server:
-        inputs = []
-        for k, scene in enumerate(scenes):
-            image = render(scene)
-            name = f"micro_bf16_{k}.png"
-            Image.fromarray((image * 255).round().astype(np.uint8)).save(server.base_dir / "input" / name)
-            inputs.append((name, scene.caption_without_places, edge_map(image)))
+        inputs = [(name, scene.caption_without_places, control) for name, scene, control
+                  in micro.write_control_inputs(server.base_dir / "input", scenes, "micro_bf16")]
 
         def timed_picture(graph):
             start = time.monotonic()
