@@ -52,13 +52,11 @@ def cpu_capability() -> str:
 
 def cpu_native_dtypes() -> Tuple[torch.dtype, ...]:
     """Float dtypes whose CPU GEMM is native; others are emulated and run several times slower than fp32."""
-    flags = cpu_flags()
     native = [torch.float32]
-    if cpu_capability() == "AVX512":
-        if set(BF16_CPU_FLAGS) & flags:
-            native.append(torch.bfloat16)
-        if set(FP16_CPU_FLAGS) & flags:
-            native.append(torch.float16)
+    if native_bf16("cpu")[0]:
+        native.append(torch.bfloat16)
+    if cpu_capability() == "AVX512" and set(FP16_CPU_FLAGS) & cpu_flags():
+        native.append(torch.float16)
     return tuple(native)
 
 
