@@ -310,9 +310,20 @@ class Trainer:
         if self.evals and self.evals[-1]["step"] == self.step:      # keep every evaluated EMA to pick from
             torch.save(self.ema.state_dict(), self.dir / f"ema_{self.step}.pt")
 
+    def init_from(self, path: Path):
+        """Start model and EMA from a released file (fp16; the committed run's weights): a continued run."""
+        import safetensors.torch
+        sd = {k: v.float() for k, v in safetensors.torch.load_file(str(path)).items()}
+        sd["condition_mlp.uncond_embedding"] = self.model.condition_mlp.uncond_embedding.detach().clone()
+        self.model.load_state_dict(sd)
+        self.ema.load_state_dict(sd)
+        print(f"initialised from {path}", file=sys.stderr)
+
     def try_resume(self):
         path = self.dir / "ckpt.pt"
         if self.args.probe or not path.exists():
+            if self.args.init_from:
+                self.init_from(Path(self.args.init_from))
             return
         ck = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(ck["model"])
@@ -343,7 +354,7 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
-            decay = min(a.ema, (1 + self.step) / (10 + self.step))
+            decay = a.ema if a.init_from else min(a.ema, (1 + self.step) / (10 + self.step))
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
                     e.lerp_(p, 1 - decay)
@@ -423,6 +434,8 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default="",
+                   help="continue from a released file (model and EMA), e.g. weights/controlar/canny_MR.safetensors")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--probe", type=int, default=0, help="timing probe: run this many steps, save nothing")
     p.add_argument("--export", type=int, default=0,
