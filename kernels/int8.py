@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint_io import release_free_heap
+from .native_dtypes import cpu_capability, cpu_flags, cpu_native_dtypes  # noqa: F401 (the one probe; re-exported)
 
 ROUTES = ("int8_mm", "qlinear", "dequant", "bitsandbytes")
 ROUTE_ENV = "DIT_CONTROL_INT8_ROUTE"
@@ -43,43 +44,10 @@ QMAX = 127.0
 
 # -- hardware detection ------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_capability() -> str:
-    """ATen's CPU kernel level ("AVX512", "AVX2", "DEFAULT", ...); ATEN_CPU_CAPABILITY can lower it."""
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:  # very old torch builds have no such query
-        return "unknown"
-
-
 def cpu_has_fast_int8() -> bool:
     """True where torch._int_mm runs a VNNI/AMX kernel rather than a scalar loop (and gives exact sums)."""
     flags = cpu_flags()
     return cpu_capability() == "AVX512" and bool({"avx512_vnni", "amx_int8"} & flags) and _int_mm_status("cpu")[0]
-
-
-def cpu_native_dtypes() -> Tuple[torch.dtype, ...]:
-    """Float dtypes whose CPU GEMM is native; others are emulated and run several times slower than fp32."""
-    flags = cpu_flags()
-    native = [torch.float32]
-    if cpu_capability() == "AVX512":
-        if {"avx512_bf16", "amx_bf16"} & flags:
-            native.append(torch.bfloat16)
-        if {"avx512_fp16", "amx_fp16"} & flags:
-            native.append(torch.float16)
-    return tuple(native)
 
 
 def gemm_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:

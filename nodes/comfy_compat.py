@@ -133,9 +133,13 @@ def set_inference_dtype(model_config, dtype, manual_cast_dtype, device):
 model_trange = getattr(comfy.utils, "model_trange", None) or kd.trange
 
 
-def storage_dtypes(state_dict: dict, supported_dtypes, weight_dtype=None, stored_dtype=None):
+def storage_dtypes(state_dict: dict, supported_dtypes, weight_dtype=None, stored_dtype=None, compute_dtype=None):
     """(storage dtype, manual-cast compute dtype or None) for these weights on this device, as core's own
-    diffusion-model loader picks them. `stored_dtype`: the file's dtype (default: its first tensor's)."""
+    diffusion-model loader picks them. `stored_dtype`: the file's dtype (default: its first tensor's).
+    `compute_dtype`: a loader's explicit compute dtype (its `compute_dtype` input); None keeps core's pick."""
+    if compute_dtype is not None:
+        storage = weight_dtype or compute_dtype
+        return storage, (None if storage == compute_dtype else compute_dtype)
     params = sum(v.numel() for v in state_dict.values())
     stored = stored_dtype or next(iter(state_dict.values())).dtype
     dtype = weight_dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported_dtypes, weight_dtype=stored)
@@ -143,7 +147,7 @@ def storage_dtypes(state_dict: dict, supported_dtypes, weight_dtype=None, stored
 
 
 def build_patcher(model_config, state_dict: dict, weight_dtype=None, custom_operations=None,
-                  disable_dynamic: bool = False, stored_dtype=None):
+                  disable_dynamic: bool = False, stored_dtype=None, compute_dtype=None):
     """A ModelPatcher around `model_config.get_model()`'s kernel, weights from a checked state dict (consumed).
 
     Built the way core's `load_diffusion_model_state_dict` builds one on the running host: the model, then the
@@ -152,7 +156,7 @@ def build_patcher(model_config, state_dict: dict, weight_dtype=None, custom_oper
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     unet_dtype, manual_cast = storage_dtypes(state_dict, model_config.supported_inference_dtypes, weight_dtype,
-                                             stored_dtype)
+                                             stored_dtype, compute_dtype)
     set_inference_dtype(model_config, unet_dtype, manual_cast, device=load_device)
     model_config.custom_operations = custom_operations
     model = model_config.get_model(device=offload_device)

@@ -23,7 +23,13 @@ from ..kernels.checkpoint_io import naming_file, release_free_heap
 from ..kernels.int8 import release_scratch
 from ..kernels.t5 import load_t5_encoder_file, t5_stored_dtype
 from .comfy_compat import new_model_patcher
-from .weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, operations_for, storage_choice
+from .weight_dtype import (
+    compute_choice,
+    compute_dtype_input,
+    operations_for,
+    storage_choice,
+    weight_dtype_input,
+)
 
 CATEGORY = "DiT Control/PixArt"
 PixArtT5Type = io.Custom("PIXART_T5")
@@ -43,11 +49,15 @@ class PixArtT5:
     compute_dtype: torch.dtype
     description: str = ""
     patcher: Optional[comfy.model_patcher.ModelPatcher] = None
+    compute_note: str = ""       # why compute_dtype was chosen, when the loader's compute_dtype input chose it
 
     def load(self) -> comfy.model_patcher.ModelPatcher:
         """The encoder, (re)loaded from its file if it was released."""
         if self.patcher is None:
-            self.patcher, self.description = _load_encoder(self.path, self.weight_dtype, self.compute_dtype)
+            self.patcher, self.description = _load_encoder(self.path, self.weight_dtype, self.compute_dtype,
+                                                           explicit=bool(self.compute_note))
+            if self.compute_note:
+                self.description += f" ({self.compute_note})"
         return self.patcher
 
     def release(self):
@@ -83,9 +93,10 @@ def _compute_dtype(device):
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
-def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype):
+def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype, explicit: bool = False):
     """(ModelPatcher around our T5 encoder, description). Safetensors stream in one tensor at a time,
-    converted (cast or int8-quantised) as they arrive, so the float file is never resident whole."""
+    converted (cast or int8-quantised) as they arrive, so the float file is never resident whole.
+    `explicit`: the compute dtype was chosen on the node, so a 'default' storage is that dtype too."""
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     # The encoder runs once per prompt: int8_fast's packing (qlinear) would cost more than it saves
     # (measured on T5-XXL), so both int8 choices take the exact route here.
@@ -93,7 +104,7 @@ def _load_encoder(path: str, weight_dtype: str, compute: torch.dtype):
     if int8_ops is not None:
         storage, ops = compute, int8_ops      # linear layers int8, embeddings and norms in the compute dtype
     else:
-        storage = dtype or t5_stored_dtype(path)
+        storage = dtype or (compute if explicit else t5_stored_dtype(path))
         ops = operations_for(casts=storage != compute)
     encoder, config = load_t5_encoder_file(path, operations=ops, dtype=storage, device=offload_device)
     patcher = new_model_patcher(encoder, load_device, offload_device)   # the class core's text encoders get
@@ -116,24 +127,28 @@ class PixArtT5Loader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("t5_name", options=folder_paths.get_filename_list("text_encoders"),
                                tooltip="T5 weights from models/text_encoders."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP + " 'default' keeps the file's dtype; the math "
-                                       "runs in fp32 on the CPU and bf16 on capable GPUs. The encoder "
-                                       "runs once per prompt, so int8_fast loads it as int8."),
+                weight_dtype_input(" 'default' keeps the file's dtype; the math "
+                                   "runs in fp32 on the CPU and bf16 on capable GPUs. The encoder "
+                                   "runs once per prompt, so int8_fast loads it as int8."),
                 io.Boolean.Input("release_after_encode", default=False,
                                  tooltip="Free the encoder's memory as soon as a prompt is encoded, so the "
                                          "DiT and VAE never share memory with it (PixArt-δ's low-memory "
                                          "order). The next changed prompt reloads it from the file; two "
                                          "encode nodes on one loader each load it. Off: ComfyUI keeps it."),
+                compute_dtype_input(" T5-v1.1 is trained in bf16, so bf16 maths suit "
+                                    "it (fp16 would overflow)."),
             ],
             outputs=[PixArtT5Type.Output("t5", tooltip="T5 encoder for PixArt T5 Text Encode.")],
         )
 
     @classmethod
-    def execute(cls, t5_name, weight_dtype="default", release_after_encode=False) -> io.NodeOutput:
+    def execute(cls, t5_name, weight_dtype="default", release_after_encode=False,
+                compute_dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", t5_name)
+        device = mm.text_encoder_device()
+        compute = compute_choice(compute_dtype, device)
         t5 = PixArtT5(path, weight_dtype, release_after_encode, _tokenizer(),
-                      _compute_dtype(mm.text_encoder_device()))
+                      compute.dtype or _compute_dtype(device), compute_note=compute.note)
         with naming_file(t5_name):
             t5.load()   # now, so that a wrong file fails at this node with the loader's error
         return io.NodeOutput(t5)

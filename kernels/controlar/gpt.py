@@ -184,6 +184,28 @@ class ConditionMLP(nn.Module):
         return self.cap_proj(x)
 
 
+# a decode step multiplies 2·batch rows (CFG): at most this many rows count as "few" (prefill has B·T rows)
+FEW_ROWS = 8
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, with the decode steps' bf16 CPU GEMMs ordered as W·xᵀ. With so few rows oneDNN's x·Wᵀ takes a
+    small-M path that runs well below the memory bound; as W·xᵀ the weight is the large left operand, streamed once:
+    a GPT-XL decode step in bf16 takes 185 ms of CPU time instead of 258 ms (Intel Xeon with AMX, 1 thread;
+    tests/benchmarks/README.md). The same products, summed in another order. Only plain float layers whose weight
+    already has the activations' dtype and device take it; int8, casting or patched layers run their own forward."""
+    w = getattr(layer, "weight", None)
+    if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() > FEW_ROWS * x.shape[-1]
+            or not isinstance(layer, nn.Linear) or w.dtype != x.dtype or w.device != x.device
+            or getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+            or getattr(layer, "bias_function", None)):
+        return layer(x)
+    y = torch.mm(w, x.reshape(-1, x.shape[-1]).t()).t()
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 class LlamaGenFeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) ⊙ w3 x) (upstream: LlamaGen's `FeedForward`)."""
 
@@ -194,7 +216,7 @@ class LlamaGenFeedForward(nn.Module):
         self.w2 = ops.Linear(hidden, dim, bias=False, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
 
 
 class KVCache:
@@ -217,10 +239,13 @@ class KVCache:
             mask |= torch.eye(self.length, dtype=torch.bool, device=device)[None]
         self.mask = mask
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: int):
+        """Write k, v at input_pos; return the cache's first `filled` positions (all written so far): attention
+        never reads the unwritten tail, whose mask columns are closed anyway. A decode step is memory-bound, so
+        this halves the K/V bytes an image's steps read on average."""
         self.k[layer][:, :, input_pos] = k
         self.v[layer][:, :, input_pos] = v
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :filled], self.v[layer][:, :, :filled]
 
 
 class Attention(nn.Module):
@@ -234,13 +259,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, layer: int, input_pos, cache: Optional[KVCache], mask):
         b, s, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, s, 3, self.n_head, self.head_dim).unbind(2)     # [B, S, H, hd] each
+        q, k, v = linear(self.wqkv, x).view(b, s, 3, self.n_head, self.head_dim).unbind(2)   # [B, S, H, hd] each
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # [B, H, S, hd]
         if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v)                                # [B, H, L, hd]
+            k, v = cache.update(layer, input_pos, k, v, mask.shape[-1])                # [B, H, filled, hd]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return linear(self.wo, out.transpose(1, 2).reshape(b, s, -1))
 
 
 class TransformerBlock(nn.Module):
@@ -332,15 +357,23 @@ class GPT(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward_hidden(self, h: torch.Tensor, input_pos: torch.Tensor, cache: Optional[KVCache],
-                       control: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
+                       control: Optional[torch.Tensor] = None, strength: float = 1.0,
+                       filled: Optional[int] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h [B, S, dim] at sequence positions input_pos [S] -> logits [B, S, vocab] (float32).
+
+        filled: with a cache, how many leading cache positions hold keys after this call (the last input position
+        + 1, a Python int so that no device sync is needed); attention reads only those. None: the whole cache.
 
         control [3, B, N, dim]: the hidden state at position p receives control token p − T + 1 (the input whose
         output predicts image token j gets token j: prefill adds token 0 at position T − 1 only, feeding image
-        token j adds token j + 1), times `strength`, before each injection layer."""
+        token j adds token j + 1), times `strength`, before each injection layer.
+
+        mask [B, 1, S, S] (bool, True = attend): only without a cache, for a whole sequence at once (training on
+        left-padded captions); without a cache or a mask, attention is causal."""
         cfg = self.cfg
         rope = self.rope(h.device)[input_pos]                                          # [S, hd/2, 2]
-        mask = cache.mask[:, None, input_pos] if cache is not None else None           # [B, 1, S, L]
+        if cache is not None:
+            mask = cache.mask[:, None, input_pos, :filled]                             # [B, 1, S, filled]
         add = None
         if control is not None:
             idx = input_pos - cfg.cls_token_num + 1                                    # control token per position
@@ -353,18 +386,19 @@ class GPT(nn.Module):
             if add is not None and i % cfg.layer_internal == 0:
                 h = h + add[i // cfg.layer_internal]
             h = layer(h, rope, i, input_pos, cache, mask)
-        return self.output(self.norm(h)).float()
+        return linear(self.output, self.norm(h)).float()
 
     def prefill(self, prefix: torch.Tensor, cache: KVCache, control=None, strength: float = 1.0) -> torch.Tensor:
         """prefix [B, T, dim] (embed_prefix) -> logits at every prefix position [B, T, vocab]."""
         pos = torch.arange(prefix.shape[1], device=prefix.device)
-        return self.forward_hidden(prefix, pos, cache, control, strength)
+        return self.forward_hidden(prefix, pos, cache, control, strength, filled=prefix.shape[1])
 
     def decode(self, tokens: torch.Tensor, position: int, cache: KVCache, control=None,
                strength: float = 1.0) -> torch.Tensor:
         """Feed image tokens [B, 1] at sequence position `position` (= T + j for image token j) -> [B, 1, vocab]."""
         pos = torch.tensor([position], device=tokens.device)
-        return self.forward_hidden(self.tok_embeddings(tokens).to(self.dtype), pos, cache, control, strength)
+        return self.forward_hidden(self.tok_embeddings(tokens).to(self.dtype), pos, cache, control, strength,
+                                   filled=position + 1)
 
     def new_cache(self, batch: int, num_tokens: int, caption_mask: Optional[torch.Tensor] = None) -> KVCache:
         return KVCache(self.cfg, batch, self.cfg.cls_token_num + num_tokens, self.dtype,

@@ -107,9 +107,9 @@ class DiT4SRConfigComfy(comfy.supported_models.SD3):
 
 
 def build_model_patcher(kernel_config: DiT4SRConfig, state_dict: dict, weight_dtype=None, custom_operations=None,
-                        disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+                        disable_dynamic: bool = False, compute_dtype=None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around our kernel from a checked state dict (consumed); the release's mixed file (F16
     base, F32 control) counts as its base dtype."""
     return build_patcher(DiT4SRConfigComfy({"dit4sr_config": kernel_config}), state_dict, weight_dtype,
                          custom_operations, disable_dynamic,
-                         stored_dtype=state_dict["pos_embed.proj.weight"].dtype)
+                         stored_dtype=state_dict["pos_embed.proj.weight"].dtype, compute_dtype=compute_dtype)

@@ -38,7 +38,12 @@ from ...kernels.vae_posterior import posterior_noise, sample_posterior
 from ..comfy_compat import register_reloader
 from ..input_checks import check_finite
 from ..vae_posterior import check_posterior, encode_moments, posterior_inputs
-from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, storage_choice
+from ..weight_dtype import (
+    compute_choice,
+    compute_dtype_input,
+    storage_choice,
+    weight_dtype_input,
+)
 from .model import LR_LATENT_KEY, TILES_KEY, build_model_patcher
 
 CATEGORY = "DiT Control/DiT4SR"
@@ -93,21 +98,24 @@ def sample_lr_latents(moments: torch.Tensor, seed: int) -> tuple:
     return z[:moments.shape[0]], z[moments.shape[0]:]
 
 
-def load_dit4sr_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
+def load_dit4sr_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False,
+                      compute_dtype: str = "auto"):
     """(MODEL patcher, variant description). Registered on the patcher as its reloader, as core's loaders do."""
+    compute = compute_choice(compute_dtype, mm.get_torch_device())   # refuses before the file is read
     sd = read_state_dict(path)
     sd, cfg = prepare_dit4sr(sd, read_json_beside(path))
     dtype, operations, note = storage_choice(weight_dtype)
     stored = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if v.is_floating_point()})
-    variant = f"{variant_name(cfg)}, stored {'+'.join(stored)}" + (f"; {note}" if note else "")
+    notes = "; ".join(n for n in (note, compute.note) if n)
+    variant = f"{variant_name(cfg)}, stored {'+'.join(stored)}" + (f"; {notes}" if notes else "")
     patcher = build_model_patcher(cfg, sd, weight_dtype=dtype, custom_operations=operations,
-                                  disable_dynamic=disable_dynamic)
-    register_reloader(patcher, _reload, (path, weight_dtype))
+                                  disable_dynamic=disable_dynamic, compute_dtype=compute.dtype)
+    register_reloader(patcher, _reload, (path, weight_dtype, compute_dtype))
     return patcher, variant
 
 
-def _reload(path, weight_dtype, disable_dynamic=False):
-    return load_dit4sr_model(path, weight_dtype, disable_dynamic=disable_dynamic)[0]
+def _reload(path, weight_dtype, compute_dtype="auto", disable_dynamic=False):
+    return load_dit4sr_model(path, weight_dtype, disable_dynamic=disable_dynamic, compute_dtype=compute_dtype)[0]
 
 
 class DiT4SRLoader(io.ComfyNode):
@@ -128,8 +136,8 @@ class DiT4SRLoader(io.ComfyNode):
                                tooltip="From models/diffusion_models: e.g. dit4sr_q/transformer/"
                                        "diffusion_pytorch_model.safetensors (the folder as downloaded from "
                                        "acceptee/DiT4SR)."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
+                compute_dtype_input(),
             ],
             outputs=[
                 io.Model.Output(tooltip="DiT4SR MODEL: flow velocity, SD3 latent format, shift 3.0. Its "
@@ -139,10 +147,10 @@ class DiT4SRLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dit_name, weight_dtype="default") -> io.NodeOutput:
+    def execute(cls, dit_name, weight_dtype="default", compute_dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", dit_name)
         with naming_file(dit_name):
-            patcher, variant = load_dit4sr_model(path, weight_dtype)
+            patcher, variant = load_dit4sr_model(path, weight_dtype, compute_dtype=compute_dtype)
         logging.info("dit-control: loaded %s as %s", dit_name, variant)
         return io.NodeOutput(patcher, variant)
 

@@ -35,7 +35,13 @@ from ...kernels.pixart.controlnet import (
 from ...kernels.pixart.model import PixArtConfig
 from ..comfy_compat import host_init_args, new_model_patcher, patcher_like, register_reloader
 from ..input_checks import check_finite
-from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES, operations_for, storage_choice
+from ..weight_dtype import (
+    compute_choice,
+    compute_dtype_input,
+    operations_for,
+    storage_choice,
+    weight_dtype_input,
+)
 from .model import PIXART_CONTROL_KEY, PixArtDiTModel, build_model_patcher, storage_dtypes
 
 CATEGORY = "DiT Control/PixArt"
@@ -76,6 +82,21 @@ CONTROLNET_TRANSFORMER = ControlKind(
     loader_hint="'PixArt ControlNet-Transformer Loader' with a base from 'PixArt-α DiT Loader'")
 
 
+# said on the control loaders' compute_dtype input
+CONTROL_COMPUTE_NOTE = (" The control blocks run on the MODEL's activations: give this loader and the MODEL's "
+                        "loader the same compute_dtype.")
+
+
+def check_compute_dtypes(name: str, net, model) -> None:
+    """Before the first step: a network whose layers do not cast must get the activation dtype it is stored in."""
+    need = getattr(net, "input_dtype", None)
+    have = model.manual_cast_dtype or model.get_dtype()
+    if need is not None and need != have:
+        raise ValueError(f"{name}: the MODEL computes in {str(have).replace('torch.', '')} but this control "
+                         f"network was loaded to compute in {str(need).replace('torch.', '')}: set the control "
+                         f"loader's compute_dtype to the MODEL loader's (PixArt-α DiT Loader compute_dtype)")
+
+
 class PixArtControlNetControl(comfy.controlnet.ControlBase):
     """A CONTROL_NET for PixArt: the control image becomes a latent through the VAE (as PixArt-δ did),
     and each sampling step hands our MODEL a control branch instead of UNet residual lists. `kind` says
@@ -100,6 +121,7 @@ class PixArtControlNetControl(comfy.controlnet.ControlBase):
                              "works only with a MODEL from 'PixArt-α DiT Loader' (or from the checkpoint "
                              "loader of a full control file)")
         self.kind.check(self.info, model.diffusion_model.config)
+        check_compute_dtypes(self.kind.name, self.net, model)
         # core's Apply ControlNet lets a NaN strength or percent through its range check; here it would
         # turn every step's control (or its step range) into NaN
         start, end = getattr(self, "timestep_percent_range", (0.0, 1.0))
@@ -179,26 +201,32 @@ class LoadedControlNet(NamedTuple):
     info: Any                          # ControlNetInfo / RelaCtrlInfo
 
 
-def load_control_network(path: str, weight_choice: str = "default",
-                         kind: ControlKind = CONTROLNET_TRANSFORMER) -> LoadedControlNetwork:
+def load_control_network(path: str, weight_choice: str = "default", kind: ControlKind = CONTROLNET_TRANSFORMER,
+                         compute_dtype: str = "auto") -> LoadedControlNetwork:
     """The network of a file of this kind, its patcher, the bundled base state dict (or None) and the info."""
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    compute = compute_choice(compute_dtype, load_device)     # refuses before the file is read
     prepared = kind.prepare(read_state_dict(path))
     info = prepared.info
     base_cfg = info.base_config or kind.default_base(info)
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     choice = storage_choice(weight_choice)
-    dtype, cast = storage_dtypes(prepared.control_state_dict, choice.dtype)
-    ops = operations_for(cast is not None, choice.int8_ops)
+    dtype, cast = storage_dtypes(prepared.control_state_dict, choice.dtype, compute.dtype)
+    # an explicit compute dtype builds casting layers: the blocks run on the base's activations, so they then
+    # follow whatever the MODEL computes in (bf16 weights in an fp32 MODEL are cast per layer, as core does)
+    casts = cast is not None or compute.dtype is not None
+    ops = operations_for(casts, choice.int8_ops)
     net = kind.load(prepared.control_state_dict, base_cfg, operations=ops, dtype=dtype, info=info).eval()
+    # the activation dtype the blocks need from the MODEL (None: any, they cast): checked in pre_run
+    net.input_dtype = None if casts or choice.int8_ops is not None else dtype
     patcher = new_model_patcher(net, load_device, offload_device)   # the class core's ControlNets get
     logging.info("dit-control: %s", info.describe())
     return LoadedControlNetwork(net, patcher, prepared.base_state_dict, info)
 
 
 def load_controlnet(path: str, weight_choice: str = "default",
-                    kind: ControlKind = CONTROLNET_TRANSFORMER) -> LoadedControlNet:
+                    kind: ControlKind = CONTROLNET_TRANSFORMER, compute_dtype: str = "auto") -> LoadedControlNet:
     """The CONTROL_NET of a control network file, the bundled base state dict (or None) and the info."""
-    net, patcher, base_sd, info = load_control_network(path, weight_choice, kind)
+    net, patcher, base_sd, info = load_control_network(path, weight_choice, kind, compute_dtype)
     return LoadedControlNet(PixArtControlNetControl(net, patcher, info, kind), base_sd, info)
 
 
@@ -216,18 +244,18 @@ class PixArtControlNetLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
                                tooltip="ControlNet weights from models/controlnet."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
+                compute_dtype_input(CONTROL_COMPUTE_NOTE),
             ],
             outputs=[io.ControlNet.Output(tooltip="For core Apply ControlNet with a PixArt MODEL.")],
         )
 
     @classmethod
-    def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
+    def execute(cls, controlnet_name, weight_dtype="default", compute_dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
         with naming_file(controlnet_name):
             # a bundled base is not kept: load it with the checkpoint loader if wanted
-            control = load_controlnet(path, weight_dtype).control
+            control = load_controlnet(path, weight_dtype, compute_dtype=compute_dtype).control
         return io.NodeOutput(control)
 
 
@@ -244,39 +272,42 @@ class PixArtControlNetCheckpointLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("controlnet_name", options=folder_paths.get_filename_list("controlnet"),
                                tooltip="A full ControlNet file from models/controlnet."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip=WEIGHT_DTYPE_TOOLTIP),
+                weight_dtype_input(),
+                compute_dtype_input(CONTROL_COMPUTE_NOTE),
             ],
             outputs=[io.Model.Output(tooltip="The bundled PixArt base MODEL."),
                      io.ControlNet.Output(tooltip="For core Apply ControlNet with that MODEL.")],
         )
 
     @classmethod
-    def execute(cls, controlnet_name, weight_dtype="default") -> io.NodeOutput:
+    def execute(cls, controlnet_name, weight_dtype="default", compute_dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", controlnet_name)
         with naming_file(controlnet_name):
-            control, base_sd, info = load_controlnet(path, weight_dtype)
-            model = bundled_base_patcher(path, base_sd, info, weight_dtype)
+            control, base_sd, info = load_controlnet(path, weight_dtype, compute_dtype=compute_dtype)
+            model = bundled_base_patcher(path, base_sd, info, weight_dtype, compute_dtype=compute_dtype)
         return io.NodeOutput(model, control)
 
 
 def bundled_base_patcher(path, base_sd, info, weight_dtype, disable_dynamic=False,
-                         kind: ControlKind = CONTROLNET_TRANSFORMER):
+                         kind: ControlKind = CONTROLNET_TRANSFORMER, compute_dtype: str = "auto"):
     """The MODEL of a full control file's bundled base (its reloader reads the file again). The base
     state dict is consumed: the MODEL holds the only copy of its weights."""
     if base_sd is None:
         raise ValueError(f"{os.path.basename(path)} carries no base model ({info.layout} layout): use "
                          f"{kind.loader_hint}")
     choice = storage_choice(weight_dtype)
+    compute = compute_choice(compute_dtype, mm.get_torch_device())
     model = build_model_patcher(info.base_config, base_sd, weight_dtype=choice.dtype,
-                                custom_operations=choice.int8_ops, disable_dynamic=disable_dynamic)
-    return register_reloader(model, _reload_bundled_base, (path, weight_dtype, kind))
+                                custom_operations=choice.int8_ops, disable_dynamic=disable_dynamic,
+                                compute_dtype=compute.dtype)
+    return register_reloader(model, _reload_bundled_base, (path, weight_dtype, kind, compute_dtype))
 
 
-def _reload_bundled_base(path, weight_dtype, kind=CONTROLNET_TRANSFORMER, disable_dynamic=False):
+def _reload_bundled_base(path, weight_dtype, kind=CONTROLNET_TRANSFORMER, compute_dtype="auto",
+                         disable_dynamic=False):
     prepared = kind.prepare(read_state_dict(path))
     return bundled_base_patcher(path, prepared.base_state_dict, prepared.info, weight_dtype,
-                                disable_dynamic=disable_dynamic, kind=kind)
+                                disable_dynamic=disable_dynamic, kind=kind, compute_dtype=compute_dtype)
 
 
 NODES = [PixArtControlNetLoader, PixArtControlNetCheckpointLoader]

@@ -123,14 +123,17 @@ class PixArtDiTConfig(comfy.supported_models.PixArtAlpha):
         return PixArtDiTModel(self, device=device).eval()
 
 
-def storage_dtypes(state_dict: dict, weight_dtype=None):
+def storage_dtypes(state_dict: dict, weight_dtype=None, compute_dtype=None):
     """(storage dtype, manual-cast compute dtype or None) of PixArt weights (the DiT and ControlNet loaders)."""
-    return compat_storage_dtypes(state_dict, PixArtDiTConfig.supported_inference_dtypes, weight_dtype)
+    return compat_storage_dtypes(state_dict, PixArtDiTConfig.supported_inference_dtypes, weight_dtype,
+                                 compute_dtype=compute_dtype)
 
 
 def build_model_patcher(kernel_config: PixArtConfig, state_dict: dict, weight_dtype=None,
-                        custom_operations=None, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed)."""
+                        custom_operations=None, disable_dynamic: bool = False,
+                        compute_dtype=None) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around our kernel, weights from an original-layout `state_dict` (consumed);
+    `compute_dtype` None: ComfyUI's pick for the device."""
     return build_patcher(PixArtDiTConfig({"pixart_config": kernel_config}), state_dict, weight_dtype,
-                         custom_operations, disable_dynamic)
+                         custom_operations, disable_dynamic, compute_dtype=compute_dtype)
 

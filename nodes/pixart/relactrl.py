@@ -20,8 +20,8 @@ import folder_paths
 from ...kernels.checkpoint_io import naming_file
 from ...kernels.pixart.model import PixArtConfig
 from ...kernels.pixart.relactrl import check_relactrl_base_compatible, load_relactrl, prepare_relactrl
-from ..weight_dtype import WEIGHT_DTYPE_TOOLTIP, WEIGHT_DTYPES
-from .controlnet import CATEGORY, ControlKind, bundled_base_patcher, load_controlnet
+from ..weight_dtype import compute_dtype_input, weight_dtype_input
+from .controlnet import CATEGORY, CONTROL_COMPUTE_NOTE, ControlKind, bundled_base_patcher, load_controlnet
 
 SEED_MAX = 2 ** 64 - 1
 STYLE_TAGS = ("gufeng_", "oil_", "paint_", "3d_")
@@ -64,12 +64,12 @@ def _inputs(file_tooltip: str) -> list:
     return [
         io.Combo.Input("relactrl_name", options=folder_paths.get_filename_list("controlnet"),
                        tooltip=file_tooltip),
-        io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                       tooltip=WEIGHT_DTYPE_TOOLTIP),
+        weight_dtype_input(),
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
                      tooltip="Seed of RelaCtrl's channel and token shuffles (drawn anew at every sampling "
                              "step from this seed and the step index; the reference draws them unseeded). "
                              "The same seed gives the same image; another seed a slightly different one."),
+        compute_dtype_input(CONTROL_COMPUTE_NOTE),
     ]
 
 
@@ -93,11 +93,11 @@ class RelaCtrlLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, relactrl_name, weight_dtype="default", seed=0) -> io.NodeOutput:
+    def execute(cls, relactrl_name, weight_dtype="default", seed=0, compute_dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", relactrl_name)
         with naming_file(relactrl_name):
             # a bundled base is not kept: load it with the checkpoint loader if wanted
-            control = load_controlnet(path, weight_dtype, relactrl_kind(seed)).control
+            control = load_controlnet(path, weight_dtype, relactrl_kind(seed), compute_dtype).control
         return io.NodeOutput(control)
 
 
@@ -117,12 +117,12 @@ class RelaCtrlCheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, relactrl_name, weight_dtype="default", seed=0) -> io.NodeOutput:
+    def execute(cls, relactrl_name, weight_dtype="default", seed=0, compute_dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", relactrl_name)
         kind = relactrl_kind(seed)
         with naming_file(relactrl_name):
-            control, base_sd, info = load_controlnet(path, weight_dtype, kind)
-            model = bundled_base_patcher(path, base_sd, info, weight_dtype, kind=kind)
+            control, base_sd, info = load_controlnet(path, weight_dtype, kind, compute_dtype)
+            model = bundled_base_patcher(path, base_sd, info, weight_dtype, kind=kind, compute_dtype=compute_dtype)
         return io.NodeOutput(model, control)
 
 

@@ -1,7 +1,8 @@
-"""ControlAR (issue 13) through a real ComfyUI server's API: the shipped workflows on tiny checkpoints in the
-released layouts (tests/generators/make_controlar_checkpoints.py: ControlAR GPT + DINOv2 flat .safetensors, LlamaGen
-base
-and VQ-16 as {"model": …} .pt, FLAN-T5 shards).
+"""ControlAR (issue 13) through a real ComfyUI server's API: the shipped workflows on the random tiny checkpoints
+in the released layouts (tests/generators/make_controlar_checkpoints.py: ControlAR GPT + DINOv2 flat .safetensors,
+LlamaGen base and VQ-16 as {"model": …} .pt, FLAN-T5 shards), which test the nodes' mechanics at the full 16384
+vocabulary. The released names hold the micro ControlAR trained here (what it draws: test_api_controlar_micro.py),
+so these graphs name the random files (controlar/random/, text_encoders/flan-t5-xl-random/) instead: `graph`.
 
 The sampled token ids are read through tests/host_probe's DiTControlProbe_ImageTokens (the pack has no node
 that shows tokens). Everything else runs as shipped; the extra runs change only the inputs they test.
@@ -17,7 +18,13 @@ import pytest
 from PIL import Image
 
 from dit_control.tests.comfy_host import PromptRejected, assert_documented, execution_error, load_api_graph
-from dit_control.tests.generators.make_controlar_checkpoints import GPT_FILES, write_controlar_inputs
+from dit_control.tests.generators.make_controlar_checkpoints import (
+    FLAN_T5_FOLDER,
+    GPT_FILES,
+    RANDOM_FLAN_T5_FOLDER,
+    RANDOM_FOLDER,
+    write_controlar_inputs,
+)
 from dit_control.tests.generators.workflow_format import strip_meta, ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,10 +43,10 @@ def server(comfy, models_dir):
         broken.mkdir(parents=True)
         (broken / "PixArt-XL-2-512x512.pth").write_bytes(
             (models_dir / "diffusion_models" / "PixArt-XL-2-512x512.pth").read_bytes())
-        good = (models_dir / "controlar" / "canny_MR.safetensors").read_bytes()
+        good = (models_dir / "controlar" / RANDOM_FOLDER / "canny_MR.safetensors").read_bytes()
         (broken / "truncated_canny_MR.safetensors").write_bytes(good[: len(good) // 2])
         import safetensors.torch
-        sd = safetensors.torch.load_file(str(models_dir / "controlar" / "canny_MR.safetensors"))
+        sd = safetensors.torch.load_file(str(models_dir / "controlar" / RANDOM_FOLDER / "canny_MR.safetensors"))
         sd["output.weight"].mul_(1e37)             # finite in the file, logits overflow to Inf
         safetensors.torch.save_file(sd, str(broken / "overflow_canny_MR.safetensors"))
     return comfy
@@ -50,10 +57,23 @@ def one(g, class_type) -> str:
     return k
 
 
+def on_random_files(g: dict) -> dict:
+    """The graph's ControlAR GPT, VQ and FLAN-T5 files swapped for the random tiny ones of the same names."""
+    for node in g.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "DiTControl_ControlARLoader":
+            inputs["model_name"] = f"{RANDOM_FOLDER}/{inputs['model_name']}"
+        elif node["class_type"] == "DiTControl_VQ16Loader":
+            inputs["vq_name"] = f"{RANDOM_FOLDER}/{inputs['vq_name']}"
+        elif node["class_type"] == "DiTControl_PixArtT5Loader":
+            inputs["t5_name"] = inputs["t5_name"].replace(f"{FLAN_T5_FOLDER}/", f"{RANDOM_FLAN_T5_FOLDER}/", 1)
+    return g
+
+
 def graph(name: str, size=None, tokens=True, **sampler) -> dict:
-    """A shipped API workflow, optionally at another size (fit + sampler), other sampler inputs, and the
-    token probe on the sampler's output."""
-    g = load_api_graph(REPO / "workflows" / "api" / f"{name}.json")
+    """A shipped API workflow on the random files (on_random_files), optionally at another size (fit +
+    sampler), other sampler inputs, and the token probe on the sampler's output."""
+    g = on_random_files(load_api_graph(REPO / "workflows" / "api" / f"{name}.json"))
     s = one(g, SAMPLER)
     if size is not None:
         g[one(g, "DiTControl_FitControlImage")]["inputs"].update(width=size[0], height=size[1])
@@ -219,10 +239,11 @@ def kernel_tokens(models_dir: Path, input_dir: Path, width: int, height: int, se
     threads = torch.get_num_threads()
     torch.set_num_threads(server_threads())
     try:
-        t5_file = models_dir / "text_encoders" / "flan-t5-xl" / "model-00001-of-00002.safetensors"
+        t5_file = models_dir / "text_encoders" / RANDOM_FLAN_T5_FOLDER / "model-00001-of-00002.safetensors"
         t5, _ = load_t5_encoder_file(str(t5_file), dtype=torch.float32)
         caption, mask = encode_caption(t5, ids.input_ids, ids.attention_mask, dtype=torch.float32)
-        gpt, _ = load_gpt_file(str(models_dir / "controlar" / "canny_MR.safetensors"), n_head=2, adapter_heads=1)
+        gpt, _ = load_gpt_file(str(models_dir / "controlar" / RANDOM_FOLDER / "canny_MR.safetensors"), n_head=2,
+                               adapter_heads=1)
         settings = SamplingSettings(cfg_scale=s["cfg"], temperature=s["temperature"], top_k=s["top_k"],
                                     top_p=s["top_p"], control_strength=s["strength"])
         with torch.no_grad():
@@ -260,7 +281,7 @@ def test_size_over_the_token_budget_is_refused_naming_it(server):
     # refused before the control map is made at that size (the sampler's control_image is lazy)
     assert one(g, "DiTControl_FitControlImage") not in err["executed"], err["executed"]
     g = graph("controlar_canny_mr")
-    g["1"]["inputs"]["model_name"] = "hed.safetensors"       # a 512-px model: 1024 tokens
+    g["1"]["inputs"]["model_name"] = f"{RANDOM_FOLDER}/hed.safetensors"       # a 512-px model: 1024 tokens
     message = run_error(server, g)
     assert "token budget of 1024" in message and "1536" in message, message
 
@@ -336,7 +357,8 @@ def test_int8_weights_run(server, weight_dtype):
     history = server.run_ok(g)
     assert len(tokens_of(history)[0]) == 256 and png_size(server.images(history)[0]) == (256, 256)
     log = server.log_path.read_text(errors="replace")[start:]
-    assert "loaded canny_MR.safetensors as ControlAR" in log and "storage int8 weights" in log, log[-2000:]
+    assert f"loaded {RANDOM_FOLDER}/canny_MR.safetensors as ControlAR" in log and "storage int8 weights" in log, \
+        log[-2000:]
 
 
 @pytest.mark.parametrize("weight_dtype", ["bf16", "fp8_e4m3fn"])
@@ -390,3 +412,21 @@ def test_row_previews_reach_the_client(server):
                                                    seed=11, tokens=False))
     aspects = [round(im.width / im.height, 2) for im in images]
     assert aspects == [round(256 / (16 * rows), 2) for rows in (4, 8, 12)], aspects
+
+
+def test_compute_dtype_bf16_says_so_and_samples(server):
+    """compute_dtype bf16: bf16 weights, maths and KV cache where the CPU has native bf16 (the description says
+    why), a clear refusal naming the CPU feature elsewhere."""
+    from dit_control.kernels.native_dtypes import native_bf16
+
+    g = graph("controlar_canny_mr", size=(64, 64), preview_every_rows=0)
+    loader = one(g, "DiTControl_ControlARLoader")
+    g[loader]["inputs"]["compute_dtype"] = "bf16"
+    g["91"] = {"class_type": "DiTControlProbe_TextReport", "inputs": {"text": [loader, 1]}}
+    native, why = native_bf16("cpu")
+    if not native:
+        assert "avx512_bf16" in run_error(server, g)
+        return
+    history = server.run_ok(g)
+    assert f"compute torch.bfloat16 (compute bf16: {why})" in history["outputs"]["91"]["text"][0]
+    assert len(tokens_of(history)[0]) == 16

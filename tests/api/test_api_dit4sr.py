@@ -309,6 +309,25 @@ def test_weight_dtypes_run_and_stay_close(server):
         assert torch.isfinite(out).all() and rel <= tol, (dtype, rel)
 
 
+def test_compute_dtype_bf16_runs_close_or_is_refused_by_name(server):
+    """compute_dtype bf16 on the DiT4SR Loader: bf16 maths where the CPU has them natively, close to 'auto' (fp32
+    maths), and its variant says so; refused by the CPU feature it lacks elsewhere."""
+    from dit_control.kernels.native_dtypes import native_bf16
+    base = server.saved_latent(server.run_ok(small_graph()))
+    g = small_graph()
+    loader = one(g, "DiTControl_DiT4SRLoader")
+    g[loader]["inputs"]["compute_dtype"] = "bf16"
+    native, why = native_bf16("cpu")
+    if not native:
+        err = execution_error(server.run(g))
+        assert err and "avx512_bf16" in err["exception_message"], err
+        return
+    out = server.saved_latent(server.run_ok(g))
+    rel = float((out.double() - base.double()).norm() / base.double().norm())
+    print(f"compute_dtype bf16: relative difference {rel:.2e}")
+    assert torch.isfinite(out).all() and 0 < rel <= 5e-2, rel
+
+
 # ---------------------------------------------------------------------------------------------
 #                                          Schedule
 # ---------------------------------------------------------------------------------------------

@@ -103,17 +103,24 @@ def test_an_empty_caption_draws_at_chance(comfy):
 #                                          Controllability
 # --------------------------------------------------------------------------------------------------------
 
+def write_control_inputs(input_dir, scenes, prefix: str = "micro_control") -> list:
+    """(input file name, scene, control map) of each control scene: its render saved in input_dir as the graph's
+    input image, its Canny map as the control to score against (the benchmarks reuse this)."""
+    out = []
+    for k, scene in enumerate(scenes):
+        image = render(scene)
+        name = f"{prefix}_{k}.png"
+        Image.fromarray((image * 255).round().astype(np.uint8)).save(input_dir / name)
+        out.append((name, scene, edge_map(image)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def control_inputs(comfy) -> list:
     """(input file name, prompt, control map) of each control scene: the scene's render as the input, its
     caption without places as the prompt."""
-    out = []
-    for k, scene in enumerate(CONTROL_SCENES):
-        image = render(scene)
-        name = f"micro_control_{k}.png"
-        Image.fromarray((image * 255).round().astype(np.uint8)).save(comfy.base_dir / "input" / name)
-        out.append((name, scene.caption_without_places, edge_map(image)))
-    return out
+    return [(name, scene.caption_without_places, control)
+            for name, scene, control in write_control_inputs(comfy.base_dir / "input", CONTROL_SCENES)]
 
 
 def canny_controlnet_graph(image_name: str, caption: str, strength=1.0, start=0.0, end=1.0) -> dict:

@@ -197,3 +197,24 @@ def test_nan_strength_of_apply_controlnet_is_refused_by_name(comfy):
     """core's Apply ControlNet range check lets NaN through (NaN compares false with min and max)."""
     err = execution_error(comfy.run(small_graph(strength=float("nan"), steps=1)))
     assert err and "Apply ControlNet (PixArt ControlNet-Transformer): strength is nan" in err["exception_message"], err
+
+
+def test_compute_dtype_bf16_controlnet_and_a_mismatch_named(comfy):
+    """The checkpoint loader's compute_dtype bf16 computes base and control in bf16 where the CPU has it; a control
+    network loaded for fp32 maths under a bf16 MODEL is refused with what to set (not a dtype crash in a GEMM)."""
+    from dit_control.kernels.native_dtypes import native_bf16
+
+    g = small_graph(steps=1)
+    g["1"]["inputs"]["compute_dtype"] = "bf16"
+    history = comfy.run(g)
+    if not native_bf16("cpu")[0]:
+        err = execution_error(history)
+        assert err and "avx512_bf16" in err["exception_message"], err
+        return
+    assert Image.open(io.BytesIO(png(comfy, history))).size == (WIDTH, HEIGHT)
+    g["40"] = {"class_type": "DiTControl_PixArtControlNetLoader",
+               "inputs": {"controlnet_name": "PixArt-XL-2-1024-ControlNet.pth", "weight_dtype": "default"}}
+    g["10"]["inputs"]["control_net"] = ["40", 0]
+    err = execution_error(comfy.run(g))
+    assert err and "the MODEL computes in bfloat16 but this control network was loaded to compute in float32" in \
+        err["exception_message"], err

@@ -3,6 +3,7 @@ import io
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from dit_control.tests.api.api_graphs import at_pass_size, served_latent_graph
@@ -185,3 +186,48 @@ def test_int8_weights_run_and_stay_close_to_full_precision(comfy):
     # "Shortcuts"): 0.076 on the session-7 weights, under 0.05 on the earlier ones; int8's exactness is
     # tested on its own (tests/kernels/test_int8.py)
     assert 0 < rel < 0.1, rel
+
+
+def _compute_graph(dit_compute=None, t5_compute=None):
+    """The shipped graph at 256 px, 2 steps, ending in SaveLatent and a report of the DiT loader's variant; the
+    loaders' compute_dtype set where given (None: left out, as in an API graph saved before the input existed)."""
+    g = _latent_graph(120, 120, steps=2)
+    for node, value in (("1", dit_compute), ("2", t5_compute)):
+        if value is None:
+            del g[node]["inputs"]["compute_dtype"]
+        else:
+            g[node]["inputs"]["compute_dtype"] = value
+    g["31"] = {"class_type": "DiTControlProbe_TextReport", "inputs": {"text": ["1", 1]}}
+    return g
+
+
+def test_compute_dtype_auto_is_todays_graph_and_bf16_computes_in_bf16_where_native(comfy):
+    """compute_dtype 'auto' is the graph of a workflow without the input, bit for bit; 'bf16' (DiT and T5) runs in
+    bf16 on a CPU with native bf16 (close to fp32, not equal, and says so), and is refused by the CPU feature it
+    lacks elsewhere."""
+    from safetensors.torch import load_file
+
+    from dit_control.kernels.native_dtypes import native_bf16
+
+    def latent(h):
+        assert h["status"]["status_str"] == "success", execution_error(h)
+        entry = h["outputs"]["30"]["latents"][0]
+        return load_file(str(comfy.base_dir / "output" / entry["subfolder"] / entry["filename"]))["latent_tensor"]
+
+    before = latent(comfy.run(_compute_graph()))
+    auto_run = comfy.run(_compute_graph("auto", "auto"))
+    assert torch.equal(latent(auto_run), before)
+    assert "compute" not in auto_run["outputs"]["31"]["text"][0]
+    bf16_run = comfy.run(_compute_graph("bf16", "bf16"))
+    native, why = native_bf16("cpu")
+    if native:
+        # 2 steps of an ε model from σ_max ≈ 157: x0 = x − σ·ε multiplies the forward's ~0.7% bf16 error (the
+        # golden-sized kernel check, tests/kernels/test_native_dtypes.py) by σ, so the latent moves by tens of %
+        # here; what bf16 does to a full sampling run is measured on the trained micro model (tests/training)
+        rel = ((latent(bf16_run) - before).norm() / before.norm()).item()
+        assert 0 < rel < 0.6, rel
+        assert f"compute bf16: {why}" in bf16_run["outputs"]["31"]["text"][0]
+    else:
+        err = execution_error(bf16_run)
+        assert err and err["node_type"] == "DiTControl_PixArtDiTLoader", err
+        assert "avx512_bf16" in err["exception_message"] and "compute_dtype 'auto'" in err["exception_message"]

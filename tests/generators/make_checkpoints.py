@@ -15,8 +15,10 @@ No weights can be downloaded here: every file is made by our own code from fixed
 - loras/canny.safetensors, loras/subject.safetensors: rank-4 EasyControl LoRAs in the released naming for 1 + 1 blocks;
 - vae/ae.safetensors: a FULL-SIZE FLUX VAE (16 latent channels) with random weights;
 - text_encoders/clip_l.safetensors: a placeholder (the DualCLIPLoader name of the EasyControl workflows; never loaded).
-- controlar/ (canny_MR, hed, LlamaGen base, VQ-16) and text_encoders/flan-t5-xl/: tiny ControlAR files in the
-  released layouts, made by tests/generators/make_controlar_checkpoints.py.
+- controlar/ (canny_MR, hed, LlamaGen base, VQ-16) and text_encoders/flan-t5-xl/: the micro ControlAR trained here
+  (tests/training/weights/controlar/, installed by tests/training/install_controlar.py) with the palette VQ-16 and
+  the contextual tiny T5; random tiny ControlAR files in the released layouts beside them under controlar/random/
+  and text_encoders/flan-t5-xl-random/ (tests/generators/make_controlar_checkpoints.py).
 
 Usage: python tests/generators/make_checkpoints.py [models_dir]   (default .comfy_host/models; cached by a stamp)
 """
@@ -282,7 +284,9 @@ EXAMPLE_CONTROL_SCENE = _example_control_scene()
 
 def stamp_version() -> str:
     """The cache stamp: the file makers' version and which micro demo model is installed (or random files)."""
-    return STAMP_VERSION + (f"+micro-{micro_model_digest()}" if micro_model_available() else "+random")
+    from dit_control.tests.training import install_controlar
+    controlar = f"+controlar-{install_controlar.digest()}" if install_controlar.available() else "+controlar-random"
+    return STAMP_VERSION + (f"+micro-{micro_model_digest()}" if micro_model_available() else "+random") + controlar
 
 
 def make_all(models_dir: Path) -> Path:

@@ -1,5 +1,12 @@
 """Tiny ControlAR / LlamaGen checkpoints in the released layouts and file names (made here, never downloaded),
-so the shipped ControlAR workflows run unchanged on them:
+so the shipped ControlAR workflows run unchanged on them.
+
+Under the released names (what the shipped graphs load) go the micro ControlAR trained here where it is committed
+(tests/training/install_controlar.py: canny_MR, hed, the palette VQ-16, the contextual tiny T5 as flan-t5-xl/);
+the random tiny files below are always made under controlar/random/ and text_encoders/flan-t5-xl-random/ (the
+API tests of the nodes' mechanics run on them: a 16384 vocabulary, a 96-wide FLAN-T5, fp32 files), and under the
+released names too when the micro model is not committed. The LlamaGen base has no micro version: it is the
+random file under its released name.
 
 - controlar/canny_MR.safetensors: flat ControlAR T2I file, block size 2304 (the MR models' 48×48 grid: 768×512 =
   48×32 tokens fits, as released), DINOv2 control encoder under `adapter.model.` in transformers-4.x names;
@@ -31,6 +38,7 @@ MR_BLOCK, BASE_BLOCK = 2304, 1024
 GPT_FILES = {"canny_MR.safetensors": (MR_BLOCK, 30), "hed.safetensors": (BASE_BLOCK, 31)}
 BASE_FILE, VQ_FILE = "t2i_XL_stage2_512.pt", "vq_ds16_t2i.pt"
 FLAN_T5_FOLDER = "flan-t5-xl"
+RANDOM_FOLDER, RANDOM_FLAN_T5_FOLDER = "random", "flan-t5-xl-random"   # the random files beside the micro model
 
 
 def gpt_config(block_size: int, control: bool = True):
@@ -103,14 +111,21 @@ def save_flan_t5(folder: Path, seed: int):
     single.unlink()
 
 
-def make_controlar_files(models_dir: Path):
-    models_dir = Path(models_dir)
-    folder = models_dir / "controlar"
+def make_random_files(folder: Path, t5_folder: Path):
     for name, (block, seed) in GPT_FILES.items():
         save_controlar_gpt(folder / name, block, seed)
-    save_llamagen_base(folder / BASE_FILE, seed=32)
     save_vq16(folder / VQ_FILE, seed=33)
-    save_flan_t5(models_dir / "text_encoders" / FLAN_T5_FOLDER, seed=34)
+    save_flan_t5(t5_folder, seed=34)
+
+
+def make_controlar_files(models_dir: Path):
+    from dit_control.tests.training.install_controlar import install_controlar_micro
+    models_dir = Path(models_dir)
+    folder = models_dir / "controlar"
+    make_random_files(folder / RANDOM_FOLDER, models_dir / "text_encoders" / RANDOM_FLAN_T5_FOLDER)
+    save_llamagen_base(folder / BASE_FILE, seed=32)
+    if not install_controlar_micro(models_dir):
+        make_random_files(folder, models_dir / "text_encoders" / FLAN_T5_FOLDER)
 
 
 def write_controlar_inputs(input_dir: Path):

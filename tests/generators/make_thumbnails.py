@@ -1,6 +1,6 @@
 """Write workflows/<name>.jpg, the thumbnail ComfyUI's template browser shows beside each shipped workflow.
 
-    .venv/bin/python tests/generators/make_thumbnails.py
+    .venv/bin/python tests/generators/make_thumbnails.py [name ...]    # default: every workflow
 
 The pinned frontend asks a custom node pack's templates for `/api/workflow_templates/<pack>/<name>.jpg`
 (core serves the pack's workflows/ folder there), so each UI file gets a same-name JPEG:
@@ -11,6 +11,9 @@ The pinned frontend asks a custom node pack's templates for `/api/workflow_templ
 - the DiT4SR graph, which the micro DiT4SR runs (tests/training/train_dit4sr.py): its output on the shipped example
   input, as shipped except core's text encoders (the API tests' SD3 conditioning stand-in; the micro model ignores
   text), the example input beside it for comparison;
+- the two ControlAR graphs: the micro ControlAR's picture (tests/training/train_controlar.py) at its trained sizes
+  (384×256, stretched back to square; 256×256), on a held-out scene as the input with its caption without places as
+  the prompt — the micro model knows only the scenes' words —, the hed graph with the Canny stand-in;
 - the other graphs, whose embedded weights are random (nothing can be trained here at their size): their
   example input, labelled as such — a random model's output would only show noise.
 """
@@ -28,9 +31,13 @@ from dit_control.tests.comfy_host import ComfyServer  # noqa: E402
 from dit_control.tests.generators.make_checkpoints import make_all, write_example_inputs  # noqa: E402
 
 THUMB = 256
+THUMB_SCENE = 26          # held-out scene the ControlAR thumbnails draw: of scenes 20-31 (not their test's), the one
+                          # both graphs scored best on in-process (F1 0.61, caption agreement 0.86 each)
 # the graphs the micro model draws; each is run as shipped at THUMB px
 MICRO_DRAWN = ("pixart_delta_lcm_t2i", "pixart_delta_lcm_t2i_int8", "pixart_alpha_t2i", "pixart_delta_controlnet")
 MICRO_UPSCALED = ("dit4sr_upscale_x4",)
+# the graphs the micro ControlAR draws (tests/training/train_controlar.py), at its trained sizes: mode -> graph
+CONTROLAR_DRAWN = {"controlar_canny_mr": "mr", "controlar_hed_512": "hed"}
 
 
 def micro_graph(name: str) -> dict:
@@ -57,6 +64,25 @@ def upscale_card(server, input_dir: Path):
     card.paste(lr.resize(out.size, Image.NEAREST).resize(half, Image.LANCZOS), (0, 0))
     card.paste(out.resize(half, Image.LANCZOS), (THUMB // 2, 0))
     return card
+def controlar_graph(name: str, input_dir: Path) -> dict:
+    """The ControlAR graph at the micro ControlAR's trained size, on a held-out scene (drawn as the input) with its
+    caption without places as the prompt: the micro model knows only the scenes' words; the hed graph with the
+    Canny stand-in (its micro file is trained on Canny maps, as test_api_controlar_micro.py runs it)."""
+    from PIL import Image
+
+    from dit_control.tests.api.test_api_controlar_micro import control_graph
+    from dit_control.tests.training.scenes import heldout_scenes
+    from dit_control.tests.training.train_controlar import MODES, draw
+    mode = CONTROLAR_DRAWN[name]
+    _, _, (width, height), _ = MODES[mode]
+    scene = heldout_scenes()[THUMB_SCENE]
+    image = f"controlar_thumbnail_{mode}.png"
+    Image.fromarray((draw(scene, width, height) * 255).round().astype(np.uint8)).save(input_dir / image)
+    graph = control_graph(mode, image, scene.caption_without_places, 1.0)
+    (sampler,) = [k for k, v in graph.items() if v["class_type"] == "DiTControl_ControlARSampler"]
+    shipped = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    graph[sampler]["inputs"]["preview_every_rows"] = shipped[sampler]["inputs"]["preview_every_rows"]
+    return graph
 
 
 def input_card(graph: dict, input_dir: Path):
@@ -76,7 +102,7 @@ def input_card(graph: dict, input_dir: Path):
     return Image.fromarray(card)
 
 
-def main() -> list:
+def main(names=()) -> list:
     from PIL import Image
     models = make_all(REPO / ".comfy_host" / "models")
     base = REPO / ".comfy_host" / "thumbnails_base"
@@ -85,12 +111,18 @@ def main() -> list:
     with ComfyServer(models, base_dir=base, probe=True) as server:
         for ui in sorted((REPO / "workflows").glob("*.json")):
             name = ui.stem
+            if names and name not in names:
+                continue
             api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
             if name in MICRO_DRAWN:
                 (data,) = server.images(server.run_ok(micro_graph(name)))
                 thumb = Image.open(io.BytesIO(data)).convert("RGB").resize((THUMB, THUMB), Image.LANCZOS)
             elif name in MICRO_UPSCALED:
                 thumb = upscale_card(server, base / "input")
+            elif name in CONTROLAR_DRAWN:
+                (data,) = server.images(server.run_ok(controlar_graph(name, base / "input")))
+                # the MR graph's 384×256 scene is a square scene squeezed: stretched back to square here
+                thumb = Image.open(io.BytesIO(data)).convert("RGB").resize((THUMB, THUMB), Image.NEAREST)
             else:
                 thumb = input_card(api, base / "input")
             target = ui.with_suffix(".jpg")
@@ -101,4 +133,5 @@ def main() -> list:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(sys.argv[1:])

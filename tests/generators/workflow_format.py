@@ -307,7 +307,9 @@ def api_to_ui(api: dict, object_info: dict, workflow: str | None = None) -> dict
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """What the frontend's 'Export (API)' produces for a UI graph (no reroutes or groups here)."""
+    """What the frontend's 'Export (API)' produces for a UI graph (no reroutes or groups here). A workflow saved
+    before a node gained an optional widget has no value for it: the frontend shows and exports the widget's
+    default, and so does this."""
     links = {lk[0]: lk for lk in ui["links"]}
     api = {}
     for node in ui["nodes"]:
@@ -316,11 +318,16 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         info = object_info[node["type"]]
         values = iter(node.get("widgets_values", []))
         by_name = {e["name"]: e for e in node.get("inputs", [])}
+        optional = info["input"].get("optional", {})
         inputs = {}
         for name, _type_name, widget, control in _inputs(info):
             entry = by_name.get(name)
             if widget:
-                value = next(values)
+                value = next(values, _NO_VALUE)
+                if value is _NO_VALUE:
+                    if name not in optional:
+                        raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
+                    value = _widget_default(optional[name])
                 if control:
                     next(values)
                 if entry is not None and entry.get("link") is not None:
@@ -333,6 +340,21 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 inputs[name] = [str(link[1]), link[2]]
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
+
+
+_NO_VALUE = object()
+
+
+def _widget_default(spec: list):
+    """The value the frontend gives a widget the saved workflow has no value for: its default, else a combo's first
+    option."""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if "default" in opts:
+        return opts["default"]
+    options = kind if isinstance(kind, list) else opts.get("options", [])
+    if not options:
+        raise ValueError(f"no default for a widget of type {kind!r}")
+    return options[0]
 
 
 def strip_meta(api: dict) -> dict:

@@ -17,6 +17,7 @@ compare the pack with what *this* host does instead of with a copied rule. Loade
   [1, 154, 4096] like CLIP-L + CLIP-G + T5-XXL, pooled_output [1, 2048]), for the DiT4SR API tests.
 - DiTControlProbe_ImageTokens: the token ids of a ControlAR IMAGE_TOKENS wire as JSON in the history (the
   pack has no node that shows tokens; the ControlAR API tests compare them exactly).
+- DiTControlProbe_TextReport: a STRING output (a loader's description or variant) as UI text in the history.
 - DiTControlProbe_SigmasReport: a SIGMAS list (e.g. core's BasicScheduler on a MODEL) as JSON text, to compare
   the shipped sampler/scheduler pair with the reference schedule.
 - DiTControlProbe_EasyControlBankWatch / _EasyControlBankReport: the watch clones an EasyControl MODEL and
@@ -47,6 +48,8 @@ import comfy.k_diffusion.sampling
 import comfy.model_patcher
 import comfy.sample
 
+from .report_node import ReportNode
+
 
 class SamplerNoise:
     CATEGORY = "DiT Control tests"
@@ -72,12 +75,7 @@ def _class_name(obj_type) -> str:
     return f"{obj_type.__module__}.{obj_type.__qualname__}"
 
 
-class PatcherClass:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class PatcherClass(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",)}}
@@ -126,12 +124,7 @@ class SD3ConditioningStandIn(ConditioningStandIn):
     TOKENS, MAX_TOKENS, POOLED_WIDTH = 154, 1024, 2048        # CLIP-L + CLIP-G + T5-XXL tokens, L + G pooled
 
 
-class ImageTokens:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class ImageTokens(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"image_tokens": ("IMAGE_TOKENS",)}}
@@ -141,12 +134,18 @@ class ImageTokens:
         return {"ui": {"text": [json.dumps({"tokens": t.tokens.tolist(), "rows": t.rows, "cols": t.cols})]}}
 
 
-class SigmasReport:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
+class TextReport(ReportNode):
+    """A STRING output (a loader's description or variant) as UI text, for the API tests to read."""
 
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True})}}
+
+    def report(self, text):
+        return {"ui": {"text": [text]}}
+
+
+class SigmasReport(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"sigmas": ("SIGMAS",)}}
@@ -239,12 +238,7 @@ class EasyControlBankWatch:
         return (m,)
 
 
-class EasyControlBankReport:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class EasyControlBankReport(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"samples": ("LATENT",), "tag": ("STRING", {"default": "watch"})}}
@@ -259,14 +253,10 @@ class EasyControlBankReport:
         return {"ui": {"text": [json.dumps(report)]}}
 
 
-class EasyControlConditionImage:
+class EasyControlConditionImage(ReportNode):
     """The pixels an EasyControl MODEL's last condition hands the condition stream (prepared, before the VAE):
     8-bit (they are 8-bit after the Lanczos resize), base64 in the history, for comparing with the reference's
     preparation of the same input bit for bit."""
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -283,7 +273,7 @@ class EasyControlConditionImage:
 NODE_CLASS_MAPPINGS = {"DiTControlProbe_FluxConditioningStandIn": FluxConditioningStandIn,
                        "DiTControlProbe_SD3ConditioningStandIn": SD3ConditioningStandIn,
                        "DiTControlProbe_SamplerNoise": SamplerNoise, "DiTControlProbe_PatcherClass": PatcherClass,
-                       "DiTControlProbe_ImageTokens": ImageTokens,
+                       "DiTControlProbe_ImageTokens": ImageTokens, "DiTControlProbe_TextReport": TextReport,
                        "DiTControlProbe_SigmasReport": SigmasReport,
                        "DiTControlProbe_EasyControlBankWatch": EasyControlBankWatch,
                        "DiTControlProbe_EasyControlBankReport": EasyControlBankReport,

@@ -11,16 +11,15 @@ import json
 
 import torch
 
+from .report_node import ReportNode
+
 
 def _cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
-class ResetPeakMemory:
-    CATEGORY = "DiT Control tests"
+class ResetPeakMemory(ReportNode):
     FUNCTION = "reset"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -33,12 +32,7 @@ class ResetPeakMemory:
         return {"ui": {"text": [json.dumps({"reset": nonce})]}}
 
 
-class PeakMemory:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class PeakMemory(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"nonce": ("INT", {"default": 0, "min": 0, "max": 2 ** 31})}}
@@ -53,12 +47,7 @@ class PeakMemory:
         return {"ui": {"text": [json.dumps(report)]}}
 
 
-class ImageStats:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class ImageStats(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"images": ("IMAGE",)}}

@@ -23,6 +23,8 @@ import torch
 import comfy.controlnet
 import comfy.model_patcher
 
+from .report_node import ReportNode
+
 
 class HintlessControlBase(comfy.controlnet.ControlBase):
     """ControlBase as the newer core has it: no `cond_hint` attribute after `__init__` or `cleanup()`."""
@@ -85,12 +87,7 @@ def _attempt(fn):
         return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=4)}
 
 
-class FastDiskHostNode:
-    CATEGORY = "DiT Control tests"
-    FUNCTION = "report"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
+class FastDiskHostNode(ReportNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "control_net": ("CONTROL_NET",)}}

@@ -300,3 +300,61 @@ def test_bf16_weights(golden, config, io):
     assert pre.dtype == torch.float32                   # logits are float32, as the reference's .float()
     cfg_logits = torch.cat([combine_cfg(pre[:, -1:], 4.0), combine_cfg(dec, 4.0)], dim=1)
     assert relative_error(cfg_logits, io["cfg_logits"]) <= 0.03
+
+
+
+# max |bf16 − fp32| of the golden model's CFG logits (|logits| up to ~17), with headroom over the 0.23 measured
+BF16_LOGIT_BOUND = 0.35
+
+
+def test_bf16_compute_samples_the_fp32_tokens_where_the_logits_allow(gpt, golden, config, io, control):
+    """compute_dtype bf16 (bf16 weights, maths and KV cache) is not exact, so its tokens are held to fp32's only
+    where the logits decide them. Teacher-forced on the fp32 greedy tokens, bf16's CFG logits stay within
+    BF16_LOGIT_BOUND of fp32's; a token is decided where fp32's runner-up trails by more than twice that
+    position's bf16 error (no rounding can swap them). The free-running bf16 generation (its own KV cache and
+    control tokens) picks fp32's exact tokens up to the first undecided position; beyond it the two may part,
+    both valid samples."""
+    model, _ = gpt
+    bf16, _ = load_gpt_file(str(golden / "weights.safetensors"), dtype=torch.bfloat16, n_head=config["gpt"]["n_head"],
+                            adapter_heads=config["dinov2_config"]["num_attention_heads"])
+    assert bf16.dtype == torch.bfloat16
+    s, _ = settings(config, "sampling", sample=False)
+    strength = config["sampling"]["control_strength"]
+
+    def greedy(m):
+        with torch.no_grad():
+            ctl = m.control_tokens(m.adapter_features(io["control_image"], resize_mode("canny")))
+        return generate(m, m.embed_prefix(io["caption_emb"]), 16, s, None, io["emb_mask"], ctl), ctl
+
+    ref, _ = greedy(model)
+    got, bf16_control = greedy(bf16)
+    pre32, dec32 = teacher_forced(model, io, control[1], strength, teacher=ref)
+    pre16, dec16 = teacher_forced(bf16, io, bf16_control, strength, teacher=ref)
+    cfg32 = combine_cfg(torch.cat([pre32[:, -1:], dec32], dim=1), s.cfg_scale)[0]        # [16, V]
+    cfg16 = combine_cfg(torch.cat([pre16[:, -1:], dec16], dim=1), s.cfg_scale)[0]
+    error = (cfg16 - cfg32).abs().amax(dim=-1)                                           # [16]
+    assert error.max() <= BF16_LOGIT_BOUND
+    top2 = cfg32.topk(2, dim=-1).values
+    undecided = ((top2[:, 0] - top2[:, 1]) <= 2 * error).nonzero()
+    decided = int(undecided[0]) if len(undecided) else 16
+    assert decided >= 3                                  # the check covers several tokens, not none
+    assert torch.equal(got[:, :decided], ref[:, :decided])
+
+
+def test_decode_linear_orders_few_bf16_rows_as_weight_times_x():
+    """gpt.linear: a bf16 CPU layer with a decode step's few rows is computed as W·xᵀ (the same products, another
+    order: close, not equal); more rows, other dtypes and layers that cast or are patched run their own forward."""
+    import torch.nn as nn
+
+    from dit_control.kernels.controlar.gpt import FEW_ROWS, linear
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 48).to(torch.bfloat16)
+    few = torch.randn(2, 1, 64, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        got, ref = linear(layer, few), layer(few)
+        assert got.shape == ref.shape == (2, 1, 48) and got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        many = torch.randn(FEW_ROWS + 1, 64, generator=g).to(torch.bfloat16)
+        assert torch.equal(linear(layer, many), layer(many))
+        layer.comfy_cast_weights = True                     # ComfyUI's casting layers keep their own forward
+        assert torch.equal(linear(layer, few), layer(few))

@@ -436,3 +436,15 @@ def test_sizes_within_the_limit_pass_with_the_reference_output_size():
     assert check_output_size(1024, 1024, 4, 512) == (4096, 4096)                       # the limit itself
     assert check_output_size(2048, 128, 4, 512) == (8192, 512)                         # 16:1 is still a picture
     assert check_output_size(96, 128, 4, 512) == (512, 680)
+
+
+def test_bf16_maths_stay_close(golden, io):
+    """The DiT4SR Loader's compute_dtype bf16: weights and activations in bf16 run the whole kernel (LR stream and
+    tiling included) within 2 % of fp32 (measured: 0.84 % relative L2 against the golden output)."""
+    model, _ = load_dit4sr_file(str(golden / "transformer"), dtype=torch.bfloat16)
+    d = {k: (v.to(torch.bfloat16) if k != "timestep" else v) for k, v in io.items()}
+    with torch.no_grad():
+        out = model(d["latent"], d["timestep"], d["encoder_hidden_states"], d["pooled_projections"], d["lr_latent"])
+    assert out.dtype == torch.bfloat16
+    rel = ((out.float() - io["out"]).norm() / io["out"].norm()).item()
+    assert 0 < rel <= 0.02, rel

@@ -9,6 +9,8 @@ captions and ControlNet++'s edge F1, with the samplers of the shipped workflows 
 - controlnet: the base sampler with the ControlNet at strengths 0 / 0.5 / 1 on each held-out scene's
   Canny map, prompted with the scene's caption without places (as the ControlNet workflow and its tests);
 - empty caption: the same samplers on "" (chance level expected).
+`--compute-dtype bf16` runs T5 and the transformers as the loaders' compute_dtype bf16 does (weights stored and
+multiplied in bf16, activations bf16; the sampler's arithmetic and the decode stay fp32, as in ComfyUI).
 Images are decoded with the pixel VAE's exact map (an 8× nearest upsample) and scored with
 tests/training/metrics.py. Writes DIR/eval.json and DIR/eval_<stage>.png (a grid of the first samples).
 The API tests that come later measure the same through ComfyUI; this is the trainer's own yardstick.
@@ -45,19 +47,24 @@ SIGMAS = ((1 - AC) / AC).sqrt()                       # k-diffusion σ of each t
 def encode(t5, tok, captions):
     ids, mask = tokenize(tok, captions, TOKENS)
     with torch.no_grad():
-        return t5(ids, mask, dtype=torch.float32), mask
+        return t5(ids, mask, dtype=t5.shared.weight.dtype), mask
 
 
 def eps_model(model, y, mask, null=None, cfg=1.0, control=None):
-    """ε(x_t, t) with optional CFG against the null caption (masked like the positive, as the node does)."""
+    """ε(x_t, t) with optional CFG against the null caption (masked like the positive, as the node does), computed
+    in the model's dtype (inputs cast as ComfyUI's BaseModel casts them), returned in fp32."""
+    dtype = model.x_embedder.proj.weight.dtype
+    y = y.to(dtype)
+
     def fn(x, t):
         tt = torch.full((x.shape[0],), int(t))
+        x = x.to(dtype)
         with torch.no_grad():
             if null is None or cfg == 1.0:
-                return model(x, tt, y, mask, control=control)[:, :4]
-            n = null[None, : y.shape[1]].expand_as(y)
+                return model(x, tt, y, mask, control=control)[:, :4].float()
+            n = null[None, : y.shape[1]].expand_as(y).to(dtype)
             e = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, n]), torch.cat([mask, mask]),
-                      control=control)[:, :4]
+                      control=control)[:, :4].float()
             ec, eu = e.chunk(2)
             return eu + cfg * (ec - eu)
     return fn
@@ -112,7 +119,7 @@ def grid_png(path: Path, images: list, cols: int = 8):
     write_png(path, sheet)
 
 
-def load_models(out: Path):
+def load_models(out: Path, dtype=torch.float32):
     from dit_control.kernels.checkpoint_io import read_state_dict
     from dit_control.kernels.pixart.checkpoint import load_pixart
     from dit_control.kernels.pixart.control_file import load_bundled_base
@@ -132,6 +139,8 @@ def load_models(out: Path):
             {k: v.float() for k, v in read_state_dict(str(cn_path)).items()})
         base = load_bundled_base(base_sd, info).eval()
         got["controlnet"] = (base, load_pixart_controlnet(control, base, info=info).eval())
+    for name, m in got.items():
+        got[name] = tuple(part.to(dtype) for part in m) if isinstance(m, tuple) else m.to(dtype)
     return got
 
 
@@ -144,12 +153,16 @@ def at_scene_size(image: np.ndarray) -> np.ndarray:
     return image.reshape(h // k, k, w // k, k, c).mean(axis=(1, 3))
 
 
-def evaluate(out: Path, stages, count: int = 64, seed: int = 0, batch: int = 16, size: int = 8 * LATENT) -> dict:
-    """`size`: the image size sampled (the model is trained at 256 px); pictures are scored at 256."""
+def evaluate(out: Path, stages, count: int = 64, seed: int = 0, batch: int = 16, size: int = 8 * LATENT,
+             compute_dtype: str = "fp32") -> dict:
+    """`size`: the image size sampled (the model is trained at 256 px); pictures are scored at 256.
+    `compute_dtype`: "fp32" or "bf16" (T5 and the transformers stored and computing in it)."""
     out = Path(out)
     torch.set_grad_enabled(False)
-    t5, tok = load_t5(ensure_t5(out)), tokenizer()
-    models = load_models(out)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    t5, tok = load_t5(ensure_t5(out)).to(dtype), tokenizer()
+    models = load_models(out, dtype)
+    suffix = ("" if size == 8 * LATENT else f"_{size}") + ("" if compute_dtype == "fp32" else f"_{compute_dtype}")
     scenes = list(heldout_scenes())[:count]
     captions = [s.caption for s in scenes]
     shape = (1, 4, size // 8, size // 8)
@@ -175,7 +188,7 @@ def evaluate(out: Path, stages, count: int = 64, seed: int = 0, batch: int = 16,
                 fn = eps_model(model, y, mask, null=null, cfg=4.5, control=control)
                 x0 = dpmpp_2m(fn, (len(chunk),) + shape[1:], 20, gen)
             imgs += [at_scene_size(im) for im in images_of(x0)]
-        grid_png(out / f"eval_{tag}{'' if size == 8 * LATENT else f'_{size}'}.png", imgs[:32])
+        grid_png(out / f"eval_{tag}{suffix}.png", imgs[:32])
         return imgs
 
     if "base" in stages and "base" in models:
@@ -199,7 +212,8 @@ def evaluate(out: Path, stages, count: int = 64, seed: int = 0, batch: int = 16,
             report[f"controlnet_edge_f1_strength_{strength}"] = float(
                 np.mean([image_edge_f1(i, c) for i, c in zip(imgs, controls)]))
     report["size"] = size
-    (out / ("eval.json" if size == 8 * LATENT else f"eval_{size}.json")).write_text(json.dumps(report, indent=1))
+    report["compute_dtype"] = compute_dtype
+    (out / f"eval{suffix}.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -210,10 +224,12 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--size", type=int, default=8 * LATENT, help="image size to sample at (trained: 256)")
+    p.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     stages = ("base", "lcm", "controlnet") if args.stage == "all" else (args.stage,)
-    print(json.dumps(evaluate(Path(args.out), stages, args.count, size=args.size), indent=1))
+    print(json.dumps(evaluate(Path(args.out), stages, args.count, size=args.size,
+                              compute_dtype=args.compute_dtype), indent=1))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,15 @@ def progress(label: str, done: int, total: int, t0: float, extra: str = ""):
     sys.stderr.flush()
 
 
+def write_loss_curves(folder: Path, rows: list):
+    """A run's rows (step, loss, lr, s/step, elapsed) as folder/loss.csv and its loss plot as folder/loss.png."""
+    with open(folder / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "sec_per_step", "elapsed_s"])
+        w.writerows(rows)
+    plot_curve(folder / "loss.png", [r[0] for r in rows], [r[1] for r in rows])
+
+
 def write_png(path: Path, rgb: np.ndarray):
     """A minimal PNG writer (8-bit RGB, no filter): no plotting dependency."""
     h, w, _ = rgb.shape
@@ -581,11 +590,7 @@ class Stage:
         return True
 
     def write_curves(self):
-        with open(self.dir / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "sec_per_step", "elapsed_s"])
-            w.writerows(self.rows)
-        plot_curve(self.dir / "loss.png", [r[0] for r in self.rows], [r[1] for r in self.rows])
+        write_loss_curves(self.dir, self.rows)
 
     def warm_ema(self) -> float:
         """EMA decay with the usual warm-up, (1 + n) / (10 + n), so that the short runs here do not keep a
