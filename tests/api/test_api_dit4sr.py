@@ -259,7 +259,8 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     steps, seed = 3, 5
     g = small_graph(steps=steps, tile_size=8, tile_overlap=2)
     # the random tiny DiT4SR: it reads its text, where the embedded micro model's text projections are zero
-    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
+    random_file = f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
+    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = random_file
     ks = g[one(g, "KSampler")]["inputs"]
     ks["seed"] = seed
     cond = one(g, "DiTControl_DiT4SRConditioning")

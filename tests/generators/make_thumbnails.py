@@ -8,9 +8,9 @@ The pinned frontend asks a custom node pack's templates for `/api/workflow_templ
   thumbnail's size (256 px, the micro model's training size; the graph otherwise as shipped; the ControlNet graph with
   the Canny stand-in
   of tests/api/test_api_micro_model.py, as the micro ControlNet is trained on Canny maps);
-- the DiT4SR graph, which the micro DiT4SR runs (tests/training/train_dit4sr.py): its output on the shipped example
-  input, as shipped except core's text encoders (the API tests' SD3 conditioning stand-in; the micro model ignores
-  text), the example input beside it for comparison;
+- the DiT4SR graph, which the micro DiT4SR runs (tests/training/train_dit4sr.py): a held-out scene degraded as its
+  test degrades it, as shipped except core's text encoders (the API tests' SD3 conditioning stand-in; the micro model
+  ignores text), split: the input enlarged on the left half, the output on the right;
 - the two ControlAR graphs: the micro ControlAR's picture (tests/training/train_controlar.py) at its trained sizes
   (384×256, stretched back to square; 256×256), on a held-out scene as the input with its caption without places as
   the prompt — the micro model knows only the scenes' words —, the hed graph with the Canny stand-in;
@@ -36,6 +36,7 @@ THUMB_SCENE = 26          # held-out scene the ControlAR thumbnails draw: of sce
 # the graphs the micro model draws; each is run as shipped at THUMB px
 MICRO_DRAWN = ("pixart_delta_lcm_t2i", "pixart_delta_lcm_t2i_int8", "pixart_alpha_t2i", "pixart_delta_controlnet")
 MICRO_UPSCALED = ("dit4sr_upscale_x4",)
+UPSCALE_SCENE = 43        # held-out scene of the DiT4SR thumbnail (not its test's 41-42)
 # the graphs the micro ControlAR draws (tests/training/train_controlar.py), at its trained sizes: mode -> graph
 CONTROLAR_DRAWN = {"controlar_canny_mr": "mr", "controlar_hed_512": "hed"}
 
@@ -49,21 +50,26 @@ def micro_graph(name: str) -> dict:
 
 
 def upscale_card(server, input_dir: Path):
-    """The DiT4SR graph's output on its example input (right), the input enlarged by nearest (left)."""
+    """The DiT4SR graph on a held-out scene degraded as the micro DiT4SR's test degrades it (512 px truth, 128 px
+    input): a split view, the input enlarged by nearest on the left half, the graph's output on the right."""
     from PIL import Image
 
     from dit_control.tests.api.test_api_dit4sr import api_graph, one
-    from dit_control.tests.generators.make_dit4sr_checkpoints import write_dit4sr_inputs
-    write_dit4sr_inputs(input_dir)
+    from dit_control.tests.training.scenes import HELDOUT_SEED0, render, scene_from_seed
+    from dit_control.tests.training.train_dit4sr import EVAL_DEGRADATION, degrade
+    lr = degrade(render(scene_from_seed(HELDOUT_SEED0 + UPSCALE_SCENE), 512), *EVAL_DEGRADATION,
+                 np.random.default_rng(UPSCALE_SCENE))
+    Image.fromarray(lr).save(input_dir / "dit4sr_thumbnail.png")
     graph = api_graph(steps=20, save_latent=False)
+    graph[one(graph, "LoadImage")]["inputs"]["image"] = "dit4sr_thumbnail.png"
     (data,) = server.images(server.run_ok(graph))
-    out = Image.open(io.BytesIO(data)).convert("RGB")
-    lr = Image.open(input_dir / graph[one(graph, "LoadImage")]["inputs"]["image"]).convert("RGB")
-    half = (THUMB // 2, THUMB)
-    card = Image.new("RGB", (THUMB, THUMB))
-    card.paste(lr.resize(out.size, Image.NEAREST).resize(half, Image.LANCZOS), (0, 0))
-    card.paste(out.resize(half, Image.LANCZOS), (THUMB // 2, 0))
-    return card
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    before = np.asarray(Image.fromarray(lr).resize((out.shape[1], out.shape[0]), Image.NEAREST))
+    half = out.shape[1] // 2
+    split = np.concatenate([before[:, :half], out[:, half:]], axis=1)
+    return Image.fromarray(split).resize((THUMB, THUMB), Image.LANCZOS)
+
+
 def controlar_graph(name: str, input_dir: Path) -> dict:
     """The ControlAR graph at the micro ControlAR's trained size, on a held-out scene (drawn as the input) with its
     caption without places as the prompt: the micro model knows only the scenes' words; the hed graph with the
