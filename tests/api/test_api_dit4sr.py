@@ -299,10 +299,16 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
 
 
 def test_weight_dtypes_run_and_stay_close(server):
-    """fp16 (the release's base dtype) and int8 storage through the loader: finite, close to the default."""
-    base = server.saved_latent(server.run_ok(small_graph()))
+    """fp16 (the release's base dtype) and int8 storage through the loader: finite, close to the default. On the
+    random tiny DiT4SR, whose weights are spread as a trained network's: the embedded micro model is hand-set on exact
+    cancellations between weights, which int8 rounding breaks (tests/training/README.md, DiT4SR micro, Limits)."""
+    random_file = f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
+    g = small_graph()
+    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = random_file
+    base = server.saved_latent(server.run_ok(g))
     for dtype, tol in (("fp16", 2e-2), ("int8", 5e-2)):
         g = small_graph()
+        g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = random_file
         g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["weight_dtype"] = dtype
         out = server.saved_latent(server.run_ok(g))
         rel = float((out.double() - base.double()).norm() / base.double().norm())
