@@ -65,10 +65,15 @@ def api_graph(steps=STEPS, save_latent=True, decode=True, **conditioning) -> dic
     return g
 
 
-def small_graph(**kw) -> dict:
-    """A cheap variant for the error tests' 'next prompt runs': a 40×32 input at ×1 with a 64 px short side."""
+def small_graph(random_model: bool = False, **kw) -> dict:
+    """A cheap variant for the error tests' 'next prompt runs': a 40×32 input at ×1 with a 64 px short side.
+    random_model: the random tiny DiT4SR instead of the embedded micro one (it reads its text, and its weights are
+    spread as a trained network's, where the micro model's are hand-set: tests/training/README.md, DiT4SR micro)."""
     g = api_graph(decode=False, upscale="1", min_short_side=64, **kw)
     g[one(g, "LoadImage")]["inputs"]["image"] = "dit4sr_input_small.png"
+    if random_model:
+        g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = \
+            f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
     return g
 
 
@@ -257,10 +262,8 @@ def test_sampling_is_our_kernel_under_core_euler_and_cfg(server, models_dir):
     from dit_control.kernels.dit4sr.checkpoint import load_dit4sr_file
     from dit_control.kernels.dit4sr.tiling import TileSettings, tile_layout
     steps, seed = 3, 5
-    g = small_graph(steps=steps, tile_size=8, tile_overlap=2)
     # the random tiny DiT4SR: it reads its text, where the embedded micro model's text projections are zero
-    random_file = f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
-    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = random_file
+    g = small_graph(random_model=True, steps=steps, tile_size=8, tile_overlap=2)
     ks = g[one(g, "KSampler")]["inputs"]
     ks["seed"] = seed
     cond = one(g, "DiTControl_DiT4SRConditioning")
@@ -302,13 +305,9 @@ def test_weight_dtypes_run_and_stay_close(server):
     """fp16 (the release's base dtype) and int8 storage through the loader: finite, close to the default. On the
     random tiny DiT4SR, whose weights are spread as a trained network's: the embedded micro model is hand-set on exact
     cancellations between weights, which int8 rounding breaks (tests/training/README.md, DiT4SR micro, Limits)."""
-    random_file = f"{RANDOM_DIT4SR_FOLDER}/diffusion_pytorch_model.safetensors"
-    g = small_graph()
-    g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = random_file
-    base = server.saved_latent(server.run_ok(g))
+    base = server.saved_latent(server.run_ok(small_graph(random_model=True)))
     for dtype, tol in (("fp16", 2e-2), ("int8", 5e-2)):
-        g = small_graph()
-        g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["dit_name"] = random_file
+        g = small_graph(random_model=True)
         g[one(g, "DiTControl_DiT4SRLoader")]["inputs"]["weight_dtype"] = dtype
         out = server.saved_latent(server.run_ok(g))
         rel = float((out.double() - base.double()).norm() / base.double().norm())

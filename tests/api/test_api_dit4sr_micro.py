@@ -21,6 +21,7 @@ from dit_control.tests.api.test_api_dit4sr import api_graph, one
 from dit_control.tests.training.install import dit4sr_available
 from dit_control.tests.training.metrics import image_edge_f1, psnr
 from dit_control.tests.training.scenes import HELDOUT_SEED0, edge_map, render, scene_from_seed
+from dit_control.tests.training.train_dit4sr import EVAL_DEGRADATION, bicubic_x4, decoded, degrade, lr_model_latent
 
 # held-out scenes: one input of 3:2 (two 64-latent tiles, a seam to look for) and three square ones (one tile):
 # four graph runs, ~15 s each idle
@@ -48,7 +49,6 @@ def truths() -> dict:
 @pytest.fixture(scope="module")
 def runs(comfy):
     """{input: (truth, input uint8, graph output, the decode before the colour fix)} through the shipped graph."""
-    from dit_control.tests.training.train_dit4sr import EVAL_DEGRADATION, degrade
     out = {}
     for i, (name, truth) in enumerate(truths().items()):
         lr = degrade(truth, *EVAL_DEGRADATION, np.random.default_rng(i))
@@ -72,23 +72,6 @@ def node_image(comfy, history: dict, node: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32) / 255.0
 
 
-def bicubic(lr: np.ndarray) -> np.ndarray:
-    """DiT4SR Conditioning's own ×4 preparation of the input (its `upscaled` output)."""
-    import torch
-
-    from dit_control.kernels.dit4sr.preprocess import upscale_image
-    return upscale_image(torch.from_numpy(lr.astype(np.float32) / 255.0)[None], 4)[0].numpy()
-
-
-def vae_only(lr: np.ndarray) -> np.ndarray:
-    """The input's latent decoded as it is: what the pixel VAE alone gives, without the model."""
-    import torch
-
-    from dit_control.tests.training.pixel_vae import sd3_decode_model_latent, sd3_encode_model_latent
-    x = torch.from_numpy(bicubic(lr)).permute(2, 0, 1)[None]
-    return sd3_decode_model_latent(sd3_encode_model_latent(x))[0].permute(1, 2, 0).numpy()
-
-
 def test_the_micro_dit4sr_is_the_embedded_default(models_dir):
     assert dit4sr_available(), "tests/training/weights/ has no micro DiT4SR: it is not committed"
     from dit_control.tests.training.install import DIT4SR_FILES, WEIGHTS
@@ -99,7 +82,7 @@ def test_upscale_beats_bicubic_in_psnr_and_edge_f1(runs):
     rows = {}
     for name, (truth, lr, final, raw) in runs.items():
         edges = edge_map(truth)
-        up, latent_only = bicubic(lr), vae_only(lr)
+        up, latent_only = bicubic_x4(lr), decoded(lr_model_latent(lr))   # the pixel VAE alone: no model
         rows[name] = {"psnr": psnr(raw, truth), "psnr_bicubic": psnr(up, truth),
                       "psnr_vae_only": psnr(latent_only, truth), "psnr_after_colour_fix": psnr(final, truth),
                       "f1": image_edge_f1(raw, edges), "f1_bicubic": image_edge_f1(up, edges),
@@ -138,7 +121,7 @@ def test_colour_fix_brings_the_mean_colour_to_the_input(runs):
     without the fix (the graph's decode before it)."""
     errors, psnrs = {"with": [], "without": []}, {"with": [], "without": []}
     for truth, lr, final, raw in runs.values():
-        ref = bicubic(lr).reshape(-1, 3).mean(0)
+        ref = bicubic_x4(lr).reshape(-1, 3).mean(0)
         errors["with"].append(np.abs(final.reshape(-1, 3).mean(0) - ref).max())
         errors["without"].append(np.abs(raw.reshape(-1, 3).mean(0) - ref).max())
         psnrs["with"].append(psnr(final, truth))

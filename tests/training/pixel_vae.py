@@ -147,26 +147,17 @@ def save_pixel_vae(path: Path, sd3: bool = False) -> Path:
 
 # ---- the same maps in plain torch, for training (what core's VAE computes, without the network) ----
 
-def encode_model_latent(image: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> the MODEL-space latent [B, 4, H/8, W/8] (= core VAEEncode · 0.18215)."""
+def encode_model_latent(image: torch.Tensor, channels: int = 4) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> the MODEL-space latent [B, channels, H/8, W/8]: RGB block means, the rest zero
+    (= core VAEEncode · 0.18215 for the SD pixel VAE; channels=16: (core VAEEncode − 0.0609) · 1.5305 of the SD3 one's
+    mean)."""
     v = torch.nn.functional.avg_pool2d(image * 2.0 - 1.0, 8)
-    return torch.cat([v, torch.zeros_like(v[:, :1])], dim=1)
+    return torch.cat([v, torch.zeros_like(v[:, :1]).expand(-1, channels - 3, -1, -1)], dim=1)
 
 
 def decode_model_latent(latent: torch.Tensor) -> torch.Tensor:
-    """MODEL-space latent [B, 4, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (= core VAEDecode of latent / 0.18215)."""
+    """MODEL-space latent [B, 4 or 16, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (= core VAEDecode of latent / 0.18215;
+    of the SD3 pixel VAE for 16 channels: only channels 0-2 are read)."""
     up = torch.nn.functional.interpolate(latent[:, :3], scale_factor=8, mode="nearest")
     return ((up + 1.0) / 2.0).clamp(0.0, 1.0)
 
-
-def sd3_encode_model_latent(image: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> the MODEL-space latent [B, 16, H/8, W/8] of the SD3 pixel VAE's mean
-    (= (core VAEEncode - 0.0609) · 1.5305)."""
-    v = torch.nn.functional.avg_pool2d(image * 2.0 - 1.0, 8)
-    return torch.cat([v, torch.zeros_like(v[:, :1]).expand(-1, 13, -1, -1)], dim=1)
-
-
-
-def sd3_decode_model_latent(latent: torch.Tensor) -> torch.Tensor:
-    """MODEL-space latent [B, 16, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (= core VAEDecode of the SD3 pixel VAE)."""
-    return decode_model_latent(latent[:, :3])

@@ -43,7 +43,7 @@ from dit_control.kernels.dit4sr.model import DiT4SR, DiT4SRConfig
 from dit_control.kernels.dit4sr.preprocess import upscale_image
 from dit_control.kernels.dit4sr.schedule import flow_match_sigmas
 from dit_control.tests.training import metrics, scenes
-from dit_control.tests.training.pixel_vae import sd3_decode_model_latent, sd3_encode_model_latent
+from dit_control.tests.training.pixel_vae import decode_model_latent, encode_model_latent
 from dit_control.tests.training.train import plot_curve, progress
 
 MICRO_DIT4SR = dict(num_layers=4, num_heads=2, head_dim=32, ff_inner_dim=256, dual_attention_layers=(0, 1),
@@ -79,15 +79,25 @@ def degrade(hr: np.ndarray, blur: float, noise: float, quality: int, rng: np.ran
     return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
 
 
+def bicubic_x4(lr_u8: np.ndarray) -> np.ndarray:
+    """uint8 HWC input -> float HWC [0, 1]: DiT4SR Conditioning's own ×4 preparation (its `upscaled` output), the
+    bicubic every score is compared with."""
+    return upscale_image(torch.from_numpy(lr_u8.astype(np.float32) / 255.0)[None], 4)[0].numpy()
+
+
 def lr_model_latent(lr_u8: np.ndarray) -> torch.Tensor:
     """uint8 HWC input -> [1, 16, H/2, W/2]: DiT4SR Conditioning's ×4 preparation, then the pixel VAE."""
-    image = torch.from_numpy(lr_u8.astype(np.float32) / 255.0)[None]
-    up = upscale_image(image, 4)
-    return sd3_encode_model_latent(up.movedim(-1, 1))
+    return hr_model_latent(bicubic_x4(lr_u8))
 
 
-def hr_model_latent(hr: np.ndarray) -> torch.Tensor:
-    return sd3_encode_model_latent(torch.from_numpy(hr).permute(2, 0, 1)[None])
+def hr_model_latent(image: np.ndarray) -> torch.Tensor:
+    """float HWC [0, 1] -> [1, 16, H/8, W/8]: the SD3 pixel VAE's latent (its mean)."""
+    return encode_model_latent(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], 16)
+
+
+def decoded(latent: torch.Tensor) -> np.ndarray:
+    """[1, 16, h, w] -> float HWC [0, 1]: the SD3 pixel VAE's decode."""
+    return decode_model_latent(latent)[0].permute(1, 2, 0).numpy()
 
 
 def pair(seed: int, degradation=None) -> tuple:
@@ -341,9 +351,7 @@ def evaluate(model: DiT4SR, count: int = 8, steps: int = 20, degradation: tuple 
     for i in range(count):
         hr, lr = pair(scenes.HELDOUT_SEED0 + i, degradation)
         lat = lr_model_latent(lr)
-        out = sd3_decode_model_latent(upscale(model, lat, steps))[0].permute(1, 2, 0).numpy()
-        bicubic = upscale_image(torch.from_numpy(lr.astype(np.float32) / 255.0)[None], 4)[0].numpy()
-        vae_only = sd3_decode_model_latent(lat)[0].permute(1, 2, 0).numpy()
+        out, bicubic, vae_only = decoded(upscale(model, lat, steps)), bicubic_x4(lr), decoded(lat)
         edges = scenes.edge_map(hr)
         rows.append([metrics.psnr(out, hr), metrics.psnr(bicubic, hr), metrics.psnr(vae_only, hr),
                      metrics.image_edge_f1(out, edges), metrics.image_edge_f1(bicubic, edges),
