@@ -84,7 +84,8 @@ def plurality_tokens_np(img: np.ndarray) -> np.ndarray:
     """[N] uint8: each 16×16 patch's most common colour, every pixel read as its nearest palette colour. Unlike the
     VQ's encode (the nearest colour to the patch's mean) a patch across an edge takes one of the two colours it
     holds, never a third one its mean is nearer to (a red-yellow edge patch is orange there): training targets
-    without such halo tokens, which 55 % of the pictures had and the sampler then spread over whole shapes."""
+    without such halo tokens (1 % of the tokens, in 55 % of the pictures), a colour the caption does not name that
+    a sampled shape can start with and keep."""
     h, w, _ = img.shape
     pixel = ((img[:, :, None, :] - PALETTE.numpy()[None, None]) ** 2).sum(-1).argmin(-1)
     counts = np.eye(len(PALETTE), dtype=np.int32)[pixel].reshape(h // PATCH, PATCH, w // PATCH, PATCH, -1).sum((1, 3))
