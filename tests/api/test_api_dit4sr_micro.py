@@ -37,13 +37,13 @@ from dit_control.tests.training.train_dit4sr import (
 WIDE = "dit4sr_micro_wide.png"
 WIDE_SCENE = 41                       # held-out scene of the wide input (43 is the thumbnail's)
 SQUARE_SCENES = (44, 45, 46)          # held-out scenes of the square inputs
-# PSNR gains over bicubic ×4 of the same input. The upscale (the graph's decode, before its colour fix): the issue's
-# 2 dB on average over the inputs, 1 dB on each; the model's own part, over the input's latent decoded as it is:
-# 0.5 dB on average. After the shipped AdaIN colour fix: 1 dB on each (README: AdaIN costs the micro model ~1 dB)
+# PSNR gains over bicubic ×4 of the same input, issue 29's 2 dB on average and 1 dB on each input: the upscale
+# (the graph's decode, before its colour fix; measured +4.45) and the graph's picture after the shipped AdaIN colour
+# fix (+3.02; each +2.1 to +4.1). The model's own part, over the input's latent decoded as it is: 0.5 dB on average
+# (measured +3.38)
 MIN_PSNR_GAIN_DB = 2.0
 MIN_PSNR_GAIN_EACH_DB = 1.0
 MIN_GAIN_OVER_VAE_DB = 0.5
-MIN_GAIN_AFTER_COLOUR_FIX_DB = 1.0
 MEASURED = {}                         # printed at the end of the module (pytest -s), for the README
 
 
@@ -106,8 +106,8 @@ def test_upscale_beats_bicubic_in_psnr_and_edge_f1(runs):
     # the model itself restores: better than its input's latent decoded as it is
     assert mean["psnr"] >= mean["psnr_vae_only"] + MIN_GAIN_OVER_VAE_DB, MEASURED
     # and the graph's final picture, after the shipped colour fix
-    assert all(r["psnr_after_colour_fix"] >= r["psnr_bicubic"] + MIN_GAIN_AFTER_COLOUR_FIX_DB
-               for r in rows.values()), MEASURED
+    assert mean["psnr_after_colour_fix"] >= mean["psnr_bicubic"] + MIN_PSNR_GAIN_DB, MEASURED
+    assert all(r["psnr_after_colour_fix"] >= r["psnr_bicubic"] + MIN_PSNR_GAIN_EACH_DB for r in rows.values()), MEASURED
     assert mean["f1_after_colour_fix"] > mean["f1_bicubic"], MEASURED
 
 

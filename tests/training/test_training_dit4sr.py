@@ -44,3 +44,27 @@ def test_the_set_model_samples_the_restorers_estimate():
         other_ctx, other_pooled = torch.randn(ctx.shape, generator=gen), torch.randn(pooled.shape, generator=gen)
         b = model.forward_single(x, s, other_ctx, other_pooled, lr)
     assert torch.equal(a, b)
+
+
+def test_the_non_linear_blocks_add_their_features_estimate():
+    """Blocks 1-2 set by nonlinear_init: the sample is x̂ = W_lin·N(L) + b1 + W_nl·φ(L), φ the LR tokens' GELU
+    features computed in plain torch (lr_features), with the noise half's own features cancelled in pairs."""
+    gen = torch.Generator().manual_seed(2)
+    model = T.new_model(0)
+    lin = random_restorer(gen)
+    T.restorer_init(model, lin, torch.Generator().manual_seed(0))
+    a, c = T.random_features(model, torch.Generator().manual_seed(1))
+    T.features_init(model, a, c)
+    w_nl = 0.02 * torch.randn(a.shape[0], lin.shape[1], generator=gen, dtype=torch.float64)
+    bias = lin[-1] + 0.01
+    T.nonlinear_init(model, torch.cat([torch.cat([lin[:-1], bias[None]]), w_nl]), lin[-1], a, c, 0)
+    model.eval()
+    lr = T.full16(torch.rand(1, 3, 32, 48, generator=gen))                       # a non-square latent
+    with_bias = torch.cat([lin[:-1], bias[None]])
+    phi = T.lr_features(model, lr).double()
+    expected = T.apply_restorer(with_bias, lr[:, :3]) + T.untokens(torch.einsum("bfhw,fo->bohw", phi, w_nl).float())
+    linear_only = T.apply_restorer(with_bias, lr[:, :3])
+    x = T.upscale(model, lr, 20, 0)
+    err = (x[:, :3] - expected).abs()
+    assert err.max() < 1e-2 and err.mean() < 1e-3, (float(err.max()), float(err.mean()))
+    assert (expected - linear_only).abs().mean() > 20 * err.mean()                # the features do change it

@@ -322,6 +322,122 @@ def restorer_init(model: DiT4SR, w: torch.Tensor, gen: torch.Generator):
         model.proj_out.bias.zero_()
 
 
+# ---- stage 1b, non-linear: blocks 1-2 add W_nl · φ(L), random GELU features of each LR token, fitted jointly ----
+
+NONLINEAR_BLOCKS = (1, 2)     # each gives ff_inner_dim / 2 features (a pair of FF channels per feature)
+FEATURE_SCALE = 3.0           # φ_f = GELU(a_f · (L − b0) + c_f), a_f ~ N(0, scale²/12), c_f ~ N(0, (scale/2)²)
+
+
+def random_features(model: DiT4SR, gen: torch.Generator) -> tuple:
+    """(A [K, 12], c [K]) of K = ff_inner_dim / 2 features per non-linear block."""
+    k = len(NONLINEAR_BLOCKS) * (model.config.ff_inner_dim // 2)
+    a = torch.randn(k, TOKEN_VALUES, generator=gen, dtype=torch.float64) * FEATURE_SCALE / math.sqrt(TOKEN_VALUES)
+    return a, torch.randn(k, generator=gen, dtype=torch.float64) * FEATURE_SCALE / 2
+
+
+def basis(model: DiT4SR) -> torch.Tensor:
+    """U [D, 12], read back from the patch embedding restorer_init set."""
+    p = model.config.patch_size
+    emb = model.pos_embed.proj.weight.detach().double()
+    return torch.stack([emb[:, ch, i, j] for ch in range(3) for i in range(p) for j in range(p)], dim=1)
+
+
+def features_init(model: DiT4SR, a: torch.Tensor, c: torch.Tensor):
+    """Blocks 1-2's FF first half (gate 1): channel pair (2f, 2f + 1) both read φ_f of their token through the block's
+    LayerNorm — the LR half holds c/CUT + U·(L − b0) after block 0, so w = std·(U·a_f) with std its LayerNorm's
+    scale — and the depthwise conv brings the LR half's channel 2f (centre tap) to the noise half's. net.2 is set by
+    `nonlinear_init`: +col on 2f and −col on 2f + 1, so the noise half gets col·φ(L) and its own φ cancels, the LR
+    half nothing. Weights rounded to fp16 here (as released), so the features fitted are the ones computed."""
+    cfg = model.config
+    d, inner, half = cfg.hidden_size, cfg.ff_inner_dim, cfg.ff_inner_dim // 2
+    std = RESTORER_RADIUS / CONSTANT_CUT / math.sqrt(d)
+    u = basis(model)
+    with torch.no_grad():
+        for n, index in enumerate(NONLINEAR_BLOCKS):
+            block = model.transformer_blocks[index]
+            block.norm1.linear.bias[5 * d:6 * d].fill_(1.0)
+            rows = std * (a[n * half:(n + 1) * half] @ u.T)            # [half, D]
+            w0 = rows.repeat_interleave(2, dim=0)
+            b0 = c[n * half:(n + 1) * half].repeat_interleave(2)
+            block.ff.net[0].proj.weight.copy_(w0.half().float())
+            block.ff.net[0].proj.bias.copy_(b0.half().float())
+            conv = torch.zeros(inner, 1, 3, 3)
+            conv[0::2, 0, 1, 1] = 1.0 / cfg.conv_factor
+            block.ff.control_conv.weight.copy_(conv.half().float())
+            block.ff.control_conv.bias.zero_()
+            block.ff.net[2].weight.zero_()
+            block.ff.net[2].bias.zero_()
+
+
+@torch.no_grad()
+def lr_features(model: DiT4SR, lr_latent: torch.Tensor) -> torch.Tensor:
+    """φ [B, K, h, w] of the LR latent [B, 16, H, W] as blocks 1-2 read it, in plain torch from the model's tensors:
+    the patch embedding, block 0's FF bias (all the LR half keeps of block 0), the LayerNorm, each block's net.0
+    (the even channel of each pair)."""
+    tokens = model.pos_embed.proj(lr_latent.float())                              # [B, D, h, w]
+    tokens = tokens + model.transformer_blocks[0].ff.net[2].bias[None, :, None, None]
+    normed = F.layer_norm(tokens.permute(0, 2, 3, 1), tokens.shape[1:2], eps=1e-6)
+    out = [F.gelu(model.transformer_blocks[i].ff.net[0].proj(normed)[..., 0::2], approximate="tanh")
+           for i in NONLINEAR_BLOCKS]
+    return torch.cat(out, dim=-1).permute(0, 3, 1, 2)
+
+
+def fit_restorer(model: DiT4SR, data: dict, ridge: float = 1e-3) -> torch.Tensor:
+    """W [9·12 + 1 + K, 12]: least squares from [the LR neighbourhood, 1, φ(L)] to the truth's tokens, φ as the
+    model (restorer_init and features_init already run) computes them."""
+    n_lin = TAPS * TOKEN_VALUES + 1
+    rows = []
+    for s in range(0, data["lr"].shape[0], 100):
+        lr = data["lr"][s:s + 100].float()
+        x = torch.cat([neighbourhood(tokens(lr)), lr_features(model, full16(lr))], dim=1)
+        rows.append(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double())
+    n = rows[0].shape[1]
+    xtx = torch.zeros(n, n, dtype=torch.float64)
+    xty = torch.zeros(n, TOKEN_VALUES, dtype=torch.float64)
+    for i, s in enumerate(range(0, data["lr"].shape[0], 100)):
+        y = tokens(data["hr"][s:s + 100].float()).permute(0, 2, 3, 1).reshape(-1, TOKEN_VALUES).double()
+        xtx += rows[i].T @ rows[i]
+        xty += rows[i].T @ y
+    assert n > n_lin
+    return torch.linalg.solve(xtx + ridge * torch.eye(n, dtype=torch.float64), xty)
+
+
+def nonlinear_init(model: DiT4SR, w: torch.Tensor, block0_bias: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
+                   seed: int):
+    """Set the model to x̂ = W_lin·N(L) + b1 + W_nl·φ(L) from the joint fit `w` (fit_restorer): restorer_init with the
+    linear part but block 0's bias kept at b0 (the LR half the features read holds L − b0; the same seed, so the same
+    U), features_init, then the linear part's own bias, as −U·(b1 − b0), into the last non-linear block's net.2 bias
+    (after it nothing reads the LR half), and each feature f into its pair's net.2 columns ∓U·W_nl[f]."""
+    n_lin = TAPS * TOKEN_VALUES + 1
+    half = model.config.ff_inner_dim // 2
+    lin = w[:n_lin].clone()
+    lin[-1] = block0_bias
+    restorer_init(model, lin, torch.Generator().manual_seed(seed))
+    features_init(model, a, c)
+    u = basis(model)
+    with torch.no_grad():
+        for n, index in enumerate(NONLINEAR_BLOCKS):
+            block = model.transformer_blocks[index]
+            cols = -(u @ w[n_lin + n * half:n_lin + (n + 1) * half].T)            # [D, half]: −U·W_nl[f]
+            w2 = torch.zeros(model.config.hidden_size, 2 * half, dtype=torch.float64)
+            w2[:, 0::2], w2[:, 1::2] = cols, -cols
+            block.ff.net[2].weight.copy_(w2.float())
+        last = model.transformer_blocks[NONLINEAR_BLOCKS[-1]].ff.net[2]
+        last.bias.copy_((-(u @ (w[n_lin - 1] - block0_bias))).float())
+
+
+def set_restorer(model: DiT4SR, data: dict, seed: int) -> torch.Tensor:
+    """Stages 1 and 1b: the linear fit into block 0, random features into blocks 1-2, the joint fit over both, set.
+    Returns the joint W."""
+    linear = fit_linear_restorer(data)
+    restorer_init(model, linear, torch.Generator().manual_seed(seed))
+    a, c = random_features(model, torch.Generator().manual_seed(seed + 1))
+    features_init(model, a, c)
+    w = fit_restorer(model, data)
+    nonlinear_init(model, w, linear[-1], a, c, seed)
+    return w
+
+
 def full16(three: torch.Tensor) -> torch.Tensor:
     return torch.cat([three.float(), torch.zeros(three.shape[0], 13, *three.shape[2:])], dim=1)
 
@@ -414,8 +530,13 @@ def train(args):
     out = Path(args.out)
     data = build_dataset(out, args.scenes)
     model = new_model(args.seed)
-    restorer = fit_linear_restorer(data) if args.fit_restorer else identity_restorer()
-    restorer_init(model, restorer, torch.Generator().manual_seed(args.seed))
+    if args.nonlinear and args.fit_restorer:
+        if args.steps > 0:
+            raise SystemExit("stage 2 (--steps > 0) trains around the linear restorer: run it with --nonlinear 0")
+        set_restorer(model, data, args.seed)
+    else:
+        restorer = fit_linear_restorer(data) if args.fit_restorer else identity_restorer()
+        restorer_init(model, restorer, torch.Generator().manual_seed(args.seed))
     if args.table:                                  # the run's EMA (the stage-1 model when it has no checkpoint)
         if (out / "ckpt.pt").exists():
             model.load_state_dict(torch.load(out / "ckpt.pt", weights_only=False)["ema"])
@@ -505,6 +626,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fit-restorer", type=int, default=1,
                    help="1: block 0 starts as the least-squares linear restorer; 0: as x̂ = L (the input's latent)")
+    p.add_argument("--nonlinear", type=int, default=1,
+                   help="1: blocks 1-2 add random GELU features of each LR token, fitted jointly (stage 1b)")
     p.add_argument("--table", action="store_true", help="score OUT/ckpt.pt's EMA at several degradations, then stop")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=500)
