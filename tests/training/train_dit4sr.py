@@ -12,15 +12,19 @@ two stages (README, "The micro DiT4SR"):
 1. a linear restorer fitted in closed form — least squares from each LR token's 3×3 token neighbourhood to the
    truth's token, over every token of the training pairs (`fit_linear_restorer`) — set into block 0 by hand
    (`restorer_init`): every x0 estimate of the model is then x̂ = W·N(L) + b, and 20-step Euler returns it;
-2. SGD on the corrections (blocks 1–3, attention), as a regression inside the flow: x_t is built around x̂ and
-   noise, never the truth, at the low-noise end of the schedule where sampling reads the estimate; scored in x0.
+1b. (the committed file, `--nonlinear 1`, the default) 256 random GELU features of each LR token set into blocks
+   1-2 (`features_init`), fitted jointly with the linear part (`fit_restorer`) and set (`nonlinear_init`):
+   x̂ = W·N(L) + b + W_nl·φ(L);
+2. SGD on the corrections (blocks 1–3, attention; on stage 1 alone, `--nonlinear 0`), as a regression inside the
+   flow: x_t is built around x̂ and noise, never the truth, at the low-noise end of the schedule where sampling
+   reads the estimate; scored in x0.
 Text is ignored by construction: `context_embedder` and the pooled text projection are zero and frozen, so any
 prompt — the shipped graph's positive and negative — gives the same prediction and CFG is a no-op. The positional
 table is zero (SR is local: the cross-stream conv gives the neighbourhood), so 256 px training crops and the
 graph's 512 px tiles are the same problem.
 
-    .venv/bin/python tests/training/train_dit4sr.py --out runs/dit4sr [--steps 3000] [--threads 1]
-    .venv/bin/python tests/training/train_dit4sr.py --out runs/dit4sr --steps 0   # stage 1 alone
+    .venv/bin/python tests/training/train_dit4sr.py --out runs/dit4sr --steps 0   # stages 1 + 1b: the committed file
+    .venv/bin/python tests/training/train_dit4sr.py --out runs/dit4sr --nonlinear 0 [--steps 3000] [--threads 1]
 
 Resumable (OUT/ckpt.pt); writes OUT/models/dit4sr_q/transformer/ (released layout, fp16 base + fp32
 control tensors, config.json), OUT/loss.png and OUT/report.json.
