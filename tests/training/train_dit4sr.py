@@ -182,18 +182,22 @@ def neighbourhood(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(taps + [torch.ones_like(t[:, :1])], dim=1)
 
 
-def fit_linear_restorer(data: dict, ridge: float = 1e-3) -> torch.Tensor:
-    """W [9·12 + 1, 12]: least squares (ridge) from the LR latent's neighbourhoods to the truth's tokens, over
-    every token of the training pairs (normal equations in float64, a batch of scenes at a time)."""
-    n_feat = TAPS * TOKEN_VALUES + 1
-    xtx = torch.zeros(n_feat, n_feat, dtype=torch.float64)
-    xty = torch.zeros(n_feat, TOKEN_VALUES, dtype=torch.float64)
+def ridge_fit(data: dict, features, ridge: float) -> torch.Tensor:
+    """W [F, 12]: ridge least squares from features(LR RGB latents) [B, F, h, w] to the truth's tokens, over every
+    token of the training pairs (normal equations in float64, a batch of scenes at a time)."""
+    xtx = xty = None
     for s in range(0, data["lr"].shape[0], 100):
-        x = neighbourhood(tokens(data["lr"][s:s + 100].float())).permute(0, 2, 3, 1).reshape(-1, n_feat).double()
+        x = features(data["lr"][s:s + 100].float())
+        x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
         y = tokens(data["hr"][s:s + 100].float()).permute(0, 2, 3, 1).reshape(-1, TOKEN_VALUES).double()
-        xtx += x.T @ x
-        xty += x.T @ y
-    return torch.linalg.solve(xtx + ridge * torch.eye(n_feat, dtype=torch.float64), xty)
+        xtx = x.T @ x if xtx is None else xtx + x.T @ x
+        xty = x.T @ y if xty is None else xty + x.T @ y
+    return torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=torch.float64), xty)
+
+
+def fit_linear_restorer(data: dict, ridge: float = 1e-3) -> torch.Tensor:
+    """W [9·12 + 1, 12]: from the LR latent's neighbourhoods to the truth's tokens."""
+    return ridge_fit(data, lambda lr: neighbourhood(tokens(lr)), ridge)
 
 
 def identity_restorer() -> torch.Tensor:
@@ -387,23 +391,9 @@ def lr_features(model: DiT4SR, lr_latent: torch.Tensor) -> torch.Tensor:
 
 
 def fit_restorer(model: DiT4SR, data: dict, ridge: float = 1e-3) -> torch.Tensor:
-    """W [9·12 + 1 + K, 12]: least squares from [the LR neighbourhood, 1, φ(L)] to the truth's tokens, φ as the
-    model (restorer_init and features_init already run) computes them."""
-    n_lin = TAPS * TOKEN_VALUES + 1
-    rows = []
-    for s in range(0, data["lr"].shape[0], 100):
-        lr = data["lr"][s:s + 100].float()
-        x = torch.cat([neighbourhood(tokens(lr)), lr_features(model, full16(lr))], dim=1)
-        rows.append(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double())
-    n = rows[0].shape[1]
-    xtx = torch.zeros(n, n, dtype=torch.float64)
-    xty = torch.zeros(n, TOKEN_VALUES, dtype=torch.float64)
-    for i, s in enumerate(range(0, data["lr"].shape[0], 100)):
-        y = tokens(data["hr"][s:s + 100].float()).permute(0, 2, 3, 1).reshape(-1, TOKEN_VALUES).double()
-        xtx += rows[i].T @ rows[i]
-        xty += rows[i].T @ y
-    assert n > n_lin
-    return torch.linalg.solve(xtx + ridge * torch.eye(n, dtype=torch.float64), xty)
+    """W [9·12 + 1 + K, 12]: from [the LR neighbourhood, 1, φ(L)] to the truth's tokens, φ as the model
+    (restorer_init and features_init already run) computes them."""
+    return ridge_fit(data, lambda lr: torch.cat([neighbourhood(tokens(lr)), lr_features(model, full16(lr))], 1), ridge)
 
 
 def nonlinear_init(model: DiT4SR, w: torch.Tensor, block0_bias: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
