@@ -61,7 +61,7 @@ def test_token_weights_mark_each_shape_colour_s_first_token():
                             0, 1, 1, 0,
                             0, 1, 1, 2,
                             0, 0, 0, 2]])
-    w = token_weights(tokens, 4, 1.0, 10.0).reshape(4, 4)
+    w = token_weights(tokens, 1.0, 10.0).reshape(4, 4)
     assert w[1, 1] == 12 and w[2, 3] == 12                        # each shape colour's first token: shape + start
     assert w[1, 2] == 2 and w[2, 1] == 2 and w[3, 3] == 2         # the rest of the shapes
     assert (w[tokens.reshape(4, 4) == 0] == 1).all()              # the background (the most common token)

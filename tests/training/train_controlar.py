@@ -188,16 +188,14 @@ def sequence_mask(caption_mask: torch.Tensor, image_len: int) -> torch.Tensor:
     return (mask | torch.eye(s, dtype=torch.bool)[None])[:, None]
 
 
-def token_weights(tokens: torch.Tensor, width: int, shape_weight: float, start_weight: float) -> torch.Tensor:
+def token_weights(tokens: torch.Tensor, shape_weight: float, start_weight: float) -> torch.Tensor:
     """[B, N] loss weights of the target tokens: 1, plus `shape_weight` on a shape's tokens (not the picture's most
     common token, its background), plus `start_weight` on the first token in raster order of each other colour
     (a shape's first token). Which caption colour a shape takes is decided there, at ~1 % of the tokens: unweighted,
     binding colours to shapes is a sliver of the loss, and the first runs left it at chance when sampling."""
-    b, n = tokens.shape
     background = tokens.mode(dim=1).values[:, None]
     shape = tokens != background
-    vocab = int(tokens.max()) + 1
-    first = F.one_hot(tokens, vocab).cumsum(dim=1).gather(2, tokens[..., None])[..., 0] == 1
+    first = F.one_hot(tokens, MICRO_GPT["vocab_size"]).cumsum(dim=1).gather(2, tokens[..., None])[..., 0] == 1
     start = shape & first
     return 1.0 + shape_weight * shape.float() + start_weight * start.float()
 
@@ -330,7 +328,7 @@ class Trainer:
         self.grids.use(self.model, mode)
         logits = teacher_forced_logits(self.model, caption, cmask, inputs, self.model.control_tokens(features))
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
-        weights = token_weights(tokens, w // 16, a.shape_weight, a.start_weight).reshape(-1)
+        weights = token_weights(tokens, a.shape_weight, a.start_weight).reshape(-1)
         return (per_token * weights).sum() / weights.sum()
 
     def state(self) -> dict:
